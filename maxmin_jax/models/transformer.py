@@ -1,0 +1,116 @@
+"""The decoder trunk shared by GPT-2 and Llama: embed, run stacked blocks (scanned or unrolled), final norm, head.
+
+Subclasses provide `_embed`, `_block` (a pure function of one layer's arrays), `_final_norm` and `logits`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float, Int
+
+from maxmin_jax.models.layers import AttentionContext, KVCache, Stack, positions_from_mask
+
+RematPolicy = Literal["none", "full", "dots"]
+_REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    # Keep matmul outputs, recompute the cheap elementwise work: the usual memory/compute trade.
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class CausalLM(nnx.Module):
+    """Base of the causal LMs. `layers` holds every block weight stacked on a leading layer axis."""
+
+    layers: Stack
+
+    def __init__(self, config, *, dtype=jnp.float32, scan_layers: bool = True, remat: RematPolicy = "none"):
+        if remat not in ("none", *_REMAT_POLICIES):
+            raise ValueError(f"remat must be one of none/full/dots, got {remat!r}")
+        self.config = config
+        self.dtype = dtype
+        self.scan_layers = scan_layers
+        self.remat = remat
+        self.lora_scale = 0.0  # set by maxmin_jax.models.lora.add_lora
+
+    # Family-specific pieces -------------------------------------------------------------------------------
+    def _embed(self, input_ids, positions):
+        raise NotImplementedError
+
+    def _block(self, p, x, ctx: AttentionContext, cache: KVCache | None, layer):
+        raise NotImplementedError
+
+    def _final_norm(self, x):
+        raise NotImplementedError
+
+    def logits(self, hidden: Float[Array, "b t d"]) -> Float[Array, "b t v"]:
+        raise NotImplementedError
+
+    # Shared trunk ---------------------------------------------------------------------------------------------
+    def __call__(self, input_ids: Int[Array, "b t"], attention_mask: Int[Array, "b t"] | None = None,
+                 *, use_lora: bool = True) -> Float[Array, "b t v"]:
+        return self.logits(self.hidden_states(input_ids, attention_mask, use_lora=use_lora))
+
+    def hidden_states(self, input_ids, attention_mask=None, *, use_lora: bool = True) -> Float[Array, "b t d"]:
+        """Final-norm hidden states: what the LM head, value heads and reward heads read."""
+        hidden, _ = self.forward(input_ids, attention_mask, use_lora=use_lora)
+        return hidden
+
+    def forward(self, input_ids, attention_mask=None, *, positions=None, cache: KVCache | None = None,
+                cache_index=None, key_valid=None, use_lora: bool = True):
+        """Run the trunk. Without a cache, attends within `input_ids`; with one, writes this call's keys at
+        `cache_index` and attends over all cache slots marked in `key_valid` [B, S]."""
+        b, t = input_ids.shape
+        if attention_mask is None:
+            attention_mask = jnp.ones((b, t), jnp.int32)
+        if positions is None:
+            positions = positions_from_mask(attention_mask)
+        if cache is None:
+            ctx = AttentionContext(positions, attention_mask.astype(bool), jnp.arange(t), None)
+        else:
+            ctx = AttentionContext(positions, key_valid, cache_index + jnp.arange(t), cache_index)
+        params = self.layers.arrays()
+        if not use_lora:
+            params = {k: v for k, v in params.items() if "_lora_" not in k}
+        block = self._block
+        if self.remat != "none":
+            block = jax.checkpoint(block, policy=_REMAT_POLICIES[self.remat])
+        x = self._embed(input_ids, positions)
+        if self.scan_layers:
+            def step(carry, xs):
+                x, cache = carry
+                p, layer = xs
+                return block(p, x, ctx, cache, layer), None
+
+            (x, cache), _ = jax.lax.scan(step, (x, cache), (params, jnp.arange(self.config.num_layers)))
+        else:
+            for layer in range(self.config.num_layers):
+                x, cache = block({k: v[layer] for k, v in params.items()}, x, ctx, cache, layer)
+        return self._final_norm(x), cache
+
+    def init_cache(self, batch: int, slots: int, dtype=None) -> KVCache:
+        cfg = self.config
+        shape = (cfg.num_layers, batch, slots, cfg.num_kv_heads, _head_dim(cfg))
+        dtype = dtype or self.dtype
+        return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+    def lora_project(self, p, name: str, x, spec: str):
+        """`einsum(spec, x, p[name])`, plus the low-rank update when LoRA adapters for `name` are present."""
+        y = jnp.einsum(spec, x, p[name].astype(x.dtype))
+        if f"{name}_lora_a" in p:
+            lhs, w = spec.split("->")[0].split(",")
+            out = spec.split("->")[1]
+            contracted = "".join(c for c in w if c in lhs)
+            produced = "".join(c for c in w if c not in lhs)
+            batch = "".join(c for c in lhs if c not in w)
+            down = jnp.einsum(f"{lhs},{contracted}r->{batch}r", x, p[f"{name}_lora_a"].astype(x.dtype))
+            y = y + self.lora_scale * jnp.einsum(f"{batch}r,r{produced}->{out}", down,
+                                                 p[f"{name}_lora_b"].astype(x.dtype))
+        return y
+
+
+def _head_dim(cfg) -> int:
+    return getattr(cfg, "dim_per_head", None) or cfg.head_dim
