@@ -1,0 +1,32 @@
+# Each target is self-sufficient on a fresh clone: it creates .venv and installs what it needs.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# Tests shard over 8 simulated CPU devices, so sharded code really shards.
+TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu TOKENIZERS_PARALLELISM=false
+DEMO_OUT ?= out/demo
+
+.PHONY: install test demo bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# CPU build of PyTorch (the reference for parity tests); a bare `torch` would pull a multi-GB CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(TEST_ENV) $(PY) -m pytest -q -n 2 --dist loadfile tests
+
+demo: $(STAMP)
+	$(VENV)/bin/maxmin-jax demo --out $(DEMO_OUT)
+
+bench: $(STAMP)
+	$(PY) -m benchmarks.run --suite cpu --out benchmarks/results_cpu.json
+
+clean:
+	rm -rf $(VENV) out .pytest_cache

@@ -1,0 +1,46 @@
+"""Shared fixtures. Eight simulated CPU devices so sharding tests really shard; tiny checkpoints built with
+transformers' save_pretrained once per session."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+
+def _save_tiny(path, hf_config_cls, model_cls, **kwargs):
+    import torch
+
+    torch.manual_seed(0)
+    model = model_cls(hf_config_cls(**kwargs)).eval()
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    return _save_tiny(tmp_path_factory.mktemp("gpt2"), GPT2Config, GPT2LMHeadModel, n_layer=2, n_embd=32, n_head=4,
+                      vocab_size=100, n_positions=64, bos_token_id=1, eos_token_id=1)
+
+
+def llama_dir(tmp_path_factory, *, num_kv_heads: int, tie: bool, name: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return _save_tiny(tmp_path_factory.mktemp(name), LlamaConfig, LlamaForCausalLM, num_hidden_layers=2,
+                      hidden_size=32, num_attention_heads=4, num_key_value_heads=num_kv_heads, intermediate_size=64,
+                      vocab_size=100, max_position_embeddings=64, tie_word_embeddings=tie, rope_theta=500.0)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dirs(tmp_path_factory):
+    """MHA / GQA / MQA, untied and tied heads."""
+    return {
+        "mha": llama_dir(tmp_path_factory, num_kv_heads=4, tie=False, name="llama_mha"),
+        "gqa": llama_dir(tmp_path_factory, num_kv_heads=2, tie=False, name="llama_gqa"),
+        "mqa": llama_dir(tmp_path_factory, num_kv_heads=1, tie=False, name="llama_mqa"),
+        "gqa_tied": llama_dir(tmp_path_factory, num_kv_heads=2, tie=True, name="llama_tied"),
+    }
