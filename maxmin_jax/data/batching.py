@@ -1,0 +1,191 @@
+"""Tokenising preference pairs and prompts into left-padded, length-bucketed arrays; minibatch indices.
+
+Left padding: generation appends new tokens on the right and the models count positions from the first real token,
+so every sequence ends at the last column (see docs/CONTRACTS.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterator, Sequence
+
+import jax
+import numpy as np
+from transformers import PreTrainedTokenizerBase
+
+from maxmin_jax.data.schema import DataError, PreferenceRow
+
+
+def bucket_length(n: int, *, multiple: int = 16, minimum: int = 16) -> int:
+    """Rounds a sequence length up to a multiple of ``multiple`` (and at least ``minimum``).
+
+    A jitted function compiles once per input shape; padding lengths to a few buckets instead of the exact longest
+    sequence bounds the number of recompilations across batches and datasets, for at most ``multiple - 1`` pads.
+    """
+    if multiple < 1 or minimum < 0:
+        raise ValueError(f"need multiple >= 1 and minimum >= 0, got multiple={multiple}, minimum={minimum}")
+    return max(minimum, math.ceil(n / multiple) * multiple)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PairBatch:
+    """Tokenised preference pairs; a pytree whose leaves are the arrays (user ids and groups are static metadata).
+
+    Arrays are host numpy int32, ``[N, T]`` left padded with T bucketed; each sequence is prompt, response, EOS.
+    ``user_index[i]`` indexes ``user_ids``; ``groups[u]`` is the true group of user u (evaluation only) or None.
+    """
+
+    chosen_ids: np.ndarray
+    chosen_mask: np.ndarray
+    rejected_ids: np.ndarray
+    rejected_mask: np.ndarray
+    user_index: np.ndarray
+    # Tuples rather than lists: pytree metadata must be hashable (jit caches on it).
+    user_ids: tuple[str, ...] = dataclasses.field(metadata=dict(static=True))
+    groups: tuple[str, ...] | None = dataclasses.field(default=None, metadata=dict(static=True))
+
+    @property
+    def num_pairs(self) -> int:
+        return int(self.user_index.shape[0])
+
+    @property
+    def num_users(self) -> int:
+        return len(self.user_ids)
+
+    def take(self, indices: np.ndarray) -> PairBatch:
+        """The pairs at ``indices`` (e.g. one minibatch); user ids and groups are kept whole."""
+        return dataclasses.replace(
+            self,
+            chosen_ids=self.chosen_ids[indices],
+            chosen_mask=self.chosen_mask[indices],
+            rejected_ids=self.rejected_ids[indices],
+            rejected_mask=self.rejected_mask[indices],
+            user_index=self.user_index[indices],
+        )
+
+
+def _left_pad(sequences: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.full((len(sequences), length), pad_id, dtype=np.int32)
+    mask = np.zeros((len(sequences), length), dtype=np.int32)
+    for i, seq in enumerate(sequences):
+        if seq:
+            ids[i, length - len(seq) :] = seq
+            mask[i, length - len(seq) :] = 1
+    return ids, mask
+
+
+def _padded_length(longest: int, max_length: int | None, multiple: int) -> int:
+    length = bucket_length(longest, multiple=multiple)
+    # Never pad past the model's limit: a bucket above max_length would need positions the model lacks.
+    return min(length, max_length) if max_length is not None else length
+
+
+def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    if tokenizer.pad_token_id is None:
+        raise DataError("the tokenizer has no pad token; set tokenizer.pad_token (e.g. to its eos token)")
+    return int(tokenizer.pad_token_id)
+
+
+def tokenize_pairs(
+    tokenizer: PreTrainedTokenizerBase,
+    rows: Sequence[PreferenceRow],
+    *,
+    max_length: int | None = None,
+    multiple: int = 16,
+) -> PairBatch:
+    """Tokenises ``prompt + " " + response`` plus EOS for both responses of every row, left padded to one
+    common bucketed length (chosen and rejected share T so they can be scored in one forward pass).
+
+    Users are indexed in order of first appearance. ``groups`` is filled when every row has a group.
+
+    Raises:
+      DataError: a sequence longer than ``max_length`` (naming the row), a user with two groups, or rows where
+        only some carry a group.
+    """
+    rows = list(rows)
+    if not rows:
+        raise DataError("tokenize_pairs: no rows")
+    if tokenizer.eos_token_id is None:
+        raise DataError("the tokenizer has no eos token; sequences must end with EOS for the reward to read it")
+    eos, pad = int(tokenizer.eos_token_id), _pad_id(tokenizer)
+
+    user_pos: dict[str, int] = {}
+    user_group: dict[str, str | None] = {}
+    for n, row in enumerate(rows, start=1):
+        user_pos.setdefault(row.user_id, len(user_pos))
+        known = user_group.setdefault(row.user_id, row.group)
+        if known != row.group:
+            raise DataError(f"row {n}: user {row.user_id!r} has group {row.group!r} here but {known!r} earlier")
+    labelled = [g is not None for g in user_group.values()]
+    if any(labelled) and not all(labelled):
+        missing = next(u for u, g in user_group.items() if g is None)
+        raise DataError(f"only some rows carry a group (user {missing!r} has none); expected all or none")
+
+    def encode(field: str) -> list[list[int]]:
+        texts = [f"{row.prompt} {getattr(row, field)}" for row in rows]
+        return [ids + [eos] for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+    chosen, rejected = encode("chosen"), encode("rejected")
+    if max_length is not None:
+        for field, seqs in (("chosen", chosen), ("rejected", rejected)):
+            for n, seq in enumerate(seqs, start=1):
+                if len(seq) > max_length:
+                    raise DataError(
+                        f"row {n} (user {rows[n - 1].user_id!r}): prompt + {field} is {len(seq)} tokens with EOS; "
+                        f"expected at most max_length={max_length}"
+                    )
+    length = _padded_length(max(map(len, chosen + rejected)), max_length, multiple)
+    chosen_ids, chosen_mask = _left_pad(chosen, length, pad)
+    rejected_ids, rejected_mask = _left_pad(rejected, length, pad)
+    return PairBatch(
+        chosen_ids=chosen_ids,
+        chosen_mask=chosen_mask,
+        rejected_ids=rejected_ids,
+        rejected_mask=rejected_mask,
+        user_index=np.array([user_pos[row.user_id] for row in rows], dtype=np.int32),
+        user_ids=tuple(user_pos),
+        groups=tuple(user_group.values()) if all(labelled) else None,
+    )
+
+
+def tokenize_prompts(
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    *,
+    max_length: int | None = None,
+    multiple: int = 16,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Tokenises prompts (no EOS) into left-padded, bucketed ``(ids, mask)`` int32 ``[B, T]`` for generation."""
+    if not prompts:
+        raise DataError("tokenize_prompts: no prompts")
+    seqs = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    for n, seq in enumerate(seqs, start=1):
+        if not seq:
+            raise DataError(f"prompt {n}: tokenised to nothing; expected non-empty text")
+        if max_length is not None and len(seq) > max_length:
+            raise DataError(f"prompt {n}: {len(seq)} tokens; expected at most max_length={max_length}")
+    return _left_pad(seqs, _padded_length(max(map(len, seqs)), max_length, multiple), _pad_id(tokenizer))
+
+
+def minibatches(
+    num_items: int, batch_size: int, rng: np.random.Generator | int | None = None
+) -> Iterator[np.ndarray]:
+    """Yields index arrays of exactly ``batch_size`` covering all ``num_items`` once per epoch.
+
+    Shuffled when ``rng`` is given (a Generator or a seed), in order when None. Every batch has the same shape so a
+    jitted step compiles once. Nothing is dropped: the last batch is filled by wrapping around to the start of the
+    epoch's order, so ``ceil(num_items / batch_size)`` batches are yielded and a few items appear twice (they get
+    slightly more weight in that epoch; with ``batch_size > num_items`` the order repeats within one batch).
+    """
+    if num_items < 1 or batch_size < 1:
+        raise ValueError(f"need num_items >= 1 and batch_size >= 1, got {num_items}, {batch_size}")
+    if rng is None:
+        order = np.arange(num_items)
+    else:
+        order = np.random.default_rng(rng).permutation(num_items)
+    num_batches = math.ceil(num_items / batch_size)
+    wrapped = np.resize(order, num_batches * batch_size)  # np.resize repeats the array to fill
+    for b in range(num_batches):
+        yield wrapped[b * batch_size : (b + 1) * batch_size]

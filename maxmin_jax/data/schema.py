@@ -1,0 +1,170 @@
+"""Preference rows and their validation.
+
+Every row that reaches EM must be usable: a bad row found late (say, an empty response tokenised to nothing, or an
+integer user id that silently collides with a string one) corrupts a user's likelihood without any visible error.
+So rows are checked once, at load time, and every problem is reported with the file, the 1-based data row (header
+not counted), the field and what was expected. Nothing is dropped silently: with ``skip_invalid=True`` bad rows
+are skipped, logged (stderr) and listed in ``ValidatedRows.skipped``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import numbers
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+TEXT_FIELDS = ("prompt", "chosen", "rejected")
+REQUIRED_FIELDS = ("user_id", *TEXT_FIELDS)
+OPTIONAL_FIELDS = ("group",)
+ALL_FIELDS = REQUIRED_FIELDS + OPTIONAL_FIELDS
+
+# How many problems a strict-mode error lists before summarising the rest.
+_MAX_LISTED_ERRORS = 5
+
+
+class DataError(ValueError):
+    """Invalid preference data; the message names the source, the row and the field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PreferenceRow:
+    """One labelled comparison: ``user_id`` preferred ``chosen`` over ``rejected`` as answers to ``prompt``.
+
+    ``group`` is the user's true group when it is known (synthetic worlds, P-Soups files). It is only for
+    evaluation (e.g. the adjusted Rand index of the EM clustering); the algorithms never read it.
+    """
+
+    user_id: str
+    prompt: str
+    chosen: str
+    rejected: str
+    group: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ValidatedRows:
+    """Rows that passed validation plus a record of every skipped row: ``skipped = [(row_number, reason)]``."""
+
+    rows: list[PreferenceRow]
+    skipped: list[tuple[int, str]] = dataclasses.field(default_factory=list)
+    source: str = "<records>"
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __iter__(self) -> Iterator[PreferenceRow]:
+        return iter(self.rows)
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "nothing (missing, null, or an empty CSV cell)"
+    text = repr(value)
+    if len(text) > 40:
+        text = text[:37] + "..."
+    return f"{type(value).__name__} {text}"
+
+
+def _check_user_id(value: Any, coerce_user_id: bool) -> tuple[str | None, str | None]:
+    """Returns (user_id, problem). Integers are only accepted when asked: ids 7 and "7" must not merge by accident."""
+    if isinstance(value, str):
+        if value.strip():
+            return value, None
+        return None, "field 'user_id': expected a non-empty string, got an empty string"
+    if coerce_user_id and isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return str(int(value)), None
+    hint = " (pass coerce_user_id=True to accept integer ids as strings)" if isinstance(value, numbers.Integral) else ""
+    return None, f"field 'user_id': expected a string, got {_describe(value)}{hint}"
+
+
+def _check_row(
+    record: Mapping[str, Any],
+    *,
+    coerce_user_id: bool,
+    max_prompt_tokens: int | None,
+    count_tokens: Callable[[str], int] | None,
+) -> tuple[PreferenceRow | None, str | None]:
+    """Validates one record; returns (row, None) or (None, reason)."""
+    user_id, problem = _check_user_id(record.get("user_id"), coerce_user_id)
+    if problem:
+        return None, problem
+    for field in TEXT_FIELDS:
+        value = record.get(field)
+        if not isinstance(value, str):
+            return None, f"field '{field}': expected a string, got {_describe(value)}"
+        if not value.strip():
+            return None, f"field '{field}': expected non-empty text, got {value!r}"
+    if record["chosen"] == record["rejected"]:
+        return None, "fields 'chosen' and 'rejected': expected two different responses, got identical text"
+    group = record.get("group")
+    if group is not None and not (isinstance(group, str) and group.strip()):
+        return None, f"field 'group': expected a non-empty string or null, got {_describe(group)}"
+    if max_prompt_tokens is not None and count_tokens is not None:
+        n = count_tokens(record["prompt"])
+        if n > max_prompt_tokens:
+            return None, (
+                f"field 'prompt': expected at most {max_prompt_tokens} tokens (the model's limit), got {n} tokens"
+            )
+    row = PreferenceRow(user_id, record["prompt"], record["chosen"], record["rejected"], group)
+    return row, None
+
+
+def validate_rows(
+    records: Iterable[Mapping[str, Any]],
+    *,
+    source: str,
+    skip_invalid: bool = False,
+    coerce_user_id: bool = False,
+    max_prompt_tokens: int | None = None,
+    count_tokens: Callable[[str], int] | None = None,
+    row_numbers: Iterable[int] | None = None,
+) -> ValidatedRows:
+    """Checks raw records (mappings with fields user_id, prompt, chosen, rejected and optional group).
+
+    Args:
+      records: the data rows, in file order.
+      source: the file or dataset name used in every message.
+      skip_invalid: skip bad rows (logged and recorded in ``skipped``) instead of raising.
+      coerce_user_id: accept integer user ids, converted with ``str``. Off by default so a CSV with numeric ids
+        is a visible choice, not a silent conversion.
+      max_prompt_tokens, count_tokens: when both are given, prompts longer than the model allows are invalid.
+      row_numbers: the 1-based row number of each record (default 1, 2, ...); lets callers keep file numbering
+        after filtering.
+
+    Raises:
+      DataError: in strict mode, listing the first few problems (file, row, field, expected) and their count.
+    """
+    if (max_prompt_tokens is None) != (count_tokens is None):
+        raise ValueError("max_prompt_tokens and count_tokens must be given together")
+    numbers_iter = iter(row_numbers) if row_numbers is not None else None
+    rows: list[PreferenceRow] = []
+    problems: list[tuple[int, str]] = []
+    total = 0
+    for index, record in enumerate(records):
+        total += 1
+        row_number = next(numbers_iter) if numbers_iter is not None else index + 1
+        row, problem = _check_row(
+            record, coerce_user_id=coerce_user_id, max_prompt_tokens=max_prompt_tokens, count_tokens=count_tokens
+        )
+        if problem is None:
+            rows.append(row)
+        else:
+            problems.append((row_number, problem))
+    if problems and not skip_invalid:
+        listed = "\n".join(f"  {source}: row {n}: {reason}" for n, reason in problems[:_MAX_LISTED_ERRORS])
+        more = len(problems) - _MAX_LISTED_ERRORS
+        tail = f"\n  ... and {more} more invalid rows" if more > 0 else ""
+        raise DataError(
+            f"{source}: {len(problems)} of {total} rows are invalid:\n{listed}{tail}\n"
+            "(fix the data, or pass skip_invalid=True to skip these rows)"
+        )
+    if problems:
+        first_n, first_reason = problems[0]
+        logger.warning(
+            "%s: skipped %d invalid rows of %d (first: row %d: %s)", source, len(problems), total, first_n, first_reason
+        )
+    return ValidatedRows(rows=rows, skipped=problems, source=source)
