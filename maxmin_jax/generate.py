@@ -27,6 +27,17 @@ class SamplingConfig(NamedTuple):
     use_top_p: bool
 
 
+def sampling_config(temperature: float, top_k: int | None, top_p: float | None) -> SamplingConfig:
+    return SamplingConfig(greedy=temperature == 0, top_k=top_k, use_top_p=top_p is not None)
+
+
+def eos_array(eos_token_id: int | Sequence[int] | None) -> jax.Array:
+    """EOS ids as an array; -1 (never sampled) when there is none."""
+    if eos_token_id is None:
+        return jnp.asarray([-1], jnp.int32)
+    return jnp.asarray([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), jnp.int32)
+
+
 def filter_logits(logits: Float[Array, "b v"], top_k: int | None, top_p: Float[Array, ""] | None):
     """Mask logits outside the top-k set and outside the smallest nucleus of mass top_p (always keeps the best)."""
     neg = jnp.finfo(logits.dtype).min
@@ -56,43 +67,63 @@ def _sample(logits, key, temperature, top_p, cfg: SamplingConfig):
     return token.astype(jnp.int32), logprob
 
 
-@partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "cfg"))
-def _generate_jit(graphdef, state, input_ids, attention_mask, rng, temperature, top_p, eos_ids, pad_token_id,
-                  *, max_new_tokens: int, cfg: SamplingConfig):
-    model: CausalLM = nnx.merge(graphdef, state)
+class Rollout(NamedTuple):
+    """Sampled continuations: tokens [B, N] (pad after EOS), their log-probs, and the response mask (1 up to and
+    including the first EOS)."""
+
+    tokens: jax.Array
+    logprobs: jax.Array
+    mask: jax.Array
+
+
+def sample_continuations(model: CausalLM, input_ids, attention_mask, rng, *, max_new_tokens: int,
+                         cfg: SamplingConfig, temperature=1.0, top_p=1.0, eos_ids=None, pad_token_id=0) -> Rollout:
+    """Traceable core of `generate` (call it inside jit): prefill the cache, then decode in a `lax.while_loop`."""
     b, t = input_ids.shape
+    eos_ids = jnp.asarray([-1] if eos_ids is None else eos_ids, jnp.int32)
     cache = model.init_cache(b, t + max_new_tokens)
     key_valid = jnp.concatenate([attention_mask.astype(bool), jnp.ones((b, max_new_tokens), bool)], axis=1)
     hidden, cache = model.forward(input_ids, attention_mask, positions=positions_from_mask(attention_mask),
                                   cache=cache, cache_index=0, key_valid=key_valid)
     next_position = attention_mask.sum(-1).astype(jnp.int32)
 
-    def emit(step, logits, tokens, logprobs, done):
+    def emit(step, logits, tokens, logprobs, alive, done):
         token, logprob = _sample(logits, jax.random.fold_in(rng, step), temperature, top_p, cfg)
         token = jnp.where(done, pad_token_id, token)
         logprob = jnp.where(done, 0.0, logprob)
+        alive = alive.at[:, step].set(~done)
         done = done | jnp.isin(token, eos_ids)
-        return tokens.at[:, step].set(token), logprobs.at[:, step].set(logprob), done, token
+        return tokens.at[:, step].set(token), logprobs.at[:, step].set(logprob), alive, done, token
 
     tokens = jnp.full((b, max_new_tokens), pad_token_id, jnp.int32)
     logprobs = jnp.zeros((b, max_new_tokens), jnp.float32)
-    tokens, logprobs, done, token = emit(0, model.logits(hidden[:, -1:])[:, 0], tokens, logprobs,
-                                         jnp.zeros((b,), bool))
+    alive = jnp.zeros((b, max_new_tokens), bool)
+    first = emit(0, model.logits(hidden[:, -1:])[:, 0], tokens, logprobs, alive, jnp.zeros((b,), bool))
 
     def cond(carry):
-        step, _, _, _, done, _ = carry
+        step, _, _, _, _, done, _ = carry
         return (step < max_new_tokens) & ~jnp.all(done)
 
     def body(carry):
-        step, cache, tokens, logprobs, done, token = carry
+        step, cache, tokens, logprobs, alive, done, token = carry
+        # The token sampled at step-1 sits in cache slot t+step-1; its logits give the token of this step.
         hidden, cache = model.forward(token[:, None], positions=(next_position + step - 1)[:, None], cache=cache,
                                       cache_index=t + step - 1, key_valid=key_valid)
-        tokens, logprobs, done, token = emit(step, model.logits(hidden)[:, 0], tokens, logprobs, done)
-        return step + 1, cache, tokens, logprobs, done, token
+        tokens, logprobs, alive, done, token = emit(step, model.logits(hidden)[:, 0], tokens, logprobs, alive, done)
+        return step + 1, cache, tokens, logprobs, alive, done, token
 
-    carry = (jnp.asarray(1, jnp.int32), cache, tokens, logprobs, done, token)
-    _, _, tokens, logprobs, _, _ = jax.lax.while_loop(cond, body, carry)
-    return tokens, logprobs
+    carry = (jnp.asarray(1, jnp.int32), cache, *first)
+    _, _, tokens, logprobs, alive, _, _ = jax.lax.while_loop(cond, body, carry)
+    return Rollout(tokens, logprobs, alive.astype(jnp.int32))
+
+
+@partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "cfg"))
+def _generate_jit(graphdef, state, input_ids, attention_mask, rng, temperature, top_p, eos_ids, pad_token_id,
+                  *, max_new_tokens: int, cfg: SamplingConfig):
+    rollout = sample_continuations(nnx.merge(graphdef, state), input_ids, attention_mask, rng,
+                                   max_new_tokens=max_new_tokens, cfg=cfg, temperature=temperature, top_p=top_p,
+                                   eos_ids=eos_ids, pad_token_id=pad_token_id)
+    return rollout.tokens, rollout.logprobs
 
 
 def generate(model: CausalLM, input_ids: Int[Array, "b t"], attention_mask: Int[Array, "b t"] | None = None, *,
@@ -119,11 +150,10 @@ def generate(model: CausalLM, input_ids: Int[Array, "b t"], attention_mask: Int[
     pad = padded - t
     ids = jnp.pad(input_ids, ((0, 0), (pad, 0)), constant_values=pad_token_id)
     mask = jnp.pad(attention_mask, ((0, 0), (pad, 0)))
-    eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-    cfg = SamplingConfig(greedy=temperature == 0, top_k=top_k, use_top_p=top_p is not None)
+    cfg = sampling_config(temperature, top_k, top_p)
     graphdef, state = nnx.split(model)
     tokens, logprobs = _generate_jit(
         graphdef, state, ids, mask, rng, jnp.float32(temperature or 1.0), jnp.float32(top_p or 1.0),
-        jnp.asarray(eos or [-1], jnp.int32), jnp.int32(pad_token_id), max_new_tokens=max_new_tokens, cfg=cfg)
+        eos_array(eos_token_id), jnp.int32(pad_token_id), max_new_tokens=max_new_tokens, cfg=cfg)
     sequences = jnp.concatenate([input_ids, tokens], axis=1)
     return (sequences, logprobs) if return_logprobs else sequences
