@@ -156,7 +156,7 @@ class PPOTrainer:
             trainable, opt_state = carry
             (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, idx)
             updates, opt_state = self.tx.update(grads, opt_state, trainable)
-            metrics["grad_norm"] = optax.global_norm(grads)
+            metrics["grad_norm"] = optax.tree.norm(grads)
             return (optax.apply_updates(trainable, updates), opt_state), metrics
 
         per_minibatch = b // cfg.minibatches
