@@ -119,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from maxmin_jax.distributed import initialize
+
+    initialize()  # joins a multi-host run when the cluster environment describes one; no-op on one host
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as e:  # our errors name the file/row/key: show them, not a traceback
