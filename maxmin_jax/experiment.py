@@ -7,7 +7,6 @@ PPO from the same SFT start for each objective -> per-group evaluation with the 
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Any

@@ -13,7 +13,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -101,7 +101,7 @@ def _llama_rules(c: LlamaConfig) -> list[Rule]:
 # Checkpoint entries that are buffers, not parameters (old GPT-2 attention masks, cached RoPE frequencies).
 _BUFFER_PATTERNS = [re.compile(p) for p in (r".*attn\.(masked_)?bias$", r".*rotary_emb\.inv_freq$")]
 # A tied head is sometimes saved as a duplicate of the embedding; it is checked equal, then not loaded twice.
-_TIED_HEADS = {"gpt2": ("lm_head.weight", "wte"), "llama": ("lm_head.weight", "embed")}
+_TIED_HEAD_KEY = "lm_head.weight"
 
 
 def rules_for(config: ModelConfig, checkpoint_keys: set[str] | None = None) -> list[Rule]:
@@ -199,9 +199,8 @@ def load_pretrained(name_or_path: str | os.PathLike, *, dtype=jnp.float32, mesh:
     if not config_path.exists():
         raise CheckpointError(f"{directory}: no config.json")
     config = config_from_hf(json.loads(config_path.read_text()), source=str(config_path))
-    tensors = read_checkpoint(directory)
-    state = convert_hf_tensors(config, tensors, dtype=dtype, mesh=mesh, source=str(directory), **model_kwargs)
-    return state
+    return convert_hf_tensors(config, read_checkpoint(directory), dtype=dtype, mesh=mesh, source=str(directory),
+                              **model_kwargs)
 
 
 def convert_hf_tensors(config: ModelConfig, tensors: dict[str, np.ndarray], *, dtype=jnp.float32, mesh=None,
@@ -236,12 +235,13 @@ def convert_hf_tensors(config: ModelConfig, tensors: dict[str, np.ndarray], *, d
         sharding = variable_sharding(var, mesh, name=name) if mesh is not None else None
         placed.append((path, var.replace(jax.device_put(value, sharding))))
         del layers, value  # each host copy is freed before the next tensor is read
-    tied = _TIED_HEADS[config.model_type]
-    if getattr(config, "tie_word_embeddings", False) and tied[0] in tensors:
+    if config.tie_word_embeddings and _TIED_HEAD_KEY in tensors:
         embed_key = rules_for(config, set(tensors))[0].hf
-        if embed_key in tensors and not np.array_equal(np.asarray(tensors[tied[0]]), np.asarray(tensors[embed_key])):
-            mismatched.append(f"{tied[0]}: config ties the head to the embedding but the checkpoint's head differs")
-        used.add(tied[0])
+        if embed_key in tensors and not np.array_equal(np.asarray(tensors[_TIED_HEAD_KEY]),
+                                                       np.asarray(tensors[embed_key])):
+            mismatched.append(f"{_TIED_HEAD_KEY}: config ties the head to the embedding but the checkpoint's "
+                              "head differs")
+        used.add(_TIED_HEAD_KEY)
     unused = sorted(k for k in set(tensors) - used if not any(p.match(k) for p in _BUFFER_PATTERNS))
     problems = []
     if missing:
@@ -287,8 +287,3 @@ def save_pretrained(model: CausalLM, directory: str | os.PathLike) -> Path:
     (directory / "config.json").write_text(json.dumps(hf_config, indent=2))
     save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
     return directory
-
-
-def iter_param_names(model: CausalLM) -> Iterator[str]:
-    for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        yield "/".join(map(str, path))
