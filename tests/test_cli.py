@@ -44,6 +44,13 @@ def test_fit_rewards_then_train_policy(checkpoint_and_data, capsys):
                  "--iterations", "2", "--batch-size", "4", "--max-new-tokens", "6"]) == 0
     metrics = json.loads((root / "policy" / "metrics.json").read_text())
     assert len(metrics["curve"]) == 2 and np.isfinite(metrics["curve"][-1]["score"])
+    # Asking for one more iteration resumes from the checkpoint of iteration 2 instead of starting over.
+    assert main(["train-policy", "--model", str(root / "ckpt"), "--rewards", str(root / "rewards"),
+                 "--prompts", str(root / "prompts.txt"), "--objective", "maxmin", "--out", str(root / "policy"),
+                 "--iterations", "3", "--batch-size", "4", "--max-new-tokens", "6"]) == 0
+    assert "resumed from iteration 2" in capsys.readouterr().out
+    resumed = json.loads((root / "policy" / "metrics.json").read_text())["curve"]
+    assert len(resumed) == 3 and resumed[:2] == metrics["curve"]
     from maxmin_jax import load_pretrained
 
     load_pretrained(root / "policy" / "policy")  # the trained policy is a loadable HF checkpoint

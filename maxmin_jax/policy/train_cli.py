@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from maxmin_jax.checkpoint import CheckpointManager
 from maxmin_jax.data.batching import tokenize_prompts
 from maxmin_jax.data.schema import DataError
 from maxmin_jax.eval import evaluate_policy
@@ -46,7 +48,10 @@ def read_prompts(path: str | Path) -> list[str]:
 
 def train_policy(*, model: str, rewards: str, prompts: str, objective: str, out: str, iterations: int = 20,
                  batch_size: int = 16, max_new_tokens: int = 32, learning_rate: float = 1e-5,
-                 kl_coef: float = 0.05, seed: int = 0, lora_rank: int = 0) -> dict:
+                 kl_coef: float = 0.05, seed: int = 0, lora_rank: int = 0, checkpoint_every: int = 1) -> dict:
+    """Train, checkpointing the full PPO state to `out/checkpoints` every `checkpoint_every` iterations; a run
+    started again with the same arguments resumes from its last checkpoint and ends where an uninterrupted run
+    would (prompts of iteration i come from a generator seeded by (seed, i), keys from fold_in(key, i))."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model)
@@ -61,7 +66,6 @@ def train_policy(*, model: str, rewards: str, prompts: str, objective: str, out:
                          f"{rewards} has K={reward_model.num_groups}")
     kwargs = {"utilitarian": {"weights": weights}}.get(objective, {})
     texts = read_prompts(prompts)
-    rng = np.random.default_rng(seed)
     key = jax.random.key(seed)
     lm = load_pretrained(model)
     reference = None
@@ -74,24 +78,40 @@ def train_policy(*, model: str, rewards: str, prompts: str, objective: str, out:
     rollout = RolloutConfig(max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
                             pad_token_id=tokenizer.pad_token_id)
     limit = lm.config.max_position_embeddings - max_new_tokens
-    batch = lambda n: tokenize_prompts(tokenizer, list(rng.choice(texts, n)), max_length=limit)  # noqa: E731
+
+    def batch(n, rng):
+        return tokenize_prompts(tokenizer, list(rng.choice(texts, n)), max_length=limit)
 
     # Standardise each head on the starting policy's samples (it equals the reference at step 0).
-    std_ids, std_mask = batch(4 * batch_size)
+    std_ids, std_mask = batch(4 * batch_size, np.random.default_rng([seed, 2**31]))
     samples = evaluate_policy(lm, reference or lm, reward_model, std_ids, std_mask, rollout=rollout,
                               key=jax.random.fold_in(key, 1), batch_size=batch_size)
     standardizer = RewardStandardizer.fit(samples["learned_reward"])
     ppo = PPOConfig(learning_rate=learning_rate, init_kl_coef=kl_coef, minibatches=2 if batch_size % 2 == 0 else 1)
     trainer = PPOTrainer(PolicyWithValue(lm), reward_model, make_objective(objective, **kwargs), standardizer,
                          reference=reference, ppo=ppo, rollout=rollout, lora=bool(lora_rank))
-    state = trainer.init_state()
-    curve = []
-    for it in tqdm(range(iterations), desc=f"PPO {objective}"):
-        ids, mask = batch(batch_size)
-        state, metrics = trainer.step(state, ids, mask, jax.random.fold_in(key, 100 + it))
-        curve.append(jax.device_get(metrics))
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
+    fingerprint = {"model": lm.config.to_hf(), "rewards": str(Path(rewards).absolute()), "objective": objective,
+                   "batch_size": batch_size, "max_new_tokens": max_new_tokens, "lora_rank": lora_rank,
+                   "seed": seed, "ppo": dataclasses.asdict(ppo)}
+    curve_path = out_dir / "metrics.json"
+    with CheckpointManager(out_dir / "checkpoints", fingerprint=fingerprint, max_to_keep=2) as checkpoints:
+        state = trainer.init_state()
+        restored = checkpoints.restore_latest(state)
+        curve = []
+        if restored is not None:
+            state = restored
+            curve = json.loads(curve_path.read_text())["curve"][:int(state.step)] if curve_path.exists() else []
+            print(f"resumed from iteration {int(state.step)} in {out_dir / 'checkpoints'}")
+        for it in tqdm(range(int(state.step), iterations), desc=f"PPO {objective}"):
+            ids, mask = batch(batch_size, np.random.default_rng([seed, it]))
+            state, metrics = trainer.step(state, ids, mask, jax.random.fold_in(key, 100 + it))
+            curve.append({k: np.asarray(v).tolist() for k, v in jax.device_get(metrics).items()})
+            if (it + 1) % checkpoint_every == 0 or it + 1 == iterations:
+                checkpoints.save(it + 1, state)
+                curve_path.write_text(json.dumps({"objective": objective, "curve": curve}, indent=2))
+        checkpoints.wait_until_finished()
     policy_lm = trainer.policy(state).lm
     if lora_rank:
         from maxmin_jax.models.lora import merge_lora
@@ -99,7 +119,5 @@ def train_policy(*, model: str, rewards: str, prompts: str, objective: str, out:
         policy_lm = merge_lora(policy_lm)
     save_pretrained(policy_lm, out_dir / "policy")
     tokenizer.save_pretrained(out_dir / "policy")
-    curve_json = [{k: np.asarray(v).tolist() for k, v in m.items()} for m in curve]
-    (out_dir / "metrics.json").write_text(json.dumps({"objective": objective, "curve": curve_json}, indent=2))
-    print(f"final: score {curve_json[-1]['score']:.3f}, KL {curve_json[-1]['kl']:.3f}; wrote {out_dir / 'policy'}")
-    return {"curve": curve_json}
+    print(f"final: score {curve[-1]['score']:.3f}, KL {curve[-1]['kl']:.3f}; wrote {out_dir / 'policy'}")
+    return {"curve": curve}
