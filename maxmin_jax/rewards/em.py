@@ -267,7 +267,8 @@ def _fit_once(model: nnx.Module, data: PairArrays, n: int, num_users: int, cfg: 
     params = _copy(params)  # the step donates params; keep the caller's arrays alive
     opt_state = make_optimizer(cfg.m_step).init(params)
     gamma = jax.device_put(np.eye(cfg.num_groups, dtype=np.float32)[assign0])
-    L = _likelihoods((graphdef, params, rest), data, num_users, cfg.chunk_size)
+    L = (_likelihoods((graphdef, params, rest), data, num_users, cfg.chunk_size) if cfg.guard
+         else jnp.zeros((num_users, cfg.num_groups)))  # the guard's reference point; unused without it
     batches = (idx for _ in iter(int, 1) for idx in minibatches(n, cfg.batch_size, rng))  # endless epochs
     history, settled = [], 0
     for r in tqdm(range(cfg.rounds), desc=f"EM {label}", disable=not cfg.progress):
@@ -281,7 +282,7 @@ def _fit_once(model: nnx.Module, data: PairArrays, n: int, num_users: int, cfg: 
         accepted, L, new_gamma, stats = em_update(gamma, L, L_new, method=cfg.method, guard=cfg.guard)
         stats, metrics, accepted = jax.device_get((stats, metrics, accepted))  # one transfer per round
         if not accepted:
-            params = saved
+            params = saved  # Adam's moments are kept: still a fair estimate of the gradient's scale
         changed = int(stats["changed_users"])
         history.append({
             "round": r + 1,
@@ -328,6 +329,9 @@ def fit_em(model: nnx.Module, batch: PairBatch, config: EMConfig, *, heldout: Pa
     train = batch
     if config.restarts > 1 and heldout is None:
         train, heldout = _split_heldout(batch, config.heldout_fraction, rng)
+        if heldout.num_pairs == 0:
+            raise ValueError("restarts > 1 need held-out pairs to compare restarts, but every user has a single "
+                             "pair; pass heldout= or use restarts=1")
     sharding = None
     if mesh is not None:
         from maxmin_jax.sharding import replicated, shard_module

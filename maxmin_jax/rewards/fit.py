@@ -34,7 +34,7 @@ def fit_rewards(data: Iterable[PreferenceRow] | PairBatch, *, model_path_or_conf
                 tokenizer=None, num_groups: int, method: str = "hard", init: str = "round_robin",
                 restarts: int = 1, seed: int = 0, rounds: int = 10, steps_per_round: int = 50, batch_size: int = 32,
                 learning_rate: float = 1e-4, shared_backbone: bool = True, out_dir: str | os.PathLike | None = None,
-                heldout: PairBatch | None = None, tol: float = 0.0, chunk_size: int = 64,
+                heldout: PairBatch | None = None, tol: float = 0.0, patience: int = 2, chunk_size: int = 64,
                 m_step: MStepConfig | None = None, guard: bool = True, progress: bool = True, mesh=None
                 ) -> EMResult:
     """Fit K reward models by EM over users and (with `out_dir`) write assignments, history and the model.
@@ -45,7 +45,7 @@ def fit_rewards(data: Iterable[PreferenceRow] | PairBatch, *, model_path_or_conf
     """
     if isinstance(model_path_or_config, (str, os.PathLike)):
         path = model_path_or_config
-        backbone = load_pretrained(path)
+        backbone = load_pretrained(path, mesh=mesh)
         if tokenizer is None and not isinstance(data, PairBatch):
             from transformers import AutoTokenizer
 
@@ -63,7 +63,7 @@ def fit_rewards(data: Iterable[PreferenceRow] | PairBatch, *, model_path_or_conf
     model = build_reward_model(backbone, num_groups, shared_backbone=shared_backbone, rngs=nnx.Rngs(seed))
     config = EMConfig(num_groups=num_groups, method=method, init=init, restarts=restarts, rounds=rounds,
                       steps_per_round=steps_per_round, batch_size=batch_size, chunk_size=chunk_size, tol=tol,
-                      seed=seed, guard=guard, progress=progress,
+                      patience=patience, seed=seed, guard=guard, progress=progress,
                       m_step=m_step or MStepConfig(learning_rate=learning_rate))
     result = fit_em(model, batch, config, heldout=heldout, mesh=mesh)
     if batch.groups is not None:
