@@ -25,6 +25,10 @@ def cmd_demo(args) -> int:
 
 
 def cmd_run(args) -> int:
+    from maxmin_jax.pretrained_experiment import is_pretrained_config, run_config_file
+
+    if is_pretrained_config(args.config):  # `experiment: pretrained`: HF models and preference files
+        return run_config_file(args.config, args.out)
     return _run_experiment(_experiment_config(Path(args.config)), Path(args.out))
 
 
