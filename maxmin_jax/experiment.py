@@ -25,7 +25,7 @@ from maxmin_jax.policy.objectives import RewardStandardizer, make_objective
 from maxmin_jax.policy.ppo import PPOConfig
 from maxmin_jax.policy.sft import SFTConfig, texts_to_batch, train_sft
 from maxmin_jax.policy.trainer import PPOTrainer, RolloutConfig
-from maxmin_jax.rewards.em import (EMConfig, MStepConfig, _split_heldout, clustering_metrics, evaluate_pairs, fit_em,
+from maxmin_jax.rewards.em import (EMConfig, MStepConfig, split_heldout, clustering_metrics, evaluate_pairs, fit_em,
                                    fit_single_reward)
 from maxmin_jax.rewards.model import RewardModel
 
@@ -105,7 +105,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path | None = None, *, 
     # 2. Rewards: EM mixture of K heads on the SFT backbone, and the pooled single reward.
     rows = world.preference_rows(rng)
     pairs = tokenize_pairs(tokenizer, rows)
-    train_pairs, held_pairs = _split_heldout(pairs, 0.2, rng)
+    train_pairs, held_pairs = split_heldout(pairs, 0.2, rng)
     mixture = RewardModel.from_backbone(_clone(sft_model), cfg.em.num_groups, nnx.Rngs(cfg.seed + 1))
     em = fit_em(mixture, train_pairs, dataclasses.replace(cfg.em, progress=progress))
     user_groups = list(train_pairs.groups)

@@ -305,7 +305,7 @@ def _fit_once(model: nnx.Module, data: PairArrays, n: int, num_users: int, cfg: 
     return gamma, mixing_log_weights(gamma), history
 
 
-def _split_heldout(batch: PairBatch, fraction: float, rng: np.random.Generator) -> tuple[PairBatch, PairBatch]:
+def split_heldout(batch: PairBatch, fraction: float, rng: np.random.Generator) -> tuple[PairBatch, PairBatch]:
     """Hold out ~fraction of each user's pairs (each user keeps at least one training pair)."""
     train, held = [], []
     for u in range(batch.num_users):
@@ -328,7 +328,7 @@ def fit_em(model: nnx.Module, batch: PairBatch, config: EMConfig, *, heldout: Pa
     rng = np.random.default_rng(config.seed)
     train = batch
     if config.restarts > 1 and heldout is None:
-        train, heldout = _split_heldout(batch, config.heldout_fraction, rng)
+        train, heldout = split_heldout(batch, config.heldout_fraction, rng)
         if heldout.num_pairs == 0:
             raise ValueError("restarts > 1 need held-out pairs to compare restarts, but every user has a single "
                              "pair; pass heldout= or use restarts=1")
@@ -339,7 +339,7 @@ def fit_em(model: nnx.Module, batch: PairBatch, config: EMConfig, *, heldout: Pa
         shard_module(model, mesh)
         sharding = replicated(mesh)  # minibatches are gathered from it on device; XLA shards the compute
     data = PairArrays.from_batch(train, config.chunk_size, sharding)
-    initial = _copy(nnx.state(model))
+    initial = _copy(nnx.state(model)) if config.restarts > 1 else None  # a 7B base is not copied for nothing
     best, scores = None, []
     for restart in range(config.restarts):
         if restart:
