@@ -44,7 +44,7 @@ from maxmin_jax.policy.objectives import RewardStandardizer, make_objective
 from maxmin_jax.policy.trainer import PPOTrainer
 from maxmin_jax.pretrained_config import (LoraSpec, PreferenceDataConfig, PretrainedExperimentConfig, PromptsConfig,
                                           is_pretrained_config, load_pretrained_config)
-from maxmin_jax.rewards.em import _split_heldout, clustering_metrics, evaluate_pairs, fit_em, fit_single_reward
+from maxmin_jax.rewards.em import split_heldout, clustering_metrics, evaluate_pairs, fit_em, fit_single_reward
 from maxmin_jax.rewards.model import RewardModel
 from maxmin_jax.sharding import replicated, shard_batch, shard_module
 
@@ -194,7 +194,7 @@ def run_pretrained_experiment(cfg: PretrainedExperimentConfig, out_dir: str | Pa
     templated = [dataclasses.replace(r, prompt=cfg.format_prompt(r.prompt)) for r in rows.rows]
     pairs = tokenize_pairs(tokenizer, templated, max_length=reward_base.config.max_position_embeddings)
     _check_ids(int(max(pairs.chosen_ids.max(), pairs.rejected_ids.max())), base, "the preference data")
-    train_pairs, held_pairs = (_split_heldout(pairs, cfg.preferences.heldout_fraction, rng)
+    train_pairs, held_pairs = (split_heldout(pairs, cfg.preferences.heldout_fraction, rng)
                                if cfg.preferences.heldout_fraction else (pairs, None))
     log(f"{len(rows.rows)} preference pairs from {pairs.num_users} users ({len(rows.skipped)} rows skipped)")
 
