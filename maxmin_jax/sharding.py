@@ -76,7 +76,8 @@ def state_shardings(state: nnx.State, mesh: Mesh) -> Any:
 
 
 def shard_module(module: nnx.Module, mesh: Mesh) -> nnx.Module:
-    """Place every variable of a module in its sharding (in place) and return it."""
+    """Place every variable of a module in its sharding (in place) and return it; its causal LMs then keep their
+    activations split over the batch (`set_activation_mesh`)."""
     graphdef, state = nnx.split(module)
     flat = nnx.to_flat_state(state)
     placed = []
@@ -84,7 +85,31 @@ def shard_module(module: nnx.Module, mesh: Mesh) -> nnx.Module:
         sharding = variable_sharding(var, mesh, name="/".join(map(str, path)))
         placed.append((path, var.replace(jax.device_put(var[...], sharding))))
     nnx.update(module, nnx.from_flat_state(placed))
+    return set_activation_mesh(module, mesh)
+
+
+def set_activation_mesh(module: nnx.Module, mesh: Mesh | None) -> nnx.Module:
+    """Tell every causal LM inside `module` (in place) which mesh its activations live on. Without it XLA infers
+    activation shardings from the FSDP-split weights and may split hidden states along the embedding instead of
+    the batch, so each device holds activations of the whole batch (see docs/memory_plan.md)."""
+    from maxmin_jax.models.transformer import CausalLM
+
+    for _, sub in nnx.iter_modules(module):
+        if isinstance(sub, CausalLM):
+            sub.activation_mesh = mesh
     return module
+
+
+def constrain(x: jax.Array, mesh: Mesh | None, axes: Sequence[str | None]) -> jax.Array:
+    """Inside jit: pin an activation to the sharding of its logical axes. A no-op without a mesh, and where a
+    dimension does not divide (e.g. a batch of 3 on 8 devices), which is then left to XLA."""
+    if mesh is None:
+        return x
+    try:
+        spec = logical_to_spec(axes, x.shape, mesh, name="activation")
+    except ShardingError:
+        return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:

@@ -252,7 +252,12 @@ def convert_hf_tensors(config: ModelConfig, tensors: dict[str, np.ndarray], *, d
         problems.append("shape mismatches: " + "; ".join(mismatched))
     if problems:
         raise CheckpointError(f"{source} does not match the {config.model_type} model: " + " | ".join(problems))
-    return nnx.merge(graphdef, nnx.from_flat_state(placed))
+    model = nnx.merge(graphdef, nnx.from_flat_state(placed))
+    if mesh is not None:
+        from maxmin_jax.sharding import set_activation_mesh
+
+        set_activation_mesh(model, mesh)
+    return model
 
 
 # Export ---------------------------------------------------------------------------------------------------------

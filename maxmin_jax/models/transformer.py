@@ -13,6 +13,10 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from maxmin_jax.models.layers import AttentionContext, KVCache, Stack, positions_from_mask
+from maxmin_jax.sharding import constrain
+
+HIDDEN_AXES = ("batch", None, None)  # [B, T, D] between blocks: split over the batch, whole along the embedding
+CACHE_AXES = ("layers", "batch", None, "kv_heads", None)  # KVCache [L, B, S, KV, Dh]
 
 RematPolicy = Literal["none", "full", "dots"]
 _REMAT_POLICIES = {
@@ -35,6 +39,7 @@ class CausalLM(nnx.Module):
         self.scan_layers = scan_layers
         self.remat = remat
         self.lora_scale = 0.0  # set by maxmin_jax.models.lora.add_lora
+        self.activation_mesh = None  # set by maxmin_jax.sharding.shard_module: activations pinned to the batch split
 
     # Family-specific pieces -------------------------------------------------------------------------------
     def _embed(self, input_ids, positions):
@@ -78,18 +83,25 @@ class CausalLM(nnx.Module):
         block = self._block
         if self.remat != "none":
             block = jax.checkpoint(block, policy=_REMAT_POLICIES[self.remat])
-        x = self._embed(input_ids, positions)
+        x = self._constrain(self._embed(input_ids, positions), None)[0]
         if self.scan_layers:
             def step(carry, xs):
                 x, cache = carry
                 p, layer = xs
-                return block(p, x, ctx, cache, layer), None
+                return self._constrain(*block(p, x, ctx, cache, layer)), None
 
             (x, cache), _ = jax.lax.scan(step, (x, cache), (params, jnp.arange(self.config.num_layers)))
         else:
             for layer in range(self.config.num_layers):
-                x, cache = block({k: v[layer] for k, v in params.items()}, x, ctx, cache, layer)
+                x, cache = self._constrain(*block({k: v[layer] for k, v in params.items()}, x, ctx, cache, layer))
         return self._final_norm(x), cache
+
+    def _constrain(self, x, cache):
+        """Keep hidden states and the KV cache split over the batch on a sharded model (no-op otherwise)."""
+        mesh = self.activation_mesh
+        if cache is not None:
+            cache = KVCache(*(constrain(c, mesh, CACHE_AXES) for c in cache))
+        return constrain(x, mesh, HIDDEN_AXES), cache
 
     def init_cache(self, batch: int, slots: int, dtype=None) -> KVCache:
         cfg = self.config
