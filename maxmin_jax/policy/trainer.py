@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from maxmin_jax.generate import SamplingConfig, eos_array, sample_continuations, sampling_config
 from maxmin_jax.models.transformer import CausalLM
@@ -90,8 +91,16 @@ class PPOTrainer:
         # A copy: the state is donated each step, and the initial weights may share buffers with the reference.
         params = jax.tree.map(jnp.copy, self._initial_params)
         num_groups = self.frozen.standardizer.mean.shape[0]
-        return PPOState(params, self.tx.init(params), self.kl_control.init(), self.objective.init(num_groups),
-                        jnp.zeros((), jnp.int32))
+        state = PPOState(params, self.tx.init(params), self.kl_control.init(), self.objective.init(num_groups),
+                         jnp.zeros((), jnp.int32))
+        meshes = [x.sharding.mesh for x in jax.tree.leaves(params) if isinstance(x.sharding, NamedSharding)]
+        if not meshes:
+            return state
+        # The small state (step, Adam count, KL beta, objective) is created on one device, but the iteration returns
+        # it replicated over the weights' mesh: start it there, or the second call compiles the iteration again.
+        replicated = NamedSharding(meshes[0], PartitionSpec())
+        return jax.tree.map(lambda x: x if isinstance(x.sharding, NamedSharding) else jax.device_put(x, replicated),
+                            state)
 
     def policy(self, state: PPOState) -> PolicyWithValue:
         return nnx.merge(self.policy_graphdef, state.trainable, self.frozen.policy_rest)
