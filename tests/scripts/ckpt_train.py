@@ -1,6 +1,7 @@
 """A tiny, real, resumable training run, used by tests/test_checkpoint.py as a subprocess (so it can be killed).
 
-Trains a tiny GPT-2 LM with optax on fixed synthetic tokens. The state is sharded over a (data=1, fsdp=2) mesh; the
+Trains a tiny GPT-2 LM with optax on fixed synthetic tokens. The state lives on a one-device mesh (in-process CPU
+collectives between fake devices deadlocked here under heavy load; sharded restore is tested in-process); the
 jitted step is `(state, batch, key) -> (state, metrics)` with the state donated and per-step keys
 `fold_in(root, step)` (the key drops random loss positions, so a wrong key after resuming changes the result).
 Data come in epochs of a seeded permutation; the position (epoch, index) is checkpointed with the state, as is an
@@ -50,7 +51,7 @@ def main():
     args = parser.parse_args()
 
     config = GPT2Config.tiny(vocab_size=64, max_position_embeddings=SEQ)
-    mesh = make_mesh(data=1, fsdp=2, tensor=1, devices=jax.devices()[:2])
+    mesh = make_mesh(data=1, fsdp=1, tensor=1, devices=jax.devices()[:1])
     tx = optax.adamw(3e-3)
     model = shard_module(build_model(config, rngs=nnx.Rngs(0)), mesh)
     graphdef, params = nnx.split(model)
