@@ -112,6 +112,19 @@ def constrain(x: jax.Array, mesh: Mesh | None, axes: Sequence[str | None]) -> ja
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
+def replicate_on_mesh_of(tree: Any, reference: Any) -> Any:
+    """Put every array of `tree` that is not yet on a mesh replicated onto the mesh of `reference`'s sharded
+    arrays (unchanged when there are none). Jitted steps return their small state (step counters, optimiser
+    counts) replicated over the weights' mesh; starting it there keeps the second call from compiling again."""
+    meshes = [x.sharding.mesh for x in jax.tree.leaves(reference)
+              if isinstance(getattr(x, "sharding", None), NamedSharding)]
+    if not meshes:
+        return tree
+    target = replicated(meshes[0])
+    return jax.tree.map(lambda x: x if isinstance(getattr(x, "sharding", None), NamedSharding)
+                        else jax.device_put(x, target), tree)
+
+
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     """Leading (batch) axis split over data and FSDP; the rest replicated."""
     batch_axes = tuple(a for a in LOGICAL_RULES["batch"] if mesh.shape[a] > 1)

@@ -14,7 +14,6 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
 
 from maxmin_jax.generate import SamplingConfig, eos_array, sample_continuations, sampling_config
 from maxmin_jax.models.transformer import CausalLM
@@ -22,6 +21,7 @@ from maxmin_jax.policy.model import PolicyWithValue, ValueParam
 from maxmin_jax.policy.objectives import Objective, ObjectiveState, RewardStandardizer
 from maxmin_jax.policy.ppo import (KLControllerState, PPOConfig, gae, kl_controller, masked_entropy, masked_mean,
                                    policy_loss, token_logprobs, token_rewards, value_loss, whiten)
+from maxmin_jax.sharding import replicate_on_mesh_of
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -93,14 +93,9 @@ class PPOTrainer:
         num_groups = self.frozen.standardizer.mean.shape[0]
         state = PPOState(params, self.tx.init(params), self.kl_control.init(), self.objective.init(num_groups),
                          jnp.zeros((), jnp.int32))
-        meshes = [x.sharding.mesh for x in jax.tree.leaves(params) if isinstance(x.sharding, NamedSharding)]
-        if not meshes:
-            return state
         # The small state (step, Adam count, KL beta, objective) is created on one device, but the iteration returns
         # it replicated over the weights' mesh: start it there, or the second call compiles the iteration again.
-        replicated = NamedSharding(meshes[0], PartitionSpec())
-        return jax.tree.map(lambda x: x if isinstance(x.sharding, NamedSharding) else jax.device_put(x, replicated),
-                            state)
+        return replicate_on_mesh_of(state, params)
 
     def policy(self, state: PPOState) -> PolicyWithValue:
         return nnx.merge(self.policy_graphdef, state.trainable, self.frozen.policy_rest)

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from maxmin_jax.data.batching import PairBatch, minibatches
 from maxmin_jax.rewards.bt import bt_loss, pair_log_likelihood, pairwise_accuracy
 from maxmin_jax.rewards.model import score_pairs
+from maxmin_jax.sharding import replicate_on_mesh_of
 
 _LOG_FLOOR = 1e-12  # log(w) of an emptied group stays finite, so no NaN reaches the objective
 
@@ -265,7 +266,8 @@ def _fit_once(model: nnx.Module, data: PairArrays, n: int, num_users: int, cfg: 
     returns (gamma [U, K], log_w [K], history)."""
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     params = _copy(params)  # the step donates params; keep the caller's arrays alive
-    opt_state = make_optimizer(cfg.m_step).init(params)
+    # On a mesh, the optimiser's step count goes where m_step returns it, so the step compiles once.
+    opt_state = replicate_on_mesh_of(make_optimizer(cfg.m_step).init(params), params)
     gamma = jax.device_put(np.eye(cfg.num_groups, dtype=np.float32)[assign0])
     L = (_likelihoods((graphdef, params, rest), data, num_users, cfg.chunk_size) if cfg.guard
          else jnp.zeros((num_users, cfg.num_groups)))  # the guard's reference point; unused without it
