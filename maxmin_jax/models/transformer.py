@@ -16,7 +16,6 @@ from maxmin_jax.models.layers import AttentionContext, KVCache, Stack, positions
 from maxmin_jax.sharding import constrain
 
 HIDDEN_AXES = ("batch", None, None)  # [B, T, D] between blocks: split over the batch, whole along the embedding
-CACHE_AXES = ("layers", "batch", None, "kv_heads", None)  # KVCache [L, B, S, KV, Dh]
 
 RematPolicy = Literal["none", "full", "dots"]
 _REMAT_POLICIES = {
@@ -39,7 +38,7 @@ class CausalLM(nnx.Module):
         self.scan_layers = scan_layers
         self.remat = remat
         self.lora_scale = 0.0  # set by maxmin_jax.models.lora.add_lora
-        self.activation_mesh = None  # set by maxmin_jax.sharding.shard_module: activations pinned to the batch split
+        self.activation_mesh = None  # set by maxmin_jax.sharding.shard_module: pins activations without a KV cache
 
     # Family-specific pieces -------------------------------------------------------------------------------
     def _embed(self, input_ids, positions):
@@ -83,25 +82,23 @@ class CausalLM(nnx.Module):
         block = self._block
         if self.remat != "none":
             block = jax.checkpoint(block, policy=_REMAT_POLICIES[self.remat])
-        x = self._constrain(self._embed(input_ids, positions), None)[0]
+        # On a sharded model, training and scoring passes keep hidden states split over the batch; sampling (with a
+        # cache) is left to XLA, which keeps the weights in place and moves the one-token activations instead.
+        pin = self.activation_mesh if cache is None else None
+        x = constrain(self._embed(input_ids, positions), pin, HIDDEN_AXES)
         if self.scan_layers:
             def step(carry, xs):
                 x, cache = carry
                 p, layer = xs
-                return self._constrain(*block(p, x, ctx, cache, layer)), None
+                x, cache = block(p, x, ctx, cache, layer)
+                return (constrain(x, pin, HIDDEN_AXES), cache), None
 
             (x, cache), _ = jax.lax.scan(step, (x, cache), (params, jnp.arange(self.config.num_layers)))
         else:
             for layer in range(self.config.num_layers):
-                x, cache = self._constrain(*block({k: v[layer] for k, v in params.items()}, x, ctx, cache, layer))
+                x, cache = block({k: v[layer] for k, v in params.items()}, x, ctx, cache, layer)
+                x = constrain(x, pin, HIDDEN_AXES)
         return self._final_norm(x), cache
-
-    def _constrain(self, x, cache):
-        """Keep hidden states and the KV cache split over the batch on a sharded model (no-op otherwise)."""
-        mesh = self.activation_mesh
-        if cache is not None:
-            cache = KVCache(*(constrain(c, mesh, CACHE_AXES) for c in cache))
-        return constrain(x, mesh, HIDDEN_AXES), cache
 
     def init_cache(self, batch: int, slots: int, dtype=None) -> KVCache:
         cfg = self.config
