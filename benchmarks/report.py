@@ -74,7 +74,7 @@ def table(doc: dict[str, Any]) -> str:
     lines = ["  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     hw = doc["hardware"]
-    device = ", ".join(hw["gpus"]) or f"{hw['cpu_model']} ({hw['cpu_count']} cores)"
+    device = ", ".join(hw["gpus"]) or f"{hw['cpu_model']} ({hw['cpu_count']} cores, {hw['cpus_usable']} usable)"
     header = (f"suite {doc['suite']}{' (quick)' if doc['quick'] else ''} on {device}; {doc['date']}; "
               f"load average at start {hw['load_average_at_start']}, at end {hw['load_average_at_end']}")
     return "\n".join([header, *lines])

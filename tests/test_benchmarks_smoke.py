@@ -143,6 +143,18 @@ def test_cost_model_counts_known_sizes():
     assert llama.kv_bytes(2, 10) == 2 * 2 * 32 * 32 * 128 * 10 * 2
 
 
+def test_profile_reports_ops():
+    import jax
+    import jax.numpy as jnp
+
+    from benchmarks.profile import op_times
+
+    f = jax.jit(lambda x: jnp.tanh(x @ x.T).sum())
+    x = jnp.ones((8, 8))
+    total, count = op_times(lambda: f(x))
+    assert total and set(total) == set(count) and all(ns >= 0 for ns in total.values())
+
+
 def test_timing_helpers():
     calls = []
     timings = measure_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3,
