@@ -29,6 +29,11 @@ from maxmin_jax.models import GPT2Config, LlamaConfig, build_model
 from maxmin_jax.models.layers import positions_from_mask
 
 DTYPE = jnp.bfloat16
+# Full-size shapes. XLA:CPU's plan for these steps (abstract compile, see NOTES.md) puts GPT-2 medium at 8 x 1024 at
+# ~60 GiB, so it runs at 4 x 1024 (~30 GiB); the 7B LoRA step at 4 x 512 needs about 45 GiB on a GPU.
+GPT2_MEDIUM_TRAIN = dict(batch=4, seq=1024)
+LLAMA7B_LORA_TRAIN = dict(batch=4, seq=512, lora_rank=16)
+LLAMA7B_DECODE = dict(batch=64, prompt=128, new_tokens=64)
 
 
 def _is_oom(error: Exception) -> bool:
@@ -134,14 +139,14 @@ def _train(ctx: Context, cfg, *, batch: int, seq: int, lora_rank: int | None) ->
 def train_gpt2_medium(ctx: Context) -> Result:
     if ctx.quick:
         return _train(ctx, GPT2Config.tiny(vocab_size=512), batch=2, seq=16, lora_rank=None)
-    return _train(ctx, GPT2Config.gpt2_medium(), batch=8, seq=1024, lora_rank=None)
+    return _train(ctx, GPT2Config.gpt2_medium(), lora_rank=None, **GPT2_MEDIUM_TRAIN)
 
 
 @register("train_llama7b_lora", suites=("gpu",), description="Llama-2-7B shape LoRA train step, bf16: MFU")
 def train_llama7b_lora(ctx: Context) -> Result:
     if ctx.quick:
         return _train(ctx, LlamaConfig.tiny(vocab_size=512), batch=2, seq=16, lora_rank=4)
-    return _train(ctx, LlamaConfig.llama2_7b(), batch=4, seq=512, lora_rank=16)
+    return _train(ctx, LlamaConfig.llama2_7b(), **LLAMA7B_LORA_TRAIN)
 
 
 # Decode bandwidth --------------------------------------------------------------------------------------------------
@@ -198,4 +203,4 @@ def _decode(ctx: Context, cfg, *, batch: int, prompt: int, new_tokens: int) -> R
 def decode_llama7b(ctx: Context) -> Result:
     if ctx.quick:
         return _decode(ctx, LlamaConfig.tiny(vocab_size=512), batch=4, prompt=16, new_tokens=4)
-    return _decode(ctx, LlamaConfig.llama2_7b(), batch=64, prompt=128, new_tokens=64)
+    return _decode(ctx, LlamaConfig.llama2_7b(), **LLAMA7B_DECODE)

@@ -111,6 +111,28 @@ def test_gpu_suite_quick_runs_on_cpu(tmp_path, capsys):
     assert by_name["decode_llama7b"]["extra"]["bytes_per_step_required"] > 0
 
 
+def test_gpu_full_size_lora_step_traces_abstractly():
+    """The 7B LoRA step at the GPU suite's shapes, traced without allocating (the quick run covers the wiring)."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    from benchmarks.gpu import DTYPE, LLAMA7B_LORA_TRAIN, make_train_step
+    from maxmin_jax.models import LlamaConfig, build_model
+    from maxmin_jax.models.lora import add_lora
+
+    shape = LLAMA7B_LORA_TRAIN
+    model = nnx.eval_shape(lambda: build_model(LlamaConfig.llama2_7b(), rngs=nnx.Rngs(0), dtype=DTYPE))
+    add_lora(model, rank=shape["lora_rank"], rngs=nnx.Rngs(1))
+    tx = optax.adamw(1e-5)
+    step, params, frozen = make_train_step(model, nnx.LoRAParam, tx)
+    ids = jax.ShapeDtypeStruct((shape["batch"], shape["seq"] + 1), jnp.int32)
+    lowered = step.lower(params, jax.eval_shape(tx.init, params), frozen, ids)
+    assert lowered.out_info[2].shape == ()  # the loss
+    assert model_cost(model).lora_params == 32 * 2 * (4096 * 16 + 16 * 4096)  # q and v, every layer
+
+
 def test_unknown_names_are_refused(tmp_path):
     with pytest.raises(SystemExit, match="unknown benchmarks"):
         run.main(["--suite", "cpu", "--only", "forward_gpt2,no_such_benchmark", "--out", str(tmp_path / "x.json")])
