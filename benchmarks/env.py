@@ -80,16 +80,20 @@ def load_average() -> list[float] | None:
 
 
 def describe() -> dict[str, Any]:
-    """Hardware and software, taken at the start of a run."""
-    import torch
+    """Hardware and software, taken at the start of a run (PyTorch is optional: the GPU suite does not use it)."""
+    try:
+        import torch
 
+        torch_threads = torch.get_num_threads()
+    except ImportError:
+        torch_threads = None
     affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
     return {
         "hardware": {"cpu_model": cpu_model(), "cpu_count": os.cpu_count(), "cpus_usable": affinity,
                      "cpu_flags": cpu_flags(), "machine": platform.machine(), "devices": accelerators(),
                      "gpus": gpu_names(), "load_average_at_start": load_average()},
         "versions": versions(),
-        "threads": {"torch_intra_op": torch.get_num_threads(),
+        "threads": {"torch_intra_op": torch_threads,
                     "xla_flags": os.environ.get("XLA_FLAGS", ""),
                     "xla_cpu": "XLA's CPU client runs its thread pool over all usable cores"},
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
