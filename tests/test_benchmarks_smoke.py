@@ -5,6 +5,7 @@ about half a minute each on two cores, almost all of it XLA compiling the tiny p
 generate, train steps).
 """
 
+import importlib
 import json
 import math
 import subprocess
@@ -20,6 +21,9 @@ from benchmarks import run  # noqa: E402
 from benchmarks.costs import model_cost  # noqa: E402
 from benchmarks.registry import BENCHMARKS  # noqa: E402
 from benchmarks.timing import Timing, measure_interleaved, quartiles  # noqa: E402
+
+for _module in run.BENCHMARK_MODULES:  # what `run.main` imports: registers every benchmark
+    importlib.import_module(_module)
 
 VERSION_KEYS = {"jax", "jaxlib", "flax", "torch", "transformers"}
 
