@@ -19,6 +19,19 @@ def _save_tiny(path, hf_config_cls, model_cls, **kwargs):
     return path
 
 
+def save_word_gpt2(path, tokenizer):
+    """A one-layer GPT-2 HF checkpoint sized to a word tokenizer, saved with it, as a user would have it."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=len(tokenizer), n_positions=64,
+                               bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+                    ).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_gpt2_dir(tmp_path_factory):
     from transformers import GPT2Config, GPT2LMHeadModel

@@ -6,23 +6,17 @@ import numpy as np
 import pytest
 
 from maxmin_jax.cli import main
+from conftest import save_word_gpt2
 from maxmin_jax.data.synthetic import planted_world
 
 
 @pytest.fixture(scope="module")
 def checkpoint_and_data(tmp_path_factory):
     """A tiny GPT-2 HF checkpoint with the world's word tokenizer, saved as a user would have it."""
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-
     root = tmp_path_factory.mktemp("cli")
     world = planted_world(num_groups=2, group_sizes=(3, 3), pairs_per_user=8, seed=0)
     tokenizer = world.tokenizer()
-    torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=len(tokenizer), n_positions=64,
-                               bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
-                    ).save_pretrained(root / "ckpt")
-    tokenizer.save_pretrained(root / "ckpt")
+    save_word_gpt2(root / "ckpt", tokenizer)
     rows = [{"user_id": r.user_id, "prompt": r.prompt, "chosen": r.chosen, "rejected": r.rejected}
             for r in world.preference_rows(0)]
     (root / "prefs.jsonl").write_text("\n".join(json.dumps(r) for r in rows))

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from maxmin_jax.config_io import ConfigFileError, load_yaml
+from conftest import save_word_gpt2
 from maxmin_jax.data.synthetic import planted_world
 from maxmin_jax.pretrained_config import PretrainedExperimentConfig, is_pretrained_config
 from maxmin_jax.pretrained_experiment import FrozenParam, freeze_base, run_config_file, run_pretrained_experiment
@@ -18,17 +19,10 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 @pytest.fixture(scope="module")
 def local_files(tmp_path_factory):
     """A tiny GPT-2 checkpoint with the world's word tokenizer, one P-Soups file per planted group, prompts."""
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-
     root = tmp_path_factory.mktemp("pretrained")
     world = planted_world(num_groups=2, group_sizes=(3, 3), pairs_per_user=8, seed=0)
     tokenizer = world.tokenizer()
-    torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=len(tokenizer), n_positions=64,
-                               bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
-                    ).save_pretrained(root / "ckpt")
-    tokenizer.save_pretrained(root / "ckpt")
+    save_word_gpt2(root / "ckpt", tokenizer)
     for group in world.group_names:
         rows = [{"user_input": r.prompt, "completion_a": r.chosen, "completion_b": r.rejected}
                 for r in world.preference_rows(0) if r.group == group]
