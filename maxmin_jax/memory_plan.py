@@ -107,7 +107,7 @@ SETUPS: dict[str, PlanSetup] = {
                                  note="test config"),
 }
 STEPS = ("train", "rollout", "decode", "reward")
-CACHE_AXES = ("layers", "batch", None, "kv_heads", None)  # logical axes of CausalLM.init_cache's KV cache
+CACHE_AXES = ("layers", "batch", "kv_heads", None, None)  # logical axes of CausalLM.init_cache's KV cache
 _TRAIN_TX = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-5))  # the trainer's optimiser shape
 
 
@@ -233,7 +233,7 @@ def _decode_step(setup: PlanSetup, mesh, pin: bool = True) -> Planned:
     state = _abstract_state(state, mesh)
     c, b, s = setup.model, setup.batch, setup.seq_length
     head_dim = getattr(c, "dim_per_head", None) or c.head_dim
-    shape = (c.num_layers, b, s, c.num_kv_heads, head_dim)  # CausalLM.init_cache's layout
+    shape = (c.num_layers, b, c.num_kv_heads, s, head_dim)  # CausalLM.init_cache's layout
     cache_sharding = NamedSharding(mesh, logical_to_spec(CACHE_AXES, shape, mesh, name="kv_cache"))
     kv = _sds(shape, setup.dtype, cache_sharding)
 

@@ -34,7 +34,10 @@ class Stack(nnx.Module):
 
 
 class KVCache(NamedTuple):
-    """Preallocated keys and values for every layer: [layers, batch, slots, kv_heads, head_dim]."""
+    """Preallocated keys and values for every layer: [layers, batch, kv_heads, slots, head_dim].
+
+    Slots sit next to head_dim, the layout the attention dots contract in, so a decode step reads each layer's keys
+    and values as stored instead of transposing the whole cache (measured in benchmarks/NOTES.md)."""
 
     k: jax.Array
     v: jax.Array
@@ -81,30 +84,34 @@ def apply_rope(x: Float[Array, "b t h d"], positions: Int[Array, "b t"], theta: 
     return (x32 * cos + rotated * sin).astype(x.dtype)
 
 
-def attention(q: Float[Array, "b t h d"], k: Float[Array, "b s kv d"], v: Float[Array, "b s kv d"],
+def attention(q: Float[Array, "b t h d"], k: Float[Array, "b kv s d"], v: Float[Array, "b kv s d"],
               ctx: AttentionContext) -> Float[Array, "b t h d"]:
     """Causal grouped-query attention; MHA and MQA are the cases kv == h and kv == 1.
 
     Queries are grouped per key/value head instead of repeating k and v, so GQA reads each key once.
     """
     b, t, h, d = q.shape
-    kv = k.shape[2]
+    kv = k.shape[1]
     qg = q.reshape(b, t, kv, h // kv, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) / jnp.sqrt(d).astype(
+    scores = jnp.einsum("btkgd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32) / jnp.sqrt(d).astype(
         jnp.float32)
-    key_slots = jnp.arange(k.shape[1])
+    key_slots = jnp.arange(k.shape[2])
     allowed = (key_slots[None, :] <= ctx.query_slots[:, None])[None] & ctx.key_valid[:, None, :]  # [b, t, s]
     scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
-    return out.reshape(b, t, h, d).astype(q.dtype)
+    # Output in the dot's natural [b, kv, g, t, d] order, transposed after: asked for [b, t, kv, g, d] directly,
+    # XLA:CPU swaps the operands into a dot its fast kernels reject (and whose fallback lacks bf16 -> f32).
+    out = jnp.einsum("bkgts,bksd->bkgtd", probs, v, preferred_element_type=jnp.float32)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d).astype(q.dtype)
 
 
-def attend_with_cache(q, k_new, v_new, ctx: AttentionContext, cache: KVCache | None, layer):
+def attend_with_cache(q, k_new: Float[Array, "b t kv d"], v_new: Float[Array, "b t kv d"], ctx: AttentionContext,
+                      cache: KVCache | None, layer):
     """Attend over this call's keys, or write them into the cache at `ctx.cache_index` and attend over it."""
+    k_new, v_new = k_new.swapaxes(1, 2), v_new.swapaxes(1, 2)  # [b, kv, t, d], the cache's layout
     if cache is None:
         return attention(q, k_new, v_new, ctx), None
-    index = (layer, 0, ctx.cache_index, 0, 0)
+    index = (layer, 0, 0, ctx.cache_index, 0)
     k_all = jax.lax.dynamic_update_slice(cache.k, k_new[None].astype(cache.k.dtype), index)
     v_all = jax.lax.dynamic_update_slice(cache.v, v_new[None].astype(cache.v.dtype), index)
     out = attention(q, k_all[layer], v_all[layer], ctx)

@@ -5,7 +5,7 @@ Subclasses provide `_embed`, `_block` (a pure function of one layer's arrays), `
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -64,9 +64,13 @@ class CausalLM(nnx.Module):
         return hidden
 
     def forward(self, input_ids, attention_mask=None, *, positions=None, cache: KVCache | None = None,
-                cache_index=None, key_valid=None, use_lora: bool = True):
+                cache_index=None, key_valid=None, use_lora: bool = True,
+                layer_params: Sequence[dict[str, jax.Array]] | None = None):
         """Run the trunk. Without a cache, attends within `input_ids`; with one, writes this call's keys at
-        `cache_index` and attends over all cache slots marked in `key_valid` [B, S]."""
+        `cache_index` and attends over all cache slots marked in `key_valid` [B, S].
+
+        `layer_params` (from `unstack_layers`) runs the blocks unrolled over those per-layer arrays instead of the
+        stacked weights; a decode loop passes them so the slicing happens once, outside the loop."""
         b, t = input_ids.shape
         if attention_mask is None:
             attention_mask = jnp.ones((b, t), jnp.int32)
@@ -76,9 +80,6 @@ class CausalLM(nnx.Module):
             ctx = AttentionContext(positions, attention_mask.astype(bool), jnp.arange(t), None)
         else:
             ctx = AttentionContext(positions, key_valid, cache_index + jnp.arange(t), cache_index)
-        params = self.layers.arrays()
-        if not use_lora:
-            params = {k: v for k, v in params.items() if "_lora_" not in k}
         block = self._block
         if self.remat != "none":
             block = jax.checkpoint(block, policy=_REMAT_POLICIES[self.remat])
@@ -86,23 +87,33 @@ class CausalLM(nnx.Module):
         # cache) is left to XLA, which keeps the weights in place and moves the one-token activations instead.
         pin = self.activation_mesh if cache is None else None
         x = constrain(self._embed(input_ids, positions), pin, HIDDEN_AXES)
-        if self.scan_layers:
+        if layer_params is None and self.scan_layers:
             def step(carry, xs):
                 x, cache = carry
                 p, layer = xs
                 x, cache = block(p, x, ctx, cache, layer)
                 return (constrain(x, pin, HIDDEN_AXES), cache), None
 
-            (x, cache), _ = jax.lax.scan(step, (x, cache), (params, jnp.arange(self.config.num_layers)))
+            layers = jnp.arange(self.config.num_layers)
+            (x, cache), _ = jax.lax.scan(step, (x, cache), (self._stacked(use_lora), layers))
         else:
-            for layer in range(self.config.num_layers):
-                x, cache = block({k: v[layer] for k, v in params.items()}, x, ctx, cache, layer)
+            for layer, p in enumerate(layer_params or self.unstack_layers(use_lora=use_lora)):
+                x, cache = block(p, x, ctx, cache, layer)
                 x = constrain(x, pin, HIDDEN_AXES)
         return self._final_norm(x), cache
 
+    def _stacked(self, use_lora: bool) -> dict[str, jax.Array]:
+        params = self.layers.arrays()
+        return params if use_lora else {k: v for k, v in params.items() if "_lora_" not in k}
+
+    def unstack_layers(self, *, use_lora: bool = True) -> list[dict[str, jax.Array]]:
+        """One dict of arrays per block, sliced from the stacked weights (under jit: one copy of the blocks)."""
+        params = self._stacked(use_lora)
+        return [{k: v[layer] for k, v in params.items()} for layer in range(self.config.num_layers)]
+
     def init_cache(self, batch: int, slots: int, dtype=None) -> KVCache:
         cfg = self.config
-        shape = (cfg.num_layers, batch, slots, cfg.num_kv_heads, _head_dim(cfg))
+        shape = (cfg.num_layers, batch, cfg.num_kv_heads, slots, _head_dim(cfg))
         dtype = dtype or self.dtype
         return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
