@@ -255,7 +255,7 @@ def _rollout_step(setup: PlanSetup, mesh, pin: bool = True) -> Planned:
     graphdef, state = nnx.split(lm)
     rows = _batch_spec(mesh, None)
     prompts = _sds((setup.batch, setup.prompt_length), jnp.int32, rows)
-    cfg = sampling_config(1.0, None, None)
+    cfg = sampling_config(1.0, None, None, unroll_layers=False)  # what accelerators run (no copy of the blocks)
 
     def step(state, prompts, prompt_mask, key):
         return sample_continuations(nnx.merge(graphdef, state), prompts, prompt_mask, key,
