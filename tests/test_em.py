@@ -13,7 +13,8 @@ import pytest
 from flax import nnx
 
 from maxmin_jax.data import planted_world, tokenize_pairs
-from maxmin_jax.models import GPT2Config
+from maxmin_jax.models import GPT2Config, build_model
+from maxmin_jax.models.lora import add_lora
 from maxmin_jax.rewards import (EMConfig, MStepConfig, RewardModel, assign_user, clustering_metrics, e_step_hard,
                                 e_step_soft, evaluate_pairs, fit_em, fit_single_reward, log_likelihood_matrix,
                                 mixture_log_likelihood)
@@ -135,3 +136,19 @@ def test_assign_new_user_from_few_pairs(em, data):
     print(f"\nposterior of a new minority user from 12 pairs: {np.round(posterior, 3).tolist()}")
     assert posterior.shape == (3,) and posterior.sum() == pytest.approx(1.0, rel=1e-5)
     assert posterior.argmax() == minority_cluster
+
+
+def test_trainable_filter_trains_only_the_selected_variables(data, config):
+    """EM over a LoRA reward model: only the adapters and the heads move; the base weights are untouched."""
+    backbone = add_lora(build_model(config, rngs=nnx.Rngs(0)), rank=2, rngs=nnx.Rngs(1))
+    model = RewardModel(backbone, 2, rngs=nnx.Rngs(2))
+    trainable = nnx.Any(nnx.LoRAParam, nnx.PathContains("head"), nnx.PathContains("head_bias"))
+    flat = lambda: {".".join(map(str, path)): np.array(v[...]) for path, v in nnx.to_flat_state(nnx.state(model))}
+    before = flat()
+    fit_em(model, data[0], EMConfig(num_groups=2, rounds=1, steps_per_round=5, batch_size=BATCH, m_step=M_STEP,
+                                    progress=False, guard=False), trainable=trainable)
+    moved = {name for name, value in flat().items() if not np.array_equal(value, before[name])}
+    assert moved and all("lora" in name or name.startswith("head") for name in moved), moved
+    assert any("lora" in name for name in moved) and any(name.startswith("head") for name in moved), moved
+    with pytest.raises(ValueError, match="selects no variable"):
+        fit_em(model, data[0], EMConfig(num_groups=2, progress=False), trainable=nnx.PathContains("nothing"))

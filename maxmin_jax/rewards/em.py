@@ -261,10 +261,10 @@ def initial_assignments(num_users: int, num_groups: int, init: str, rng: np.rand
 
 
 def _fit_once(model: nnx.Module, data: PairArrays, n: int, num_users: int, cfg: EMConfig, assign0: np.ndarray,
-              rng: np.random.Generator, label: str):
+              rng: np.random.Generator, label: str, trainable: nnx.filterlib.Filter):
     """One EM run from `assign0` on the first `n` rows of `data`; updates `model` in place;
     returns (gamma [U, K], log_w [K], history)."""
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    graphdef, params, rest = nnx.split(model, trainable, ...)
     params = _copy(params)  # the step donates params; keep the caller's arrays alive
     # On a mesh, the optimiser's step count goes where m_step returns it, so the step compiles once.
     opt_state = replicate_on_mesh_of(make_optimizer(cfg.m_step).init(params), params)
@@ -319,10 +319,15 @@ def split_heldout(batch: PairBatch, fraction: float, rng: np.random.Generator) -
 
 
 def fit_em(model: nnx.Module, batch: PairBatch, config: EMConfig, *, heldout: PairBatch | None = None,
-           mesh=None) -> EMResult:
+           mesh=None, trainable: nnx.filterlib.Filter = nnx.Param) -> EMResult:
     """Fit a K-group mixture by EM. `model` (RewardModel or SeparateRewardModels with K heads) is trained in place
     and returned in the result. With restarts > 1 each restart starts from the model's initial backbone; the one
-    with the best predictive log-likelihood on `heldout` (default: a split of each user's pairs) is kept."""
+    with the best predictive log-likelihood on `heldout` (default: a split of each user's pairs) is kept.
+
+    `trainable` selects the variables the M-step trains (an nnx filter); e.g. only LoRA adapters and the heads:
+    `nnx.Any(nnx.LoRAParam, nnx.PathContains("head"), nnx.PathContains("head_bias"))`. The rest stay as they are."""
+    if not jax.tree.leaves(nnx.state(model, trainable)):
+        raise ValueError(f"the trainable filter {trainable!r} selects no variable of the reward model")
     if model.num_groups != config.num_groups:
         raise ValueError(f"model has {model.num_groups} heads but config.num_groups={config.num_groups}")
     if batch.num_users < config.num_groups:
@@ -350,7 +355,7 @@ def fit_em(model: nnx.Module, batch: PairBatch, config: EMConfig, *, heldout: Pa
         init = config.init if restart == 0 else "random"
         assign0 = initial_assignments(batch.num_users, config.num_groups, init, rng)
         gamma, log_w, history = _fit_once(model, data, train.num_pairs, batch.num_users, config, assign0, rng,
-                                          f"restart {restart + 1}/{config.restarts}")
+                                          f"restart {restart + 1}/{config.restarts}", trainable)
         gamma, log_w = jax.device_get((gamma, log_w))
         result = EMResult(assignments=np.argmax(gamma, -1), responsibilities=gamma, weights=np.exp(log_w),
                           history=history, model=model, user_ids=batch.user_ids)
@@ -365,11 +370,12 @@ def fit_em(model: nnx.Module, batch: PairBatch, config: EMConfig, *, heldout: Pa
 
 
 def fit_single_reward(model: nnx.Module, batch: PairBatch, *, steps: int, batch_size: int = 32,
-                      m_step_config: MStepConfig = MStepConfig(), seed: int = 0, progress: bool = True) -> EMResult:
+                      m_step_config: MStepConfig = MStepConfig(), seed: int = 0, progress: bool = True,
+                      trainable: nnx.filterlib.Filter = nnx.Param) -> EMResult:
     """The standard-RLHF baseline: one BT reward (K = 1) on the pooled pairs, by the same machinery."""
     cfg = EMConfig(num_groups=1, rounds=1, steps_per_round=steps, batch_size=batch_size, m_step=m_step_config,
                    seed=seed, progress=progress)
-    return fit_em(model, batch, cfg)
+    return fit_em(model, batch, cfg, trainable=trainable)
 
 
 # Scoring held-out users and new users ------------------------------------------------------------------------
