@@ -172,10 +172,13 @@ def _decode(ctx: Context, cfg, *, batch: int, prompt: int, new_tokens: int) -> R
         raise ValueError("prompt must be a multiple of generate's bucket (16) so prefill matches generate's")
     timings = measure_interleaved(
         {"generate": jax_sync(lambda: generate(model, ids, mask, max_new_tokens=new_tokens, rng=key,
-                                               temperature=1.0)),
+                                               temperature=1.0, unroll_layers=False)),
+         # The CPU default (weights sliced once per call, one extra copy of the blocks): is it worth it here too?
+         "generate_unrolled": jax_sync(lambda: generate(model, ids, mask, max_new_tokens=new_tokens, rng=key,
+                                                        temperature=1.0, unroll_layers=True)),
          "prefill": jax_sync(lambda: prefill(state, ids, mask))},
         repeats=ctx.repeats_at_least(10), warmup=ctx.warmup)
-    gen, pre = timings["generate"], timings["prefill"]
+    gen, pre, unrolled = timings["generate"], timings["prefill"], timings["generate_unrolled"]
     step_s = (gen.median_s - pre.median_s) / (new_tokens - 1)
     if step_s <= 0:
         raise RuntimeError(f"generate ({gen.median_s:.4g} s) not slower than its prefill ({pre.median_s:.4g} s): "
@@ -186,6 +189,8 @@ def _decode(ctx: Context, cfg, *, batch: int, prompt: int, new_tokens: int) -> R
     figures = [Figure("decode GB/s (required bytes / step time)", required / step_s / 1e9, "GB/s",
                       lambda c: c["copy_bandwidth"], "copy_bandwidth", gen),
                Figure("new tokens/s (whole generate call)", batch * new_tokens / gen.median_s, "tokens/s"),
+               Figure("new tokens/s, unroll_layers=True", batch * new_tokens / unrolled.median_s, "tokens/s",
+                      timing=unrolled),
                Figure("prefill ms", pre.median_s * 1e3, "ms", timing=pre),
                Figure("decode step ms", step_s * 1e3, "ms")]
     return Result(
