@@ -89,9 +89,8 @@ def model_cost(model) -> ModelCost:
     head = "wte" if family == "gpt2" else ("embed" if tied else "lm_head")
     matmul = sum(sizes[f"layers/{w}"] for w in MATMUL_WEIGHTS[family]) + sizes[head]
     gathered = sum(sizes[g] for g in GATHERED[family] if g in sizes and g != head)
-    head_dim = getattr(cfg, "dim_per_head", None) or cfg.head_dim
     return ModelCost(num_layers=cfg.num_layers, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
-                     head_dim=head_dim, params_total=sum(sizes.values()), params_matmul=matmul,
+                     head_dim=cfg.dim_per_head, params_total=sum(sizes.values()), params_matmul=matmul,
                      params_head=sizes[head], params_read=sum(sizes.values()) - gathered, lora_params=lora,
                      itemsize=itemsizes.pop())
 

@@ -59,8 +59,13 @@ def _pair(family: str, quick: bool):
     return model, hf_twin(model)
 
 
-def _ids(batch: int, length: int, vocab: int, seed: int) -> np.ndarray:
-    return np.asarray(jax.random.randint(jax.random.key(seed), (batch, length), 0, vocab), np.int64)
+def _inputs(batch: int, length: int, vocab: int, seed: int):
+    """The same random ids, all real tokens, as (JAX ids, JAX mask, torch ids, torch mask)."""
+    import torch
+
+    ids = np.asarray(jax.random.randint(jax.random.key(seed), (batch, length), 0, vocab), np.int64)
+    return (jnp.asarray(ids, jnp.int32), jnp.ones(ids.shape, jnp.int32), torch.from_numpy(ids),
+            torch.ones(ids.shape, dtype=torch.int64))
 
 
 def _forward(ctx: Context, family: str, target: float | None) -> Result:
@@ -70,9 +75,7 @@ def _forward(ctx: Context, family: str, target: float | None) -> Result:
     shapes = QUICK if ctx.quick else FULL
     model, hf = _pair(family, ctx.quick)
     cost = model_cost(model)
-    ids = _ids(shapes.batch, shapes.seq, model.config.vocab_size, seed=1)
-    j_ids, j_mask = jnp.asarray(ids, jnp.int32), jnp.ones(ids.shape, jnp.int32)
-    t_ids, t_mask = torch.from_numpy(ids), torch.ones(ids.shape, dtype=torch.int64)
+    j_ids, j_mask, t_ids, t_mask = _inputs(shapes.batch, shapes.seq, model.config.vocab_size, seed=1)
     graphdef, state = nnx.split(model)
     forward = jax.jit(lambda state, ids, mask: nnx.merge(graphdef, state)(ids, mask))
     with torch.no_grad():
@@ -111,9 +114,7 @@ def _sample(ctx: Context, family: str, temperature: float, target: float | None)
     s = QUICK if ctx.quick else FULL
     model, hf = _pair(family, ctx.quick)
     cost = model_cost(model)
-    ids = _ids(s.batch, s.prompt, model.config.vocab_size, seed=2)
-    j_ids, j_mask = jnp.asarray(ids, jnp.int32), jnp.ones(ids.shape, jnp.int32)
-    t_ids, t_mask = torch.from_numpy(ids), torch.ones(ids.shape, dtype=torch.int64)
+    j_ids, j_mask, t_ids, t_mask = _inputs(s.batch, s.prompt, model.config.vocab_size, seed=2)
     key = jax.random.key(3)
     greedy = temperature == 0.0
     # transformers: no top-k / top-p filtering (its top_k would otherwise default on), no EOS before the end.

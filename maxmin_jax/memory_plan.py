@@ -49,6 +49,7 @@ from maxmin_jax.models import GPT2Config, LlamaConfig, ModelConfig, build_model
 from maxmin_jax.generate import sample_continuations, sampling_config
 from maxmin_jax.models.layers import KVCache
 from maxmin_jax.models.lora import add_lora
+from maxmin_jax.models.transformer import KV_CACHE_AXES, kv_cache_shape
 from maxmin_jax.policy.model import PolicyWithValue, ValueParam
 from maxmin_jax.policy.ppo import PPOConfig, policy_loss, token_logprobs, value_loss
 from maxmin_jax.rewards.bt import bt_loss
@@ -107,7 +108,6 @@ SETUPS: dict[str, PlanSetup] = {
                                  note="test config"),
 }
 STEPS = ("train", "rollout", "decode", "reward")
-CACHE_AXES = ("layers", "batch", "kv_heads", None, None)  # logical axes of CausalLM.init_cache's KV cache
 _TRAIN_TX = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-5))  # the trainer's optimiser shape
 
 
@@ -231,10 +231,9 @@ def _decode_step(setup: PlanSetup, mesh, pin: bool = True) -> Planned:
                              mesh if pin else None)
     graphdef, state = nnx.split(lm)
     state = _abstract_state(state, mesh)
-    c, b, s = setup.model, setup.batch, setup.seq_length
-    head_dim = getattr(c, "dim_per_head", None) or c.head_dim
-    shape = (c.num_layers, b, c.num_kv_heads, s, head_dim)  # CausalLM.init_cache's layout
-    cache_sharding = NamedSharding(mesh, logical_to_spec(CACHE_AXES, shape, mesh, name="kv_cache"))
+    b, s = setup.batch, setup.seq_length
+    shape = kv_cache_shape(setup.model, b, s)
+    cache_sharding = NamedSharding(mesh, logical_to_spec(KV_CACHE_AXES, shape, mesh, name="kv_cache"))
     kv = _sds(shape, setup.dtype, cache_sharding)
 
     def step(state, cache, token, position, cache_index, key_valid):
@@ -330,9 +329,8 @@ def _temp_estimate(setup: PlanSetup, mesh, step: str, planned: Planned) -> int:
         head = c.vocab_size * c.hidden_size * itemsize // tensor if fsdp > 1 else 0
         out = gathered + head + rows * c.vocab_size * 4
         if step == "rollout":
-            head_dim = getattr(c, "dim_per_head", None) or c.head_dim
             kv_split = tensor if c.num_kv_heads % tensor == 0 else 1
-            out += 2 * c.num_layers * rows * t * c.num_kv_heads * head_dim * itemsize // kv_split
+            out += 2 * c.num_layers * rows * t * c.num_kv_heads * c.dim_per_head * itemsize // kv_split
             out += rows * setup.prompt_length * (width + 2 * c.num_heads * t * 4) // tensor
         return out
     per_token = width + 2 * c.num_heads * t * 4

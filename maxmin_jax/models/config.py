@@ -70,6 +70,11 @@ class GPT2Config:
         return self.hidden_size // self.num_heads
 
     @property
+    def dim_per_head(self) -> int:
+        """The name LlamaConfig uses (its `head_dim` is an optional override), so family-agnostic code reads one."""
+        return self.head_dim
+
+    @property
     def mlp_size(self) -> int:
         return self.intermediate_size or 4 * self.hidden_size
 

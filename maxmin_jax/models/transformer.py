@@ -16,6 +16,7 @@ from maxmin_jax.models.layers import AttentionContext, KVCache, Stack, positions
 from maxmin_jax.sharding import constrain
 
 HIDDEN_AXES = ("batch", None, None)  # [B, T, D] between blocks: split over the batch, whole along the embedding
+KV_CACHE_AXES = ("layers", "batch", "kv_heads", None, None)  # logical axes of `kv_cache_shape`
 
 RematPolicy = Literal["none", "full", "dots"]
 _REMAT_POLICIES = {
@@ -70,7 +71,8 @@ class CausalLM(nnx.Module):
         `cache_index` and attends over all cache slots marked in `key_valid` [B, S].
 
         `layer_params` (from `unstack_layers`) runs the blocks unrolled over those per-layer arrays instead of the
-        stacked weights; a decode loop passes them so the slicing happens once, outside the loop."""
+        stacked weights; a decode loop passes them so the slicing happens once, outside the loop (`use_lora` is
+        then chosen by `unstack_layers`)."""
         b, t = input_ids.shape
         if attention_mask is None:
             attention_mask = jnp.ones((b, t), jnp.int32)
@@ -112,8 +114,7 @@ class CausalLM(nnx.Module):
         return [{k: v[layer] for k, v in params.items()} for layer in range(self.config.num_layers)]
 
     def init_cache(self, batch: int, slots: int, dtype=None) -> KVCache:
-        cfg = self.config
-        shape = (cfg.num_layers, batch, cfg.num_kv_heads, slots, _head_dim(cfg))
+        shape = kv_cache_shape(self.config, batch, slots)
         dtype = dtype or self.dtype
         return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
@@ -132,5 +133,6 @@ class CausalLM(nnx.Module):
         return y
 
 
-def _head_dim(cfg) -> int:
-    return getattr(cfg, "dim_per_head", None) or cfg.head_dim
+def kv_cache_shape(config, batch: int, slots: int) -> tuple[int, ...]:
+    """Shape of each of `init_cache`'s key and value arrays (the `KVCache` layout)."""
+    return config.num_layers, batch, config.num_kv_heads, slots, config.dim_per_head
