@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu TOKENIZERS_PARALLELISM=false
 DEMO_OUT ?= out/demo
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench bench-gpu clean
 
 install: $(STAMP)
 
@@ -27,6 +27,10 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run --suite cpu --out benchmarks/results_cpu.json
+
+# On a GPU machine whose python3 already holds jax[cuda] and the dependencies (no venv, nothing installed).
+bench-gpu:
+	PYTHON=$(PYTHON) benchmarks/bench_gpu.sh out/bench-gpu
 
 clean:
 	rm -rf $(VENV) out .pytest_cache
