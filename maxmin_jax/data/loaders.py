@@ -22,6 +22,7 @@ from maxmin_jax.data.schema import ALL_FIELDS, REQUIRED_FIELDS, DataError, Valid
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 # Names that are clearly files we cannot read, so they are not mistaken for hub ids.
 _FILE_SUFFIXES = {".txt", ".tsv", ".xlsx", ".xls", ".pkl", ".pickle", ".arrow", ".yaml", ".yml", ".xml", ".gz", ".zip"}
+_PANDAS_INDEX = "__index_level_0__"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 # P-Soups files: one file per preference; `completion_a` is the preferred completion.
@@ -47,6 +48,8 @@ def _read_table(path_or_id: str | os.PathLike, split: str) -> tuple[datasets.Dat
             table = datasets.load_dataset(_BUILDERS[suffix], data_files=str(path), split="train")
         except Exception as err:  # noqa: BLE001 - re-raised with the file (and line) named; the cause stays attached
             raise _unreadable(path, name, suffix, err) from err
+        if _PANDAS_INDEX in table.column_names:  # rows with one cell more than the header: pandas took the first
+            raise _unreadable(path, name, suffix, None)  # as an index and shifted the rest; never read that
         return table, name
     if path.is_dir() or _HUB_ID.match(name):
         try:
@@ -59,11 +62,11 @@ def _read_table(path_or_id: str | os.PathLike, split: str) -> tuple[datasets.Dat
                     source=name)
 
 
-def _unreadable(path: Path, name: str, suffix: str, err: BaseException) -> DataError:
+def _unreadable(path: Path, name: str, suffix: str, err: BaseException | None) -> DataError:
     """The first problem a rescan of the file finds (naming its line), else the failure's root cause."""
     fmt = suffix[1:]
     found = diagnose(path, fmt) if fmt in ("jsonl", "json", "csv") else None
-    detail = found.detail if found is not None else root_cause(err)
+    detail = found.detail if found is not None else (root_cause(err) if err is not None else "malformed rows")
     return DataError(f"{name}: could not be read as {fmt}: {detail}", source=name, row=found and found.row)
 
 
