@@ -480,5 +480,5 @@ class CheckpointManager:
         return int(step)
 
 
-__all__ = ["CheckpointManager", "CheckpointMismatchError", "TrainState", "UnrestorableCheckpointError", "fingerprint_diff", "manifest",
-           "manifest_diff", "to_json", "with_param_shardings"]
+__all__ = ["CheckpointManager", "CheckpointMismatchError", "TrainState", "UnrestorableCheckpointError",
+           "fingerprint_diff", "manifest", "manifest_diff", "to_json", "with_param_shardings"]

@@ -379,9 +379,10 @@ def test_optimizer_settings_are_validated():
             positive_int(self, "steps")
 
     Opt(max_grad_norm=None)
-    for kwargs, message in [({"learning_rate": float("nan")}, "Opt.learning_rate: expected a finite number > 0, got nan"),
-                            ({"learning_rate": -1.0}, "Opt.learning_rate: expected a finite number > 0, got -1.0"),
-                            ({"learning_rate": float("inf")}, "Opt.learning_rate: expected a finite number > 0, got inf"),
+    lr = "Opt.learning_rate: expected a finite number > 0, got"
+    for kwargs, message in [({"learning_rate": float("nan")}, f"{lr} nan"),
+                            ({"learning_rate": -1.0}, f"{lr} -1.0"),
+                            ({"learning_rate": float("inf")}, f"{lr} inf"),
                             ({"weight_decay": -0.1}, "Opt.weight_decay: expected a finite number >= 0"),
                             ({"max_grad_norm": 0.0}, "Opt.max_grad_norm: expected a finite number > 0 or None"),
                             ({"steps": True}, "Opt.steps: expected an integer >= 1, got True (a bool)"),

@@ -179,7 +179,7 @@ def tokenize_pairs(
             for n, seq in enumerate(seqs, start=1):
                 if len(seq) > max_length:
                     row = rows[n - 1]
-                    where = row.where() if row.row is not None else f"row {n}"
+                    where = f"{row.source}: row {row.row}" if row.source and row.row is not None else f"row {n}"
                     raise DataError(
                         f"{where} (user {row.user_id!r}): prompt + {field} is {len(seq)} tokens with EOS; "
                         f"expected at most max_length={max_length} (check_pair_lengths(..., skip_invalid=True) "

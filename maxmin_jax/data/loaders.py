@@ -86,8 +86,8 @@ def _as_table(source: Source, split: str, label: str) -> tuple[datasets.Dataset,
         except Exception as err:  # noqa: BLE001 - e.g. one column holding both ints and strings
             raise DataError(f"{label}: records could not be made into a table: {root_cause(err)}",
                             source=label) from err
-    raise DataError(f"{label}: expected a path, hub id, datasets.Dataset or list of records, got {type(source).__name__}",
-                    source=label)
+    raise DataError(f"{label}: expected a path, hub id, datasets.Dataset or list of records, got "
+                    f"{type(source).__name__}", source=label)
 
 
 def _select_columns(

@@ -1,9 +1,10 @@
 """Prompt files for policy training: read strictly, every problem named with the file and row, checked against
 the model's length limit before any compute.
 
-Formats: ``.txt`` or any file of no table extension (one prompt per non-blank line), ``.jsonl`` (one JSON object per line, the prompt in ``column``),
-and, through ``datasets`` as preference tables are, ``.json``/``.csv``/``.parquet`` files, dataset folders and hub
-ids (the prompt in ``column``). Rows are numbered as in ``schema``: the line of a line-based file, else the data row.
+Formats: ``.txt`` or any file of no table extension (one prompt per non-blank line); ``.jsonl`` (one JSON object
+per line, the prompt in ``column``); and, through ``datasets`` as preference tables are, ``.json``, ``.csv`` and
+``.parquet`` files, dataset folders and hub ids (the prompt in ``column``). Rows are numbered as in ``schema``: the
+line of a line-based file, else the data row.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 

@@ -49,12 +49,6 @@ class PreferenceRow:
     row: int | None = dataclasses.field(default=None, compare=False, repr=False)
     """Its 1-based row number in ``source``."""
 
-    def where(self) -> str:
-        """"file: row N" when known, for messages."""
-        if self.source is None or self.row is None:
-            return f"row {self.row}" if self.row is not None else "a row"
-        return f"{self.source}: row {self.row}"
-
 
 @dataclasses.dataclass(frozen=True)
 class ValidatedRows:
