@@ -92,8 +92,8 @@ def _check_row(
     coerce_user_id: bool,
     max_prompt_tokens: int | None,
     count_tokens: Callable[[str], int] | None,
-) -> tuple[dict[str, Any] | None, str | None]:
-    """Validates one record; returns (PreferenceRow fields, None) or (None, reason)."""
+) -> tuple[tuple | None, str | None]:
+    """Validates one record; returns ((user_id, prompt, chosen, rejected, group), None) or (None, reason)."""
     user_id, problem = _check_user_id(record.get("user_id"), coerce_user_id)
     if problem:
         return None, problem
@@ -114,8 +114,7 @@ def _check_row(
             return None, (
                 f"field 'prompt': expected at most {max_prompt_tokens} tokens (the model's limit), got {n} tokens"
             )
-    fields = {f: record[f] for f in TEXT_FIELDS}
-    return dict(user_id=user_id, group=group, **fields), None
+    return (user_id, record["prompt"], record["chosen"], record["rejected"], group), None
 
 
 def validate_rows(
@@ -157,7 +156,7 @@ def validate_rows(
             record, coerce_user_id=coerce_user_id, max_prompt_tokens=max_prompt_tokens, count_tokens=count_tokens
         )
         if problem is None:
-            rows.append(PreferenceRow(**fields, source=source, row=row_number))
+            rows.append(PreferenceRow(*fields, source, row_number))
         else:
             problems.append((row_number, problem))
     settle_problems(problems, total=total, kept=len(rows), source=source, skip_invalid=skip_invalid)
