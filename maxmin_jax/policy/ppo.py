@@ -43,15 +43,22 @@ def masked_mean(x: Float[Array, "..."], mask: Float[Array, "..."], axis=None) ->
 
 
 def token_logprobs(logits: Float[Array, "b t v"], tokens: Int[Array, "b t"]) -> Float[Array, "b t"]:
-    """log pi(token_t | ...) from logits aligned with the tokens (logits[:, t] predicts tokens[:, t])."""
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
+    """log pi(token_t | ...) from logits aligned with the tokens (logits[:, t] predicts tokens[:, t]), in float32.
+
+    As logit(token) - logsumexp(logits): two reductions over the vocabulary that XLA fuses with the float32 cast,
+    where a log-softmax would write (and its gradient read back) a float32 [B, T, V] array."""
+    logits = logits.astype(jnp.float32)
+    picked = jnp.take_along_axis(logits, tokens[..., None], axis=-1)[..., 0]
+    return picked - jax.nn.logsumexp(logits, axis=-1)
 
 
 def masked_entropy(logits: Float[Array, "b t v"], mask: Float[Array, "b t"]) -> Float[Array, ""]:
-    """Mean per-token entropy of the policy over real tokens (for the entropy bonus and logging)."""
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return masked_mean(-jnp.sum(jnp.exp(logp) * logp, axis=-1), mask)
+    """Mean per-token entropy of the policy over real tokens (for the entropy bonus and logging):
+    logsumexp(z) - sum softmax(z) z, fused reductions in float32 (no log-softmax array)."""
+    logits = logits.astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+    entropy = lse[..., 0] - jnp.sum(jnp.exp(logits - lse) * logits, axis=-1)
+    return masked_mean(entropy, mask)
 
 
 def kl_penalty(
