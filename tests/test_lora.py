@@ -163,3 +163,21 @@ def test_sharded_adapters_follow_logical_axes():
     merge_lora(model)
     assert model.layers.q.get_value().sharding == q_sharding
     np.testing.assert_allclose(np.asarray(_logits(model, ids)), adapted, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_save_pretrained_exports_the_adapted_model(family, tmp_path):
+    """An adapted model is exported with its adapters merged: reloading the checkpoint gives the adapted logits
+    (before this, the base weights were written and the adapters silently dropped); the model keeps its adapters."""
+    from maxmin_jax.models.hf import load_pretrained, save_pretrained
+
+    model = build_model(CONFIGS[family], rngs=nnx.Rngs(0))
+    add_lora(model, rank=4, alpha=8.0, targets="all", rngs=nnx.Rngs(1))
+    _randomise_b(model)
+    ids = _ids(seed=11)
+    adapted = np.asarray(_logits(model, ids))
+    assert np.abs(adapted - np.asarray(_logits(model, ids, use_lora=False))).max() > 1e-3
+    save_pretrained(model, tmp_path / "export")
+    assert set(lora_targets(model)) == set(LORA_SPECS[family])  # not merged in place
+    reloaded = load_pretrained(tmp_path / "export")
+    np.testing.assert_allclose(np.asarray(_logits(reloaded, ids)), adapted, atol=1e-5, rtol=1e-5)
