@@ -19,6 +19,7 @@ from maxmin_jax.models.layers import attention as einsum_attention
 from maxmin_jax.models.layers import float32_logits
 from maxmin_jax.models.lora import add_lora, lora_filter
 from maxmin_jax.models.transformer import _compiled_logits
+from maxmin_jax.policy.ppo import token_logprobs
 
 B, T, H, D = 3, 12, 4, 8
 PADS = np.array([5, 0, 11])  # leading pads per row; the last row has a single real token
@@ -205,3 +206,18 @@ def test_model_call_runs_one_compiled_program_per_shape():
     assert _compiled_logits._cache_size() == before + 1  # eager calls dispatch to one cached executable
     np.testing.assert_allclose(first, model.logits(model.hidden_states(jnp.asarray(ids))), rtol=1e-5, atol=1e-6)
     assert not np.allclose(first, second)
+
+
+def test_token_logprobs_gradient_matches_log_softmax():
+    """The hand-written backward of `token_logprobs` (no [B, T, V] log-softmax kept) is the log-softmax gradient."""
+    logits = jax.random.normal(jax.random.key(0), (2, 5, 11)) * 3
+    tokens = jax.random.randint(jax.random.key(1), (2, 5), 0, 11)
+    weights = jax.random.normal(jax.random.key(2), (2, 5))
+
+    def reference(z):
+        return jnp.take_along_axis(jax.nn.log_softmax(z), tokens[..., None], axis=-1)[..., 0]
+
+    np.testing.assert_allclose(token_logprobs(logits, tokens), reference(logits), rtol=1e-6, atol=1e-6)
+    got = jax.grad(lambda z: jnp.sum(weights * token_logprobs(z, tokens)))(logits)
+    want = jax.grad(lambda z: jnp.sum(weights * reference(z)))(logits)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

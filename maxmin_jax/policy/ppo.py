@@ -45,11 +45,30 @@ def masked_mean(x: Float[Array, "..."], mask: Float[Array, "..."], axis=None) ->
 def token_logprobs(logits: Float[Array, "b t v"], tokens: Int[Array, "b t"]) -> Float[Array, "b t"]:
     """log pi(token_t | ...) from logits aligned with the tokens (logits[:, t] predicts tokens[:, t]), in float32.
 
-    As logit(token) - logsumexp(logits): two reductions over the vocabulary that XLA fuses with the float32 cast,
-    where a log-softmax would write (and its gradient read back) a float32 [B, T, V] array."""
-    logits = logits.astype(jnp.float32)
+    Computed as logit(token) - logsumexp(logits), with a hand-written gradient `(onehot - softmax) * g` that reads
+    the logits once and keeps only the [B, T] logsumexp besides them: a log-softmax would write a float32 [B, T, V]
+    array and read it back in its backward, and autodiff of logsumexp keeps another [B, T, V] of exponentials."""
+    return _token_logprobs(logits.astype(jnp.float32), tokens)
+
+
+@jax.custom_vjp
+def _token_logprobs(logits, tokens):
+    return _token_logprobs_fwd(logits, tokens)[0]
+
+
+def _token_logprobs_fwd(logits, tokens):
+    lse = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, tokens[..., None], axis=-1)[..., 0]
-    return picked - jax.nn.logsumexp(logits, axis=-1)
+    return picked - lse, (logits, tokens, lse)
+
+
+def _token_logprobs_bwd(residuals, g):
+    logits, tokens, lse = residuals
+    onehot = jnp.arange(logits.shape[-1]) == tokens[..., None]
+    return g[..., None] * (onehot - jnp.exp(logits - lse[..., None])), None
+
+
+_token_logprobs.defvjp(_token_logprobs_fwd, _token_logprobs_bwd)
 
 
 def masked_entropy(logits: Float[Array, "b t v"], mask: Float[Array, "b t"]) -> Float[Array, ""]:
