@@ -309,8 +309,9 @@ def _temp_estimate(setup: PlanSetup, mesh, step: str, planned: Planned) -> int:
     - gradients of the trainable parameters, as large as the (sharded) trainable parameters;
     - under FSDP, one layer's weights gathered whole, twice (the current and the next layer), and for decode
       and rollout the gathered LM head plus one token's float32 logits per row;
-    - rollout: the KV cache it creates, and one layer's prefill activations (no backward: layers run one after
-      the other) with its float32 attention scores over all cache slots.
+    - rollout: the KV cache it creates, the per-layer copy of the block weights in the compute dtype that the
+      decode loop reads (`CausalLM.unstack_layers`), and one layer's prefill activations (no backward: layers run
+      one after the other) with its float32 attention scores.
     A cross-check of the compiled figures, not a substitute.
     """
     c = setup.model
@@ -330,6 +331,8 @@ def _temp_estimate(setup: PlanSetup, mesh, step: str, planned: Planned) -> int:
         if step == "rollout":
             kv_split = tensor if c.num_kv_heads % tensor == 0 else 1
             out += 2 * c.num_layers * rows * t * c.num_kv_heads * c.dim_per_head * itemsize // kv_split
+            out += sum(math.prod(v.sharding.shard_shape(v.shape)) * itemsize for v in jax.tree.leaves(weights)
+                       if v.ndim > 2 and v.shape[0] == c.num_layers)
             out += rows * setup.prompt_length * (width + 2 * c.num_heads * t * 4) // tensor
         return out
     per_token = width + 2 * c.num_heads * t * 4
