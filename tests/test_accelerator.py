@@ -14,12 +14,13 @@ from flax import nnx
 
 from maxmin_jax.models import GPT2Config, LlamaConfig, build_model
 from maxmin_jax.models import attention as attention_module
-from maxmin_jax.models.attention import _cudnn_left_padded, resolve_implementation, self_attention
+from maxmin_jax.models.attention import _cudnn_left_padded, _splash, resolve_implementation, self_attention
 from maxmin_jax.models.layers import attention as einsum_attention
 from maxmin_jax.models.layers import float32_logits
 from maxmin_jax.models.lora import add_lora, lora_filter
 from maxmin_jax.models.transformer import _compiled_logits
 from maxmin_jax.policy.ppo import token_logprobs
+from maxmin_jax.sharding import make_mesh
 
 B, T, H, D = 3, 12, 4, 8
 PADS = np.array([5, 0, 11])  # leading pads per row; the last row has a single real token
@@ -39,6 +40,7 @@ def _reference(q, k, v, valid):
 VALID = jnp.asarray(np.arange(T)[None] >= PADS[:, None])
 FUSED = {"xla": lambda q, k, v, valid: self_attention(q, k, v, valid, "xla"),
          "cudnn rotation (XLA kernel)": lambda q, k, v, valid: _cudnn_left_padded(q, k, v, valid, kernel="xla")}
+SPLASH_T = 128  # splash's smallest block
 
 
 @pytest.mark.parametrize("kv", [4, 2, 1], ids=["mha", "gqa", "mqa"])
@@ -90,6 +92,29 @@ def test_cudnn_path_traces_forward_and_backward(monkeypatch, padded):
     assert "dot_product_attention_fwd" in jaxpr and "dot_product_attention_bwd" in jaxpr
 
 
+def test_splash_kernel_equals_einsum_path(monkeypatch):
+    """TPU splash attention, run by the Pallas interpreter on CPU: left padding through segment ids and GQA
+    through the MQA kernel per key/value head give the einsum path's values, alone and under shard_map on a
+    (data 2, fsdp 2, tensor 2) mesh of the eight CPU devices (batch and heads split). (Its backward is the
+    kernel's own; checking it in the interpreter costs more than this suite can spend.)"""
+    pads = np.array([5, 0, 127, 30])
+    valid = jnp.asarray(np.arange(SPLASH_T)[None] >= pads[:, None])
+    keys = jax.random.split(jax.random.key(5), 3)
+    q = jax.random.normal(keys[0], (4, SPLASH_T, 4, 16))
+    k, v = (jax.random.normal(key, (4, SPLASH_T, 2, 16)) for key in keys[1:])
+    splash = lambda q, k, v: _splash(q, k, v, valid, None, interpret=True)  # noqa: E731
+    reference = lambda q, k, v: einsum_attention(q, k.swapaxes(1, 2), v.swapaxes(1, 2),  # noqa: E731
+                                                 jnp.arange(SPLASH_T), valid)
+    real = np.asarray(valid)
+    out, ref = np.asarray(jax.jit(splash)(q, k, v)), np.asarray(reference(q, k, v))
+    assert np.isfinite(out).all()
+    np.testing.assert_allclose(out[real], ref[real], rtol=1e-5, atol=1e-5)
+
+    mesh = make_mesh(2, 2, 2)
+    sharded = jax.jit(lambda q, k, v: _splash(q, k, v, valid, mesh, interpret=True))(q, k, v)
+    np.testing.assert_allclose(np.asarray(sharded)[real], ref[real], rtol=1e-5, atol=1e-5)
+
+
 def test_fused_attention_in_bfloat16_within_tolerance():
     """bf16 inputs, float32 softmax inside both kernels: outputs agree to bf16 resolution (2^-8 relative)."""
     q, k, v = _qkv(2, jnp.bfloat16, seed=4)
@@ -102,8 +127,10 @@ def test_fused_attention_in_bfloat16_within_tolerance():
 def test_kernel_selection_and_fallback(monkeypatch):
     q, k, _ = _qkv(2, jnp.bfloat16)
     assert resolve_implementation("auto", q, k) == "xla"  # CPU backend
-    with pytest.raises(ValueError, match="cuDNN attention cannot serve.*backend is cpu"):
+    with pytest.raises(ValueError, match="cudnn attention cannot serve.*backend is cpu"):
         resolve_implementation("cudnn", q, k)
+    with pytest.raises(ValueError, match="splash attention cannot serve.*backend is cpu"):
+        resolve_implementation("splash", q, k)
     with pytest.raises(ValueError, match="one of"):
         resolve_implementation("flash", q, k)
     # Shapes that pass every trace-time check but fail to compile fall back to XLA with a warning, not a crash:

@@ -51,7 +51,8 @@ class GPT2LMHeadModel(CausalLM):
         h = layer_norm(x, p["ln_1_scale"], p["ln_1_bias"], eps)
         qkv = self.lora_project(p, "qkv", h, "btd,dchk->btchk") + p["qkv_bias"].astype(h.dtype)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        out, cache = attend_with_cache(q, k, v, ctx, cache, layer, implementation=self.attention_impl)
+        out, cache = attend_with_cache(q, k, v, ctx, cache, layer, implementation=self.attention_impl,
+                                       mesh=self.mesh)
         x = x + self.lora_project(p, "attn_out", out, "bthk,hkd->btd") + p["attn_out_bias"].astype(x.dtype)
         h = layer_norm(x, p["ln_2_scale"], p["ln_2_bias"], eps)
         h = jax.nn.gelu(self.lora_project(p, "fc", h, "btd,df->btf") + p["fc_bias"].astype(h.dtype), approximate=True)

@@ -115,12 +115,12 @@ def attention(q: Float[Array, "b t h d"], k: Float[Array, "b kv s d"], v: Float[
 
 
 def attend_with_cache(q, k_new: Float[Array, "b t kv d"], v_new: Float[Array, "b t kv d"], ctx: AttentionContext,
-                      cache: KVCache | None, layer, *, implementation: str = "auto"):
-    """Self-attention of this call's tokens through a fused kernel (`implementation`: see `self_attention`), also
-    writing their keys into `cache` at `ctx.cache_index` when there is one; or, when `ctx.key_valid` is given,
-    attention over every marked cache slot after writing them."""
+                      cache: KVCache | None, layer, *, implementation: str = "auto", mesh=None):
+    """Self-attention of this call's tokens through a fused kernel (`implementation`, `mesh`: see
+    `self_attention`), also writing their keys into `cache` at `ctx.cache_index` when there is one; or, when
+    `ctx.key_valid` is given, attention over every marked cache slot after writing them."""
     if ctx.key_valid is None:
-        out = self_attention(q, k_new, v_new, ctx.valid, implementation)
+        out = self_attention(q, k_new, v_new, ctx.valid, implementation, mesh=mesh)
         if cache is None:
             return out, None
     k_t, v_t = k_new.swapaxes(1, 2), v_new.swapaxes(1, 2)  # [b, kv, t, d], the cache's layout

@@ -48,7 +48,8 @@ class LlamaForCausalLM(CausalLM):
         q = apply_rope(self.lora_project(p, "q", h, "btd,dhk->bthk"), ctx.positions, c.rope_theta)
         k = apply_rope(self.lora_project(p, "k", h, "btd,dhk->bthk"), ctx.positions, c.rope_theta)
         v = self.lora_project(p, "v", h, "btd,dhk->bthk")
-        out, cache = attend_with_cache(q, k, v, ctx, cache, layer, implementation=self.attention_impl)
+        out, cache = attend_with_cache(q, k, v, ctx, cache, layer, implementation=self.attention_impl,
+                                       mesh=self.mesh)
         x = x + self.lora_project(p, "o", out, "bthk,hkd->btd")
         h = rms_norm(x, p["mlp_norm"], c.rms_norm_eps)
         gated = jax.nn.silu(self.lora_project(p, "gate", h, "btd,df->btf")) * self.lora_project(p, "up", h,
