@@ -54,7 +54,7 @@ from maxmin_jax.policy.model import PolicyWithValue, ValueParam
 from maxmin_jax.policy.ppo import PPOConfig, policy_loss, token_logprobs, value_loss
 from maxmin_jax.rewards.bt import bt_loss
 from maxmin_jax.rewards.model import RewardModel, score_pairs
-from maxmin_jax.sharding import (LOGICAL_RULES, batch_sharding, logical_to_spec, make_mesh, record_mesh, replicated,
+from maxmin_jax.sharding import (LOGICAL_RULES, batch_sharding, logical_to_spec, make_mesh, replicated, use_mesh,
                                 state_shardings)
 
 
@@ -121,13 +121,13 @@ def _backbone(setup: PlanSetup, lora: tuple[int, float] | None, rngs: nnx.Rngs):
 
 def abstract_policy(setup: PlanSetup, mesh=None) -> PolicyWithValue:
     policy = nnx.eval_shape(lambda: PolicyWithValue(_backbone(setup, setup.policy_lora, nnx.Rngs(0))))
-    return record_mesh(policy, mesh)
+    return use_mesh(policy, mesh)
 
 
 def abstract_reward(setup: PlanSetup, mesh=None) -> RewardModel:
     reward = nnx.eval_shape(lambda: RewardModel(_backbone(setup, setup.reward_lora, nnx.Rngs(1)),
                                                 setup.num_groups, rngs=nnx.Rngs(2)))
-    return record_mesh(reward, mesh)
+    return use_mesh(reward, mesh)
 
 
 def _policy_trainable(setup: PlanSetup):
@@ -227,7 +227,7 @@ def _train_step(setup: PlanSetup, mesh, pin: bool = True) -> Planned:
 
 
 def _decode_step(setup: PlanSetup, mesh, pin: bool = True) -> Planned:
-    lm = record_mesh(nnx.eval_shape(lambda: _backbone(setup, setup.policy_lora, nnx.Rngs(0))), mesh if pin else None)
+    lm = use_mesh(nnx.eval_shape(lambda: _backbone(setup, setup.policy_lora, nnx.Rngs(0))), mesh if pin else None)
     graphdef, state = nnx.split(lm)
     state = _abstract_state(state, mesh)
     b, s = setup.batch, setup.seq_length
@@ -249,7 +249,7 @@ def _decode_step(setup: PlanSetup, mesh, pin: bool = True) -> Planned:
 
 
 def _rollout_step(setup: PlanSetup, mesh, pin: bool = True) -> Planned:
-    lm = record_mesh(nnx.eval_shape(lambda: _backbone(setup, setup.policy_lora, nnx.Rngs(0))), mesh if pin else None)
+    lm = use_mesh(nnx.eval_shape(lambda: _backbone(setup, setup.policy_lora, nnx.Rngs(0))), mesh if pin else None)
     graphdef, state = nnx.split(lm)
     rows = _batch_spec(mesh, None)
     prompts = _sds((setup.batch, setup.prompt_length), jnp.int32, rows)
@@ -385,8 +385,8 @@ def memory_plan(config_name: str, mesh_shape: tuple[int, int, int] | None = None
     mesh of the first prod(mesh_shape) devices. `method`: "compile" (XLA memory analysis of each compiled step)
     or "estimate" (shardings + `_temp_estimate`, nothing compiled). Returns a JSON-able dict: `state`
     (exact resident bytes per device) and one entry per step with argument / output / alias / temp / total
-    bytes per device. `pin_activations=False` plans the models without recording the mesh on them (`record_mesh`;
-    XLA then infers activation shardings from the weights alone), to show what pinning saves."""
+    bytes per device. `pin_activations=False` plans the models without giving them the mesh (`use_mesh`; XLA then
+    infers activation shardings from the weights alone), to show what pinning saves."""
     if config_name not in SETUPS:
         raise KeyError(f"unknown setup {config_name!r}; known: {sorted(SETUPS)}")
     if method not in ("compile", "estimate"):

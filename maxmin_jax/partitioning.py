@@ -1,5 +1,5 @@
 """The logical-axis rules: the one table mapping the axis names parameters and activations carry to mesh axes, the
-`constrain` helper model code pins activations with, and where a module's placement mesh is recorded.
+`constrain` helper model code pins activations with, and the protocol of modules that take a mesh.
 
 Imports no model, so the models import it and `maxmin_jax.sharding` (placement of modules and batches) builds on
 it without a cycle. Changing a parallelism strategy is an edit to `LOGICAL_RULES`.
@@ -8,10 +8,9 @@ it without a cycle. Changing a parallelism strategy is an edit to `LOGICAL_RULES
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Protocol, Sequence, runtime_checkable
 
 import jax
-from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -33,8 +32,6 @@ LOGICAL_RULES: dict[str, tuple[str, ...]] = {
 # Axes replicated instead of refused when their size does not divide: GPT-2's 50257-token vocabulary and MQA's
 # single key/value head are common and small, and replicating them is what serving stacks do.
 REPLICATE_IF_INDIVISIBLE = frozenset({"vocab", "kv_heads"})
-# Variable metadata key under which placement records the mesh (the key Flax's own sharding metadata uses).
-MESH_METADATA = "mesh"
 
 
 class ShardingError(ValueError):
@@ -76,12 +73,12 @@ def constrain(x: jax.Array, mesh: Mesh | None, axes: Sequence[str | None]) -> ja
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
-def placement_mesh(module: nnx.Module) -> Mesh | None:
-    """The mesh `module`'s variables were placed on (`MESH_METADATA`, recorded by `maxmin_jax.sharding`), or None
-    for an unplaced module. Works inside jit: metadata is static. Refuses variables placed on different meshes."""
-    meshes = {var.get_metadata().get(MESH_METADATA) for _, var in nnx.iter_graph(module)
-              if isinstance(var, nnx.Variable)}
-    meshes.discard(None)
-    if len(meshes) > 1:
-        raise ShardingError(f"{type(module).__name__}: variables placed on {len(meshes)} different meshes")
-    return meshes.pop() if meshes else None
+@runtime_checkable
+class TakesMesh(Protocol):
+    """A module whose computation depends on the mesh its weights live on (the causal LMs pin their activations
+    to its batch split). It receives the mesh at construction or, once placed, from `maxmin_jax.sharding`."""
+
+    mesh: Mesh | None
+
+    def use_mesh(self, mesh: Mesh | None) -> "TakesMesh":
+        ...

@@ -1,8 +1,9 @@
 """Device mesh and placement of parameters and batches on it.
 
 Parameters carry logical axis names (`logical_axes` metadata, set where they are created); the one table mapping
-them to mesh axes is `maxmin_jax.partitioning.LOGICAL_RULES` (re-exported here). Placing a module records the mesh
-on its variables, which is how a causal LM knows where to pin its activations.
+them to mesh axes is `maxmin_jax.partitioning.LOGICAL_RULES` (re-exported here). Placing a module also hands the
+mesh to the modules inside it that take one (`partitioning.TakesMesh`: the causal LMs, which pin their activations
+to it).
 """
 
 from __future__ import annotations
@@ -15,8 +16,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from maxmin_jax.partitioning import (LOGICAL_RULES, MESH_AXES, MESH_METADATA, ShardingError, logical_to_spec,
-                                     placement_mesh)
+from maxmin_jax.partitioning import LOGICAL_RULES, MESH_AXES, ShardingError, TakesMesh, logical_to_spec
 
 
 def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, *, devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -42,26 +42,27 @@ def state_shardings(state: nnx.State, mesh: Mesh) -> Any:
 
 
 def place_variable(var: nnx.Variable, value: Any, mesh: Mesh, *, name: str) -> nnx.Variable:
-    """`var` holding `value` placed in its sharding on `mesh`, with the mesh recorded (a new Variable)."""
-    return var.replace(jax.device_put(value, variable_sharding(var, mesh, name=name)), **{MESH_METADATA: mesh})
+    """`var` holding `value` placed in its sharding on `mesh` (a new Variable)."""
+    return var.replace(jax.device_put(value, variable_sharding(var, mesh, name=name)))
 
 
 def shard_module(module: nnx.Module, mesh: Mesh) -> nnx.Module:
-    """Place every variable of a module in its sharding and record the mesh on it (in place), and return it. A
-    causal LM reads that record (`placement_mesh`) to keep its hidden states split over the batch."""
+    """Place every variable of a module in its sharding (in place), give the mesh to the modules inside it that take
+    one (`use_mesh`), and return it."""
     _, state = nnx.split(module)
     placed = [(path, place_variable(var, var.get_value(), mesh, name="/".join(map(str, path))))
               for path, var in nnx.to_flat_state(state)]
     nnx.update(module, nnx.from_flat_state(placed))
-    return module
+    return use_mesh(module, mesh)
 
 
-def record_mesh(module: nnx.Module, mesh: Mesh | None) -> nnx.Module:
-    """Record (in place) that `module`'s variables live on `mesh`, without moving them: for abstract modules
-    (`nnx.eval_shape`) planned for a mesh. None clears the record."""
-    for _, var in nnx.iter_graph(module):
-        if isinstance(var, nnx.Variable):
-            var.set_metadata(**{MESH_METADATA: mesh})
+def use_mesh(module: nnx.Module, mesh: Mesh | None) -> nnx.Module:
+    """Give `mesh` to every module inside `module` that takes one (in place), without moving any variable: for a
+    module whose weights were placed by other means, or an abstract one (`nnx.eval_shape`) planned for a mesh.
+    None takes it away (activations are then left to XLA)."""
+    for _, sub in nnx.iter_modules(module):
+        if isinstance(sub, TakesMesh):
+            sub.use_mesh(mesh)
     return module
 
 
@@ -103,5 +104,5 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 __all__ = ["LOGICAL_RULES", "MESH_AXES", "ShardingError", "batch_sharding", "logical_to_spec", "make_mesh",
-           "place_variable", "placement_mesh", "record_mesh", "replicate_on_mesh_of", "replicated", "shard_batch",
-           "shard_module", "state_shardings", "variable_sharding"]
+           "place_variable", "replicate_on_mesh_of", "replicated", "shard_batch", "shard_module", "state_shardings",
+           "use_mesh", "variable_sharding"]

@@ -74,8 +74,8 @@ def _run_suite(tmp_path, suite, capsys, only=()):
     status = run.main(["--suite", suite, "--quick", "--repeats", "1", "--warmup", "0", "--out", str(out),
                        "--only", ",".join(only)])
     printed = capsys.readouterr().out
-    assert status == 0
     doc = json.loads(out.read_text())
+    assert status == 0, doc["errors"]
     for b in doc["benchmarks"]:
         assert b["name"] in printed
     return doc

@@ -47,7 +47,7 @@ def self_attention(q: Float[Array, "b t h d"], k: Float[Array, "b t kv d"], v: F
     """Causal grouped-query attention of the tokens among themselves (MHA: kv == h, MQA: kv == 1), softmax in
     float32. `valid` marks real tokens (left padding; None: every token is real). `mesh`: where the operands live,
     for the kernels that must be told (splash)."""
-    impl = resolve_implementation(implementation, q, k)
+    impl = resolve_implementation(implementation, q, k, padded=valid is not None)
     if impl == "cudnn":
         return _cudnn_left_padded(q, k, v, valid)
     if impl == "splash":
@@ -56,16 +56,17 @@ def self_attention(q: Float[Array, "b t h d"], k: Float[Array, "b t kv d"], v: F
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation="xla")
 
 
-def resolve_implementation(implementation: str, q, k) -> str:
-    """The kernel `self_attention` runs for these operands: "cudnn", "splash" or "xla" (see the module
-    docstring). "auto" falls back to "xla"; asking for a kernel that cannot serve raises, saying why."""
+def resolve_implementation(implementation: str, q, k, *, padded: bool = True) -> str:
+    """The kernel `self_attention` runs for these operands (`padded`: with a mask of real tokens): "cudnn",
+    "splash" or "xla" (see the module docstring). "auto" falls back to "xla"; asking for a kernel that cannot serve
+    raises, saying why."""
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"attention implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
     if implementation == "xla":
         return "xla"
     reasons = []
     for kernel in ("cudnn", "splash") if implementation == "auto" else (implementation,):
-        reason = _UNSUPPORTED[kernel](tuple(q.shape), tuple(k.shape), jnp.dtype(q.dtype))
+        reason = _UNSUPPORTED[kernel](tuple(q.shape), tuple(k.shape), jnp.dtype(q.dtype), padded)
         if reason is None:
             return kernel
         reasons.append(reason)
@@ -88,11 +89,11 @@ def cudnn_unsupported(q_shape, k_shape, dtype) -> str | None:
     return None
 
 
-def _cudnn_unsupported_or_uncompilable(q_shape, k_shape, dtype) -> str | None:
-    return cudnn_unsupported(q_shape, k_shape, dtype) or _cudnn_probe(q_shape, k_shape, dtype.name)
+def _cudnn_unsupported_or_uncompilable(q_shape, k_shape, dtype, padded: bool) -> str | None:
+    return cudnn_unsupported(q_shape, k_shape, dtype) or _cudnn_probe(q_shape, k_shape, dtype.name, padded)
 
 
-def splash_unsupported(q_shape, k_shape, dtype) -> str | None:
+def splash_unsupported(q_shape, k_shape, dtype, padded: bool = True) -> str | None:
     """Why Pallas splash attention cannot take these operands (None: it can)."""
     if jax.default_backend() != "tpu":
         return f"backend is {jax.default_backend()}, not tpu"
@@ -107,12 +108,12 @@ def _compute_capability() -> tuple[int, ...]:
 
 
 @functools.lru_cache(maxsize=None)
-def _cudnn_probe(q_shape: tuple[int, ...], k_shape: tuple[int, ...], dtype: str) -> str | None:
-    """Compile cuDNN attention's forward and backward for these shapes on its own; the error text if it fails.
-    A kernel cuDNN lacks for a shape (an engine not found, a version too old) fails at compile time, which a
+def _cudnn_probe(q_shape: tuple[int, ...], k_shape: tuple[int, ...], dtype: str, padded: bool) -> str | None:
+    """Compile cuDNN attention's forward and backward for these shapes (and mask mode) on its own; the error text
+    if it fails. A kernel cuDNN lacks for a shape (no engine, a version too old) fails at compile time, which a
     trace-time check cannot see, so the step falls back to XLA instead of crashing."""
     def loss(q, k, v, pads):
-        valid = jnp.arange(q.shape[1])[None] >= pads[:, None]
+        valid = jnp.arange(q.shape[1])[None] >= pads[:, None] if padded else None
         return _cudnn_left_padded(q, k, v, valid).astype(jnp.float32).sum()
 
     args = (jax.ShapeDtypeStruct(q_shape, dtype), jax.ShapeDtypeStruct(k_shape, dtype),

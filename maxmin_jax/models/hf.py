@@ -194,7 +194,8 @@ def load_pretrained(name_or_path: str | os.PathLike, *, dtype=jnp.float32, mesh:
     """Load a Hugging Face GPT-2 or Llama checkpoint (local directory or hub id) into a Flax NNX causal LM.
 
     Strict: refuses unknown model types, unimplemented config features, missing or unused checkpoint keys and
-    shape mismatches, listing the keys. With `mesh`, each tensor goes straight into its sharding.
+    shape mismatches, listing the keys. With `mesh`, each tensor goes straight into its sharding and the model is
+    built with that mesh (`CausalLM.mesh`).
     """
     directory = resolve_checkpoint_dir(name_or_path)
     config_path = directory / "config.json"
@@ -208,7 +209,7 @@ def load_pretrained(name_or_path: str | os.PathLike, *, dtype=jnp.float32, mesh:
 def convert_hf_tensors(config: ModelConfig, tensors: dict[str, np.ndarray], *, dtype=jnp.float32, mesh=None,
                        source: str = "checkpoint", **model_kwargs) -> CausalLM:
     """Build the module abstractly and fill every parameter from `tensors` (HF names), strictly."""
-    abstract = nnx.eval_shape(lambda: build_model(config, rngs=nnx.Rngs(0), dtype=dtype, **model_kwargs))
+    abstract = nnx.eval_shape(lambda: build_model(config, rngs=nnx.Rngs(0), dtype=dtype, mesh=mesh, **model_kwargs))
     graphdef, abstract_state = nnx.split(abstract)
     rules = {r.ours: r for r in rules_for(config, set(tensors))}
     used: set[str] = set()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh
 
 from maxmin_jax.models.attention import AttentionImpl
 from maxmin_jax.models.config import LlamaConfig
@@ -17,9 +18,10 @@ class LlamaForCausalLM(CausalLM):
     """Matches transformers' LlamaForCausalLM (default RoPE, no biases), MHA / GQA / MQA, tied or untied head."""
 
     def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=None,
-                 scan_layers: bool = True, remat: RematPolicy = "none", attention_impl: AttentionImpl = "auto"):
+                 scan_layers: bool = True, remat: RematPolicy = "none", attention_impl: AttentionImpl = "auto",
+                 mesh: Mesh | None = None):
         super().__init__(config, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers, remat=remat,
-                         attention_impl=attention_impl)
+                         attention_impl=attention_impl, mesh=mesh)
         dtype = self.param_dtype
         c = config
         L, D, H, KV, Dh, F = c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.dim_per_head, c.mlp_size

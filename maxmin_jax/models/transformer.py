@@ -16,7 +16,7 @@ from jaxtyping import Array, Float, Int
 
 from maxmin_jax.models.attention import IMPLEMENTATIONS, AttentionImpl
 from maxmin_jax.models.layers import AttentionContext, KVCache, Stack, positions_from_mask
-from maxmin_jax.partitioning import constrain, placement_mesh
+from maxmin_jax.partitioning import constrain
 
 HIDDEN_AXES = ("batch", None, None)  # [B, T, D] between blocks: split over the batch, whole along the embedding
 KV_CACHE_AXES = ("layers", "batch", "kv_heads", None, None)  # logical axes of `kv_cache_shape`
@@ -35,12 +35,15 @@ class CausalLM(nnx.Module):
     Precision: parameters are stored in `param_dtype` (default: `dtype`) and cast to the compute `dtype` where they
     are used; norms, RoPE, softmax and the logits are computed in float32 whatever `dtype` is (docs/decisions.md,
     "Mixed precision"). `attention_impl` picks the fused self-attention kernel (`maxmin_jax.models.attention`).
-    Calling the model runs a compiled program (one per input shape), also outside `jax.jit`."""
+    `mesh`: the mesh the weights live on (given by `load_pretrained(mesh=)`, or by `shard_module` through
+    `use_mesh`); training and scoring passes keep their hidden states split over its batch axes, and the splash
+    kernel runs under `shard_map` on it. Calling the model runs a compiled program (one per input shape), also
+    outside `jax.jit`."""
 
     layers: Stack
 
     def __init__(self, config, *, dtype=jnp.float32, param_dtype=None, scan_layers: bool = True,
-                 remat: RematPolicy = "none", attention_impl: AttentionImpl = "auto"):
+                 remat: RematPolicy = "none", attention_impl: AttentionImpl = "auto", mesh: Mesh | None = None):
         if remat not in ("none", *_REMAT_POLICIES):
             raise ValueError(f"remat must be one of none/full/dots, got {remat!r}")
         if attention_impl not in IMPLEMENTATIONS:
@@ -51,6 +54,7 @@ class CausalLM(nnx.Module):
         self.scan_layers = scan_layers
         self.remat = remat
         self.attention_impl = attention_impl
+        self.mesh = mesh
 
     # Family-specific pieces -------------------------------------------------------------------------------
     def _embed(self, input_ids, positions):
@@ -66,11 +70,10 @@ class CausalLM(nnx.Module):
         raise NotImplementedError
 
     # Shared trunk ---------------------------------------------------------------------------------------------
-    @property
-    def mesh(self) -> Mesh | None:
-        """The mesh the weights were placed on (`shard_module`, `load_pretrained(mesh=)`), or None. Passes without
-        a KV cache (training, scoring) keep their hidden states split over the batch on it."""
-        return placement_mesh(self)
+    def use_mesh(self, mesh: Mesh | None) -> CausalLM:
+        """Set the mesh the weights live on (in place; `shard_module` calls this after placing them)."""
+        self.mesh = mesh
+        return self
 
     def __call__(self, input_ids: Int[Array, "b t"], attention_mask: Int[Array, "b t"] | None = None,
                  *, use_lora: bool = True) -> Float[Array, "b t v"]:
