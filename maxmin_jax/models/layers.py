@@ -1,7 +1,7 @@
 """Pure building blocks shared by the model families: parameters with logical axes, norms, RoPE, attention.
 
 Blocks are pure functions of a dict of one layer's arrays, so the same code runs under `lax.scan` over stacked
-layers and in a plain Python loop (the unrolled debugging path).
+layers and in a plain Python loop over per-layer arrays (the decode loop, and `scan_layers=False`).
 """
 
 from __future__ import annotations

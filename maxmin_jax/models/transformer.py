@@ -133,9 +133,10 @@ class CausalLM(nnx.Module):
         return params if use_lora else {k: v for k, v in params.items() if "_lora_" not in k}
 
     def unstack_layers(self, *, use_lora: bool = True) -> list[dict[str, jax.Array]]:
-        """One dict of arrays per block, sliced from the stacked weights; the matrices already in the compute
-        dtype (as `lora_project` would cast them), the norm and bias vectors as stored. Under jit: one copy of the
-        block weights, which the decode loop reads on every step (docs/decisions.md, "One decode path")."""
+        """One dict of arrays per block, sliced from the stacked weights: arrays with more than one axis per layer
+        (the matrices, GPT-2's qkv bias) already in the compute dtype, as the blocks would cast them; per-layer
+        vectors (norm scales, biases) as stored. Under jit: one copy of the block weights, which the decode loop
+        reads on every step (docs/decisions.md, "One decode path")."""
         params = self._stacked(use_lora)
         cast = {k: v.ndim > 2 for k, v in params.items()}
         return [{k: v[layer].astype(self.dtype) if cast[k] else v[layer] for k, v in params.items()}
