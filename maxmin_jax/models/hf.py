@@ -25,7 +25,9 @@ from flax import nnx
 from maxmin_jax.errors import CheckpointError
 from maxmin_jax.models import build_model
 from maxmin_jax.models.config import GPT2Config, LlamaConfig, ModelConfig, config_from_hf
+from maxmin_jax.models.lora import merged_weights
 from maxmin_jax.models.transformer import CausalLM
+from maxmin_jax.sharding import place_variable
 
 
 @dataclasses.dataclass(frozen=True)
@@ -318,7 +320,8 @@ def load_pretrained(name_or_path: str | os.PathLike, *, dtype=jnp.float32, mesh:
     """Load a Hugging Face GPT-2 or Llama checkpoint (local directory or hub id) into a Flax NNX causal LM.
 
     Strict: refuses unknown model types, unimplemented config features, missing or unused checkpoint keys and
-    shape mismatches, listing the keys. With `mesh`, each tensor goes straight into its sharding.
+    shape mismatches, listing the keys. With `mesh`, each tensor goes straight into its sharding and the model is
+    built with that mesh (`CausalLM.mesh`).
     """
     directory = resolve_checkpoint_dir(name_or_path)
     config_path = directory / "config.json"
@@ -336,9 +339,7 @@ def load_pretrained(name_or_path: str | os.PathLike, *, dtype=jnp.float32, mesh:
 def convert_hf_tensors(config: ModelConfig, tensors: dict[str, np.ndarray], *, dtype=jnp.float32, mesh=None,
                        source: str = "checkpoint", **model_kwargs) -> CausalLM:
     """Build the module abstractly and fill every parameter from `tensors` (HF names), strictly."""
-    from maxmin_jax.sharding import variable_sharding
-
-    abstract = nnx.eval_shape(lambda: build_model(config, rngs=nnx.Rngs(0), dtype=dtype, **model_kwargs))
+    abstract = nnx.eval_shape(lambda: build_model(config, rngs=nnx.Rngs(0), dtype=dtype, mesh=mesh, **model_kwargs))
     graphdef, abstract_state = nnx.split(abstract)
     rules = {r.ours: r for r in rules_for(config, set(tensors))}
     used: set[str] = set()
@@ -362,8 +363,8 @@ def convert_hf_tensors(config: ModelConfig, tensors: dict[str, np.ndarray], *, d
             continue
         used.update(keys)
         value = value.astype(var.get_value().dtype)
-        sharding = variable_sharding(var, mesh, name=name) if mesh is not None else None
-        placed.append((path, var.replace(jax.device_put(value, sharding))))
+        placed.append((path, var.replace(jax.device_put(value)) if mesh is None
+                       else place_variable(var, value, mesh, name=name)))
         del layers, value  # each host copy is freed before the next tensor is read
     if config.tie_word_embeddings and _TIED_HEAD_KEY in tensors:
         embed_key = rules_for(config, set(tensors))[0].hf
@@ -382,26 +383,23 @@ def convert_hf_tensors(config: ModelConfig, tensors: dict[str, np.ndarray], *, d
         problems.append("shape mismatches: " + "; ".join(mismatched))
     if problems:
         raise CheckpointError(f"{source} does not match the {config.model_type} model: " + " | ".join(problems))
-    model = nnx.merge(graphdef, nnx.from_flat_state(placed))
-    if mesh is not None:
-        from maxmin_jax.sharding import set_activation_mesh
-
-        set_activation_mesh(model, mesh)
-    return model
+    return nnx.merge(graphdef, nnx.from_flat_state(placed))
 
 
 # Export ---------------------------------------------------------------------------------------------------------
 def to_hf_tensors(model: CausalLM) -> dict[str, np.ndarray]:
-    """The module's parameters under HF names and layouts (LoRA adapters excluded: merge them first)."""
+    """The module's parameters under HF names and layouts; LoRA adapters folded into the weights they adapt
+    (`merged_weights`: the exported checkpoint computes what the adapted model computes; the model is unchanged)."""
     config = model.config
     rules = {r.ours: r for r in rules_for(config)}
+    merged = {f"layers/{name}": value for name, value in merged_weights(model).items()}
     out: dict[str, np.ndarray] = {}
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         name = "/".join(map(str, path))
-        if "_lora_" in name:
+        if isinstance(var, nnx.LoRAParam):
             continue
         rule = rules[name]
-        value = np.asarray(jax.device_get(var.get_value()))
+        value = np.asarray(jax.device_get(merged.get(name, var.get_value())))
         if "{i}" in rule.hf:
             for i in range(config.num_layers):
                 out[rule.hf.format(i=i)] = np.ascontiguousarray(rule.to_hf(value[i]))
@@ -411,7 +409,8 @@ def to_hf_tensors(model: CausalLM) -> dict[str, np.ndarray]:
 
 
 def save_pretrained(model: CausalLM, directory: str | os.PathLike) -> Path:
-    """Write config.json and model.safetensors that transformers (and `load_pretrained`) load back."""
+    """Write config.json and model.safetensors that transformers (and `load_pretrained`) load back. A LoRA-adapted
+    model is exported with its adapters merged into the base weights."""
     from safetensors.numpy import save_file
 
     directory = Path(directory)
