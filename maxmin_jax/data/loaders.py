@@ -29,7 +29,7 @@ PSOUPS_COLUMNS = {"prompt": "user_input", "chosen": "completion_a", "rejected": 
 Source = Union[str, os.PathLike, datasets.Dataset, Sequence[Mapping[str, Any]]]
 
 
-def _read_table(path_or_id: str | os.PathLike, split: str) -> tuple[datasets.Dataset, str]:
+def read_table(path_or_id: str | os.PathLike, split: str) -> tuple[datasets.Dataset, str]:
     """Returns (table, source name). Local files are chosen by extension; anything hub-shaped goes to the hub."""
     name = os.fspath(path_or_id)
     path = Path(name)
@@ -59,7 +59,7 @@ def _as_table(source: Source, split: str, label: str) -> tuple[datasets.Dataset,
     if isinstance(source, datasets.Dataset):
         return source, label
     if isinstance(source, (str, os.PathLike)):
-        return _read_table(source, split)
+        return read_table(source, split)
     if isinstance(source, Sequence):
         try:
             return datasets.Dataset.from_list(list(source)), label

@@ -15,6 +15,8 @@ import numbers
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
+from maxmin_jax.errors import InputError
+
 logger = logging.getLogger(__name__)
 
 TEXT_FIELDS = ("prompt", "chosen", "rejected")
@@ -26,7 +28,7 @@ ALL_FIELDS = REQUIRED_FIELDS + OPTIONAL_FIELDS
 _MAX_LISTED_ERRORS = 5
 
 
-class DataError(ValueError):
+class DataError(InputError, ValueError):
     """Invalid preference data; the message names the source, the row and the field."""
 
 
