@@ -14,12 +14,12 @@ from flax import nnx
 from benchmarks.registry import Context, Figure, Ratio, Result, register
 from benchmarks.timing import jax_sync, measure, measure_interleaved
 from maxmin_jax.data.batching import PairBatch
-from maxmin_jax.generate import generate
+from maxmin_jax.generate import SamplingConfig, generate
 from maxmin_jax.models import GPT2Config, build_model
 from maxmin_jax.policy.model import PolicyWithValue
 from maxmin_jax.policy.objectives import RewardStandardizer, make_objective
 from maxmin_jax.policy.ppo import PPOConfig
-from maxmin_jax.policy.trainer import PPOTrainer, RolloutConfig
+from maxmin_jax.policy.trainer import PPOTrainer
 from maxmin_jax.rewards.em import log_likelihood_matrix
 from maxmin_jax.rewards.model import RewardModel, SeparateRewardModels
 
@@ -75,11 +75,11 @@ def ppo_iteration(ctx: Context) -> Result:
     cfg = GPT2Config.tiny(vocab_size=256, max_position_embeddings=64) if ctx.quick else GPT2Config.gpt2()
     batch, prompt, new = (4, 8, 4) if ctx.quick else (8, 64, 48)
     ppo = PPOConfig(epochs=2, minibatches=2)
-    rollout = RolloutConfig(max_new_tokens=new, eos_token_id=None, pad_token_id=0)  # no EOS: every token generated
+    sampling = SamplingConfig(max_new_tokens=new, eos_token_id=None, pad_token_id=0)  # no EOS: every token generated
     lm = build_model(cfg, rngs=nnx.Rngs(0))
     reward = RewardModel(build_model(cfg, rngs=nnx.Rngs(1)), 2, rngs=nnx.Rngs(2))
     trainer = PPOTrainer(PolicyWithValue(lm), reward, make_objective("maxmin"), RewardStandardizer.identity(2),
-                         reference=build_model(cfg, rngs=nnx.Rngs(0)), ppo=ppo, rollout=rollout)
+                         reference=build_model(cfg, rngs=nnx.Rngs(0)), ppo=ppo, sampling=sampling)
     ids = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, prompt)), jnp.int32)
     mask = jnp.ones_like(ids)
     holder = {"state": trainer.init_state(), "i": 0}

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from maxmin_jax.generate import SamplingConfig, sample_responses, sampling_logits
+from maxmin_jax.generate import SamplingConfig, reference_sampling_logits, sample_responses, sampling_logits
 from maxmin_jax.models.transformer import CausalLM
 from maxmin_jax.policy.ppo import token_logprobs
 
@@ -28,11 +28,12 @@ def _evaluate_batch(graphdefs, states, prompts, prompt_mask, key, *, sampling: S
     seq = jnp.concatenate([prompts, out.tokens], axis=1)
     seq_mask = jnp.concatenate([prompt_mask, out.mask], axis=1)
     mask = out.mask.astype(jnp.float32)
-    # KL(sampling policy || reference at the same temperature), as the PPO penalty measures it; greedy decoding
-    # samples from no distribution, so then the KL of the models' own distributions.
+    # KL to the reference as the PPO penalty measures it (`reference_sampling_logits`); greedy decoding samples
+    # from no distribution, so then the KL of the models' own distributions.
     logits, ref_logits = policy(seq, seq_mask)[:, t - 1:-1], reference(seq, seq_mask)[:, t - 1:-1]
     if sampling.temperature > 0:
-        logits, ref_logits = sampling_logits(logits, sampling), ref_logits / sampling.temperature
+        logits = sampling_logits(logits, sampling)
+        ref_logits = reference_sampling_logits(ref_logits, logits, sampling)
     logprobs, ref_logprobs = token_logprobs(logits, out.tokens), token_logprobs(ref_logits, out.tokens)
     result = {"tokens": out.tokens, "mask": out.mask, "kl": jnp.sum((logprobs - ref_logprobs) * mask, axis=1),
               "length": mask.sum(1),

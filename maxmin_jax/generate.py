@@ -95,11 +95,12 @@ def filter_logits(logits: Float[Array, "b v"], top_k: int | None, top_p: Float[A
         kth = jax.lax.stop_gradient(jax.lax.top_k(logits, top_k)[0][..., -1:])
         logits = jnp.where(logits < kth, neg, logits)
     if top_p is not None:
-        sorted_logits = jax.lax.stop_gradient(jnp.sort(logits, axis=-1)[..., ::-1])
-        probs = jax.nn.softmax(sorted_logits, axis=-1)
-        mass_before = jnp.cumsum(probs, axis=-1) - probs
-        # The smallest logit still inside the nucleus: everything below it is dropped.
-        cutoff = jnp.min(jnp.where(mass_before < top_p, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+        ascending = jax.lax.stop_gradient(jnp.sort(logits, axis=-1))
+        # A token goes when it and every less likely token hold at most 1 - top_p of the mass (top_p = 1 keeps
+        # all); the most likely token always stays. Summed from the small end, as transformers does.
+        drop = jnp.cumsum(jax.nn.softmax(ascending, axis=-1), axis=-1) <= 1 - top_p
+        drop = drop.at[..., -1].set(False)
+        cutoff = jnp.min(jnp.where(drop, jnp.inf, ascending), axis=-1, keepdims=True)  # the smallest kept logit
         logits = jnp.where(logits < cutoff, neg, logits)
     return logits
 
@@ -110,6 +111,18 @@ def sampling_logits(logits: Float[Array, "... v"], sampling: SamplingConfig) -> 
     if sampling.temperature == 0:
         raise ValueError("greedy decoding (temperature 0) samples from no distribution; use temperature > 0")
     return filter_logits(logits.astype(jnp.float32) / sampling.temperature, sampling.top_k, sampling.top_p)
+
+
+def reference_sampling_logits(reference_logits: Float[Array, "... v"], policy_sampling_logits: Float[Array, "... v"],
+                              sampling: SamplingConfig) -> Float[Array, "... v"]:
+    """The reference model's logits at the sampling temperature, restricted to the tokens the policy can sample
+    (its top-k / top-p set, read from `policy_sampling_logits`). KL(policy's sampling distribution || this) is 0
+    when the two models agree, and finite always: a token the policy samples is never outside the support."""
+    scaled = reference_logits.astype(jnp.float32) / sampling.temperature
+    if sampling.top_k is None and sampling.top_p is None:
+        return scaled
+    neg = jnp.finfo(jnp.float32).min
+    return jnp.where(policy_sampling_logits > neg, scaled, neg)
 
 
 def _sample(logits, key, temperature, top_p, cfg: StaticSampling):

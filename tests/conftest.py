@@ -1,13 +1,31 @@
 """Shared fixtures. Eight simulated CPU devices so sharding tests really shard; tiny checkpoints built with
-transformers' save_pretrained once per session."""
+transformers' save_pretrained once per session.
+
+Compiled programs are shared through JAX's persistent compilation cache, one directory per test session: the xdist
+workers and the subprocesses tests start (which inherit the environment) compile each program once between them.
+A fresh session starts with an empty cache, so every program is still compiled in every run of the suite.
+"""
 
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Set by the first process of the session (the xdist controller, loading this file before it starts the workers),
+# inherited by the workers and the subprocesses, removed by that process at the end.
+_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+_CACHE = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                               os.path.join(tempfile.gettempdir(), f"maxmin-jax-test-jit-{os.getpid()}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import pytest  # noqa: E402
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _OWN_CACHE:
+        shutil.rmtree(_CACHE, ignore_errors=True)
 
 
 def _save_tiny(path, hf_config_cls, model_cls, **kwargs):

@@ -92,8 +92,7 @@ def stage_plan(cfg: RunConfig, *, stages: tuple[str, ...] = ("rewards", "standar
                       "objective_options": objective_options(objective, cfg.policy)}
             plan[f"policy/{objective}/{algorithm}"] = policy
             if "evaluate" in stages:
-                plan[f"evaluate/{objective}/{algorithm}"] = {
-                    **policy, **_pick(config, ["evaluation"]), "iterations": cfg.policy.iterations}
+                plan[f"evaluate/{objective}/{algorithm}"] = {**policy, **_pick(config, ["evaluation"])}
     return plan
 
 
@@ -155,7 +154,8 @@ def run(cfg: RunConfig, out: str | Path, *, progress: bool = True) -> dict:
     """Every stage, then the report (report.json, table.txt, plots) in `out`; returns the report. A rerun skips
     finished stages, resumes a half-finished one, and refuses a directory written under another config."""
     from maxmin_jax.pipeline.report import build_report
-    from maxmin_jax.pipeline.stages import evaluate, reward_models, standardize, starting_policy, train_policy
+    from maxmin_jax.pipeline.stages import (evaluate, evaluated, reward_models, standardize, starting_policy,
+                                            train_policy)
     from maxmin_jax.report import write_report
 
     _check(cfg, fit=True, prompts=True)
@@ -171,8 +171,9 @@ def run(cfg: RunConfig, out: str | Path, *, progress: bool = True) -> dict:
         for objective, algorithm in cfg.policy.runs():
             evaluation = ctx.stage(f"evaluate/{objective}/{algorithm}")
             trained = train_policy(ctx, objective, algorithm, models, rewards, standardizers, prompts,
-                                   needed=not evaluation.done)
-            samples[trained.name] = evaluate(ctx, evaluation.name, trained.lm, models, rewards, prompts)
+                                   needed=not evaluated(evaluation, cfg.policy.iterations))
+            samples[trained.name] = evaluate(ctx, evaluation.name, trained.lm, models, rewards, prompts,
+                                             iterations=trained.iterations)
             policies.append(trained)
             ctx.log(f"{trained.name}: trained {trained.iterations} iterations")
         report = build_report(ctx, models, prefs, rewards, reference, policies, samples, prompt_info)

@@ -348,13 +348,19 @@ def export_policy(ctx, policy: PolicyWithValue, trainable: nnx.State, models: Mo
 
 
 # Evaluation ---------------------------------------------------------------------------------------------------------
-def evaluate(ctx, stage_name: str, lm: CausalLM | None, models: Models, rewards: Rewards,
-             prompts: PromptSource) -> dict[str, np.ndarray]:
+def evaluated(stage: Stage, iterations: int | None) -> bool:
+    """Whether an evaluation stage holds the samples of the policy after `iterations` (None: the reference)."""
+    return stage.done and stage.result.get("iterations") == iterations
+
+
+def evaluate(ctx, stage_name: str, lm: CausalLM | None, models: Models, rewards: Rewards, prompts: PromptSource, *,
+             iterations: int | None = None) -> dict[str, np.ndarray]:
     """Stage `evaluate/...`: one response per evaluation prompt (the same prompts and keys for every policy),
-    scored by the learned heads (and the true group rewards of a world); the samples are kept (samples.npz)."""
+    scored by the learned heads (and the true group rewards of a world); the samples are kept (samples.npz).
+    `iterations`: how long the policy trained (a policy trained further is evaluated again)."""
     stage = ctx.stage(stage_name)
     path = stage.path / "samples.npz"
-    if not stage.done:
+    if not evaluated(stage, iterations):
         stage.start()
         evaluation = ctx.cfg.evaluation
         samples = evaluate_policy(lm, models.policy, scorers(rewards), *prompts.sample(evaluation.prompts,
@@ -363,11 +369,11 @@ def evaluate(ctx, stage_name: str, lm: CausalLM | None, models: Models, rewards:
                                   batch_size=evaluation.batch_size, true_reward_fn=models.true_reward_fn)
         stage.path.mkdir(parents=True, exist_ok=True)
         np.savez(path, **samples)
-        stage.finish({"samples": path.name})
+        stage.finish({"samples": path.name, "iterations": iterations})
     with np.load(path) as data:
         return {k: data[k] for k in data.files}
 
 
-__all__ = ["Rewards", "Scorers", "TrainedPolicy", "cluster_names", "evaluate", "export_policy", "iterate",
+__all__ = ["Rewards", "Scorers", "TrainedPolicy", "cluster_names", "evaluate", "evaluated", "export_policy", "iterate",
            "load_rewards", "make_trainer", "objective_options", "reward_models", "standardize", "starting_policy",
            "train_policy"]

@@ -6,8 +6,8 @@ state donated. Trainers built alike share the compiled program. The frozen parts
 standardiser) are arguments, not closed over, so they are not baked into the program as constants.
 
 Log-probabilities are those of the distribution responses are sampled from (`SamplingConfig`: temperature, top-k,
-top-p), so PPO's ratios compare the policy with the behaviour policy that produced the tokens; the reference's
-log-probabilities are at the same temperature, unrestricted, so the KL penalty stays finite.
+top-p), so PPO's ratios compare the policy with the behaviour policy that produced the tokens; the KL penalty is
+to the reference at the same temperature, restricted to the policy's top-k / top-p set (0 when the two agree).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from maxmin_jax.generate import SamplingConfig, sample_responses, sampling_logits
+from maxmin_jax.generate import SamplingConfig, reference_sampling_logits, sample_responses, sampling_logits
 from maxmin_jax.models.transformer import CausalLM
 from maxmin_jax.policy.model import PolicyWithValue
 from maxmin_jax.policy.objectives import Objective, ObjectiveState, RewardStandardizer
@@ -149,10 +149,11 @@ def _iteration(static: _Static, state: PPOState, frozen: Frozen, prompts, prompt
         return logits[:, t - 1:-1]
 
     logits, values = policy(seq, seq_mask)
-    old_logprobs = token_logprobs(sampling_logits(response_logits(logits), sampling), tokens)
+    sampled = sampling_logits(response_logits(logits), sampling)
+    old_logprobs = token_logprobs(sampled, tokens)
     old_values = values[:, t - 1:-1]
-    reference_logits = response_logits(_reference_logits(static, frozen, policy, seq, seq_mask))
-    ref_logprobs = token_logprobs(reference_logits.astype(jnp.float32) / sampling.temperature, tokens)
+    reference = response_logits(_reference_logits(static, frozen, policy, seq, seq_mask))
+    ref_logprobs = token_logprobs(reference_sampling_logits(reference, sampled, sampling), tokens)
     old_logprobs, old_values, ref_logprobs = jax.lax.stop_gradient((old_logprobs, old_values, ref_logprobs))
     rewards = token_rewards(score, old_logprobs, ref_logprobs, mask, state.kl.beta, kind=cfg.kl_kind)
     advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
@@ -189,6 +190,9 @@ def _iteration(static: _Static, state: PPOState, frozen: Frozen, prompts, prompt
         "group_reward": group_rewards.mean(0), "group_reward_std": standardized.mean(0),
         "group_weights": weights, "response_length": mask.sum(1).mean(),
         "token_reward": masked_mean(rewards, mask),
+        # The update's log-probs of the sampled tokens against the sampler's own: rounding only, unless the
+        # two disagree on the distribution sampled from.
+        "rollout_logprob_error": masked_mean(jnp.abs(old_logprobs - rollout.logprobs), mask),
     }
     return PPOState(trainable, opt_state, kl_state, objective_state, state.step + 1), metrics
 
