@@ -29,10 +29,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from maxmin_jax.errors import InputError
+
 FORMAT_VERSION = 1
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(InputError, ValueError):
     """A checkpoint was written by a different run configuration or for a differently shaped state.
 
     `mismatches` holds one line per differing fingerprint field or state leaf (the message shows the first 30)."""

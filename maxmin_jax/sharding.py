@@ -14,6 +14,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from maxmin_jax.errors import InputError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # logical axis -> mesh axes. Batch is split over data and FSDP; parameters are FSDP-sharded on the embedding
@@ -33,7 +35,7 @@ LOGICAL_RULES: dict[str, tuple[str, ...]] = {
 REPLICATE_IF_INDIVISIBLE = frozenset({"vocab", "kv_heads"})
 
 
-class ShardingError(ValueError):
+class ShardingError(InputError, ValueError):
     """A tensor dimension cannot be split evenly over the mesh axes its logical axis maps to."""
 
 

@@ -9,6 +9,7 @@ A fresh session starts with an empty cache, so every program is still compiled i
 import os
 import shutil
 import tempfile
+from pathlib import Path
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -75,3 +76,22 @@ def tiny_llama_dirs(tmp_path_factory):
         "mqa": llama_dir(tmp_path_factory, num_kv_heads=1, tie=False, name="llama_mqa"),
         "gqa_tied": llama_dir(tmp_path_factory, num_kv_heads=2, tie=True, name="llama_tied"),
     }
+
+
+def read_tfevents(directory: Path) -> dict[str, list[tuple[int, float]]]:
+    """Scalars of TensorBoard event files, read with tensorboardX's protobufs (TFRecord framing by hand)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    scalars: dict[str, list] = {}
+    for path in sorted(directory.glob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        i = 0
+        while i < len(data):
+            (length,) = struct.unpack("<Q", data[i:i + 8])
+            event = event_pb2.Event.FromString(data[i + 12:i + 12 + length])
+            i += 12 + length + 4
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars

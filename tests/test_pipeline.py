@@ -18,7 +18,6 @@ import json
 import os
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +26,7 @@ import numpy as np
 import pytest
 import yaml
 
+from conftest import read_tfevents
 from maxmin_jax.cli import main
 from maxmin_jax.errors import RunDirError
 from maxmin_jax.metrics import MetricsWriter, read_records
@@ -231,23 +231,6 @@ def test_one_policy_training_loop_in_the_code_base():
     assert calls == [("maxmin_jax/pipeline/stages.py", "trainer.step(state, *inputs, jax.random.fold_in(key, it))")]
 
 
-def _tfevents_scalars(directory: Path) -> dict[str, list[tuple[int, float]]]:
-    """Scalars of TensorBoard event files, read with tensorboardX's protobufs (TFRecord framing by hand)."""
-    from tensorboardX.proto import event_pb2
-
-    scalars: dict[str, list] = {}
-    for path in sorted(directory.glob("events.out.tfevents.*")):
-        data = path.read_bytes()
-        i = 0
-        while i < len(data):
-            (length,) = struct.unpack("<Q", data[i:i + 8])
-            event = event_pb2.Event.FromString(data[i + 12:i + 12 + length])
-            i += 12 + length + 4
-            for value in event.summary.value:
-                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
-    return scalars
-
-
 def test_metrics_stream_and_tensorboard(uninterrupted):
     out, report, _ = uninterrupted
     records = [r for r in read_records(out / "metrics.jsonl") if r["stage"] == "policy/maxmin/ppo"]
@@ -257,7 +240,7 @@ def test_metrics_stream_and_tensorboard(uninterrupted):
         assert len(r["group_reward"]) == 2 and r["tokens_per_second"] > 0 and r["seconds"] > 0
     assert report["curves"]["maxmin"][0]["kl"] == records[0]["kl"]
     assert [r["step"] for r in read_records(out / "metrics.jsonl") if r["stage"] == "rewards/mixture"] == [1]
-    scalars = _tfevents_scalars(out / "tensorboard" / "policy" / "maxmin" / "ppo")
+    scalars = read_tfevents(out / "tensorboard" / "policy" / "maxmin" / "ppo")
     assert [s for s, _ in scalars["kl"]] == [1, 2, 3, 4]
     np.testing.assert_allclose([v for _, v in scalars["kl"]], [r["kl"] for r in records], rtol=1e-6)
     clusters = report["em"]["cluster_groups"]

@@ -21,12 +21,13 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from maxmin_jax.errors import InputError
 from maxmin_jax.models import build_model
 from maxmin_jax.models.config import GPT2Config, LlamaConfig, ModelConfig, config_from_hf
 from maxmin_jax.models.transformer import CausalLM
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError, ValueError):
     """A checkpoint does not match the model it is loaded into."""
 
 

@@ -9,7 +9,7 @@ evaluation -> report, as stage functions over one config tree (`RunConfig`), wit
 from maxmin_jax.pipeline.config import (EvaluationConfig, FilePreferences, FitRewards, LoadRewards, LoraConfig,
                                         LoraSpec, MeshConfig, PolicyConfig, PretrainedModel, PromptsConfig,
                                         PSoupsPreferences, RunConfig, ScratchModel, WorldPreferences, WorldSpec)
-from maxmin_jax.pipeline.run import fit_rewards, run, stage_plan, train_policy
+from maxmin_jax.pipeline.runners import fit_rewards, run, stage_plan, train_policy
 
 
 def load_config(path=None, *, overrides=()) -> RunConfig:

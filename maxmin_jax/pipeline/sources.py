@@ -130,22 +130,36 @@ class Preferences:
     info: dict
 
 
-def load_preference_pairs(ctx, models: Models) -> Preferences:
-    cfg, source = ctx.cfg, ctx.cfg.preferences
+@dataclasses.dataclass
+class PreferenceRows:
+    rows: list
+    skipped: int
+    source: str
+
+
+def read_preference_rows(cfg) -> PreferenceRows:
+    """The labelled rows (before any model is loaded: a bad file fails fast)."""
+    source = cfg.preferences
     if isinstance(source, WorldPreferences):
-        rows, skipped, name = models.world.preference_rows(), [], f"world {source.world.name}"
+        return PreferenceRows(source.world.build().preference_rows(), 0, f"world {source.world.name}")
+    if isinstance(source, PSoupsPreferences):
+        loaded = load_psoups(source.files, users_per_group=source.users_per_group, split=source.split,
+                             skip_invalid=source.skip_invalid)
+    elif isinstance(source, FilePreferences) and isinstance(source.files, str):
+        loaded = load_preferences(source.files, columns=source.columns, split=source.split,
+                                  skip_invalid=source.skip_invalid, coerce_user_id=source.coerce_user_id)
     else:
-        if isinstance(source, PSoupsPreferences):
-            loaded = load_psoups(source.files, users_per_group=source.users_per_group, split=source.split,
-                                 skip_invalid=source.skip_invalid)
-        elif isinstance(source, FilePreferences) and isinstance(source.files, str):
-            loaded = load_preferences(source.files, columns=source.columns, split=source.split,
-                                      skip_invalid=source.skip_invalid, coerce_user_id=source.coerce_user_id)
-        else:
-            loaded = load_grouped(source.files, columns=source.columns, users_per_group=source.users_per_group,
-                                  split=source.split, skip_invalid=source.skip_invalid,
-                                  coerce_user_id=source.coerce_user_id)
-        rows, skipped, name = loaded.rows, loaded.skipped, loaded.source
+        loaded = load_grouped(source.files, columns=source.columns, users_per_group=source.users_per_group,
+                              split=source.split, skip_invalid=source.skip_invalid,
+                              coerce_user_id=source.coerce_user_id)
+    return PreferenceRows(loaded.rows, len(loaded.skipped), loaded.source)
+
+
+def load_preference_pairs(ctx, models: Models, read: PreferenceRows) -> Preferences:
+    """The rows tokenised for the reward backbone (prompt template applied) and split by user into training and
+    held-out pairs."""
+    cfg, source = ctx.cfg, ctx.cfg.preferences
+    rows, skipped, name = read.rows, read.skipped, read.source
     if cfg.prompt_template is not None:
         rows = [dataclasses.replace(r, prompt=cfg.format_prompt(r.prompt)) for r in rows]
     pairs = tokenize_pairs(models.tokenizer, rows, max_length=models.reward.config.max_position_embeddings)
@@ -155,8 +169,8 @@ def load_preference_pairs(ctx, models: Models) -> Preferences:
     if source.heldout_fraction:
         train, heldout = split_heldout(pairs, source.heldout_fraction, stream_rng(cfg.seed, Stream.HELDOUT))
         heldout = heldout if heldout.num_pairs else None
-    ctx.log(f"{pairs.num_pairs} preference pairs from {pairs.num_users} users ({len(skipped)} rows skipped)")
-    return Preferences(train, heldout, {"preferences": name, "skipped_rows": len(skipped), "pairs": pairs.num_pairs,
+    ctx.log(f"{pairs.num_pairs} preference pairs from {pairs.num_users} users ({skipped} rows skipped)")
+    return Preferences(train, heldout, {"preferences": name, "skipped_rows": skipped, "pairs": pairs.num_pairs,
                                         "users": pairs.num_users})
 
 
@@ -250,5 +264,5 @@ def load_prompt_ids(cfg: PromptsConfig, tokenizer, *, limit: int, template=None)
     return kept, len(ids) - len(kept)
 
 
-__all__ = ["Models", "PromptSource", "Preferences", "Stream", "build_models", "load_preference_pairs",
-           "load_prompt_ids", "prompt_source", "stream_rng"]
+__all__ = ["Models", "PreferenceRows", "Preferences", "PromptSource", "Stream", "build_models",
+           "load_preference_pairs", "load_prompt_ids", "prompt_source", "read_preference_rows", "stream_rng"]

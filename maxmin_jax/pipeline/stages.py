@@ -1,6 +1,6 @@
 """The stages every runner shares: reward models -> standardisation -> policy training -> evaluation.
 
-Each stage is a function of a run context (`maxmin_jax.pipeline.run.Context`: config, output directory, mesh,
+Each stage is a function of a run context (`maxmin_jax.pipeline.runners.Context`: config, output directory, mesh,
 metrics stream) and the results of earlier stages. A finished stage is read back from its record instead of being
 recomputed; `iterate` is the one policy-training loop, with checkpoints every N iterations and exact resume.
 """

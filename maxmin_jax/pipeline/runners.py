@@ -33,7 +33,8 @@ from maxmin_jax.generate import SamplingConfig
 from maxmin_jax.metrics import MetricsWriter
 from maxmin_jax.pipeline.config import FitRewards, LoadRewards, RunConfig, ScratchModel, WorldPreferences
 from maxmin_jax.pipeline.rundir import RunDir, Stage, is_primary
-from maxmin_jax.pipeline.sources import Stream, build_models, load_preference_pairs, prompt_source
+from maxmin_jax.pipeline.sources import (Stream, build_models, load_preference_pairs, prompt_source,
+                                         read_preference_rows)
 
 # Config keys that do not change any stage's result (progress bars, bookkeeping, placement).
 NOT_FINGERPRINTED = ("rewards.em.progress", "policy.objectives", "policy.algorithms", "policy.iterations",
@@ -160,9 +161,10 @@ def run(cfg: RunConfig, out: str | Path, *, progress: bool = True) -> dict:
 
     _check(cfg, fit=True, prompts=True)
     with Context(cfg, out, stages=("rewards", "standardize", "policy", "evaluate"), progress=progress) as ctx:
+        rows = read_preference_rows(cfg) if cfg.preferences is not None else None
         models = build_models(ctx)
         ctx.use_tokenizer(models.tokenizer)
-        prefs = load_preference_pairs(ctx, models) if cfg.preferences is not None else None
+        prefs = load_preference_pairs(ctx, models, rows) if rows is not None else None
         rewards = reward_models(ctx, models, prefs)
         prompts, prompt_info = prompt_source(ctx, models)
         standardizers = standardize(ctx, models, rewards, prompts)
@@ -192,8 +194,9 @@ def fit_rewards(cfg: RunConfig, out: str | Path, *, progress: bool = True):
     if not isinstance(cfg.rewards, FitRewards):
         raise ConfigError("rewards.source: fit-rewards fits reward models ('fit')")
     with Context(cfg, out, stages=("rewards",), progress=progress) as ctx:
+        rows = read_preference_rows(cfg)
         models = build_models(ctx)
-        prefs = load_preference_pairs(ctx, models)
+        prefs = load_preference_pairs(ctx, models, rows)
         rewards = reward_models(ctx, models, prefs)
         if is_primary():
             write_result(rewards.em, out, config=cfg.rewards.em)
@@ -207,10 +210,11 @@ def train_policy(cfg: RunConfig, out: str | Path, *, progress: bool = True) -> d
 
     _check(cfg, fit=True, prompts=True)
     with Context(cfg, out, stages=("rewards", "standardize", "policy"), progress=progress) as ctx:
+        fit = cfg.preferences is not None and not isinstance(cfg.rewards, LoadRewards)
+        rows = read_preference_rows(cfg) if fit else None
         models = build_models(ctx)
         ctx.use_tokenizer(models.tokenizer)
-        prefs = (load_preference_pairs(ctx, models)
-                 if cfg.preferences is not None and not isinstance(cfg.rewards, LoadRewards) else None)
+        prefs = load_preference_pairs(ctx, models, rows) if fit else None
         rewards = reward_models(ctx, models, prefs)
         prompts, _ = prompt_source(ctx, models)
         standardizers = standardize(ctx, models, rewards, prompts)
