@@ -141,7 +141,8 @@ def cmd_train_policy(args) -> int:
         evaluation=EvaluationConfig(standardizer_prompts=4 * batch, prompts=batch, batch_size=batch))
     curves = train_policy(cfg, args.out)
     last = curves[args.objective][-1]
-    print(f"final: score {last['score']:.3f}, KL {last['kl']:.3f}; wrote {Path(args.out) / 'policies' / args.objective}")
+    exported = Path(args.out) / "policies" / args.objective
+    print(f"final: score {last['score']:.3f}, KL {last['kl']:.3f}; wrote {exported}")
     return 0
 
 

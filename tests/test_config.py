@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from maxmin_jax.cli import main
-from maxmin_jax.config_io import ConfigError, dump_yaml, from_dict, load_yaml, to_dict
+from maxmin_jax.config_io import ConfigError, dump_yaml, from_dict, to_dict
 from maxmin_jax.generate import SamplingConfig
 from maxmin_jax.pipeline import (FilePreferences, FitRewards, PretrainedModel, RunConfig, ScratchModel,
                                  WorldPreferences, load_config)

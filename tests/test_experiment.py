@@ -13,12 +13,10 @@ import pytest
 
 from maxmin_jax.pipeline import load_config, run
 
-OVERRIDES = [
-    "preferences.world.num_users=110", "preferences.world.pairs_per_user=16", "preferences.world.bt_temperature=0.5",
-    "model.max_position_embeddings=64", "model.sft_examples=2048", "model.sft.steps=150",
-    "rewards.em.rounds=2", "rewards.em.steps_per_round=40", "rewards.single_reward_steps=80",
-    "policy.objectives=[single, maxmin]", "sampling.max_new_tokens=24", "policy.iterations=25",
-    "evaluation.standardizer_prompts=256", "evaluation.prompts=256"]
+# The demo, smaller: fewer SFT examples and steps, two EM rounds, two objectives, fewer iterations and samples.
+OVERRIDES = ["model.sft_examples=2048", "model.sft.steps=150", "rewards.em.rounds=2", "rewards.single_reward_steps=80",
+             "policy.objectives=[single, maxmin]", "policy.iterations=25", "evaluation.standardizer_prompts=256",
+             "evaluation.prompts=256"]
 # (single positive, single concise, maxmin positive, maxmin concise) of this configuration, 2-core CPU.
 SEED_RESULTS = {}
 

@@ -12,8 +12,8 @@ from maxmin_jax.metrics import MetricsWriter, read_records
 def test_records_and_scalars(tmp_path):
     with MetricsWriter(tmp_path) as writer:
         for step in (1, 2):
-            writer.write("policy/maxmin/ppo", step, {"kl": np.float32(0.5 * step), "group_reward": np.array([1.0, 2.0])},
-                         group_names=["positive", "concise"])
+            metrics = {"kl": np.float32(0.5 * step), "group_reward": np.array([1.0, 2.0])}
+            writer.write("policy/maxmin/ppo", step, metrics, group_names=["positive", "concise"])
         writer.write("sft", 1, {"loss": 3.0})
     records = read_records(tmp_path / "metrics.jsonl")
     assert [(r["stage"], r["step"]) for r in records] == [("policy/maxmin/ppo", 1), ("policy/maxmin/ppo", 2),

@@ -49,7 +49,7 @@ rewards:
   single_reward_steps: 4
 sampling: {{max_new_tokens: 6}}
 policy:
-  objectives: [single, maxmin]
+  objectives: [maxmin]
   ppo: {{learning_rate: 0.01, epochs: 1, minibatches: 2}}
   iterations: 2
   prompt_batch: 8
@@ -71,21 +71,19 @@ def test_pretrained_run_with_lora_on_a_mesh(local_files, tmp_path, capsys):
     assert len(saved["groups"]) == 2 and set(saved["groups"]) <= {"g0", "g1", "g0#1", "g1#1"}
     assert saved["em"]["users"] == 6 and saved["em"]["heldout"]["mixture"]["num_pairs"] > 0
     assert saved["group_reward_kind"].startswith("learned")
-    assert list(saved["policies"]) == ["reference", "single", "maxmin"]
+    assert list(saved["policies"]) == ["reference", "maxmin"]
     for name, policy in saved["policies"].items():
         assert policy["group_reward"] == {g: policy["learned_reward"][f"head{k}"]
                                           for k, g in enumerate(saved["groups"])}
         assert "single" in policy["learned_reward"] and np.isfinite(policy["kl"])
         assert policy["worst_group_reward"] == min(policy["group_reward"].values())
     assert all(abs(v) < 1e-5 for v in saved["policies"]["reference"]["group_reward"].values())
-    assert [len(c) for c in saved["curves"].values()] == [2, 2]
+    assert [len(c) for c in saved["curves"].values()] == [2]
 
     # Only LoRA adapters and the value head were trained and exported, and the adapters moved (B starts at zero).
-    for name in ("single", "maxmin"):
-        trainable = np.load(out / "policies" / name / "trainable.npz")
-        assert sorted(trainable.files) == ["lm/layers/qkv_lora_a", "lm/layers/qkv_lora_b", "value_bias",
-                                           "value_head"]
-        assert np.abs(trainable["lm/layers/qkv_lora_b"]).max() > 0
+    trainable = np.load(out / "policies" / "maxmin" / "trainable.npz")
+    assert sorted(trainable.files) == ["lm/layers/qkv_lora_a", "lm/layers/qkv_lora_b", "value_bias", "value_head"]
+    assert np.abs(trainable["lm/layers/qkv_lora_b"]).max() > 0
 
 
 def test_mesh_must_match_the_devices(local_files, tmp_path):

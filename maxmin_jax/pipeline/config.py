@@ -124,7 +124,7 @@ class WorldPreferences:
 
     source: Literal["world"] = "world"
     world: WorldSpec = WorldSpec.__config_load__({"name": "review", "num_users": 110, "majority_share": 10 / 11,
-                                                  "pairs_per_user": 16, "bt_temperature": 1.0, "seed": 0},
+                                                  "pairs_per_user": 16, "bt_temperature": 0.5, "seed": 0},
                                                  "preferences.world")
     """The world; its own `seed` fixes who is in which group and the labels."""
     heldout_fraction: float = 0.2

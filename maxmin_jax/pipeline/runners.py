@@ -21,10 +21,8 @@ import dataclasses
 import json
 import time
 from pathlib import Path
-from typing import Any, Callable
 
 import jax
-import numpy as np
 from tqdm.auto import tqdm
 
 from maxmin_jax.config_io import dump_yaml, to_dict

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from maxmin_jax.errors import ConfigError, RunDirError
 from maxmin_jax.eval import evaluate_policy
 from maxmin_jax.models.transformer import CausalLM
-from maxmin_jax.pipeline.config import FitRewards, LoadRewards, LoraSpec, PolicyConfig
+from maxmin_jax.pipeline.config import LoadRewards, LoraSpec, PolicyConfig
 from maxmin_jax.pipeline.rundir import Stage, decode_arrays, encode_arrays
 from maxmin_jax.pipeline.sources import Models, Preferences, PromptSource, Stream
 from maxmin_jax.policy.model import PolicyWithValue
