@@ -1,31 +1,45 @@
-"""End to end on the review world (10:1) through the pipeline: SFT -> EM (K=2) -> PPO with `single` and `maxmin`
--> true rewards.
+"""End to end on the review world (10:1), as a user runs it (`maxmin-jax demo`, in a process of its own with XLA's
+default optimisations: this run is long enough for them to pay): SFT -> EM (K=2) -> PPO with `single` and
+`maxmin` -> true rewards.
 
 The paper's GPT-2 finding, asserted with margins: the single reward serves the majority ("positive"), and MaxMin
 lifts the minority ("concise") clearly above what single gives it while the majority stays clearly above the
-reference. Rewards are in units of the reference policy's std (reference = 0). SEED_RESULTS records what runs of
-this configuration gave; the margins below sit inside the worst seed.
+reference. Rewards are in units of the reference policy's std (reference = 0). A run of this configuration on the
+project's 2-core CPU gave (single positive, single concise, maxmin positive, maxmin concise) = (+1.81, +0.33, +0.64,
++1.19) for seed 0 (the test's); it also passes with XLA's optimisations off. With seed 1 (world and run) the two EM
+rounds from the round-robin start stayed in a split that mixes the groups (ARI -0.01), and MaxMin then has no
+minority head to serve: the first assertion below names that failure.
 """
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from maxmin_jax.pipeline import load_config, run
+from maxmin_jax.pipeline import load_config
 
+ROOT = Path(__file__).resolve().parents[1]
 # The demo, smaller: fewer SFT examples and steps, two EM rounds, two objectives, fewer iterations and samples.
 OVERRIDES = ["model.sft_examples=2048", "model.sft.steps=150", "rewards.em.rounds=2", "rewards.single_reward_steps=80",
              "policy.objectives=[single, maxmin]", "policy.iterations=25", "evaluation.standardizer_prompts=256",
              "evaluation.prompts=256"]
-# (single positive, single concise, maxmin positive, maxmin concise) of this configuration, 2-core CPU.
-SEED_RESULTS = {}
 
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
-    out = tmp_path_factory.mktemp("experiment")
-    report = run(load_config(None, overrides=OVERRIDES), out, progress=False)
-    report["out"] = out
+    root = tmp_path_factory.mktemp("experiment")
+    assert load_config(None, overrides=OVERRIDES).seed == 0
+    flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if "optimization_level" not in f)
+    env = {**os.environ, "XLA_FLAGS": flags, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    args = [sys.executable, "-m", "maxmin_jax.cli", "demo", "--out", str(root / "out")]
+    done = subprocess.run(args + [a for o in OVERRIDES for a in ("--set", o)], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    report = json.loads((root / "out" / "report.json").read_text())
+    report["out"] = root / "out"
     return report
 
 
