@@ -49,10 +49,10 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type, *, dest: str, s
             add_config_flags(parser, hint, dest=dest, skip=skip, aliases=aliases, prefix=f"{path}.")
             continue
         flag = "--" + path.replace(".", "-").replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else None
+        default = "required" if f.default is dataclasses.MISSING else f"default {f.default!r}"
         parser.add_argument(flag, *aliases.get(path, ()), dest=f"{dest}:{path}", type=_typed(hint, flag),
                             default=argparse.SUPPRESS, metavar=flag[2:].upper().replace("-", "_"),
-                            help=f"{cls.__name__}.{f.name} (default {default!r})")
+                            help=f"{cls.__name__}.{f.name} ({default})")
 
 
 def config_flags(args: argparse.Namespace, dest: str) -> dict:

@@ -2,7 +2,7 @@
 
 A record is `{"stage": ..., "step": n, "time": unix seconds, <metric>: value, ...}`; per-group metrics are lists.
 TensorBoard gets one run directory per stage (tensorboard/<stage>/, written with tensorboardX), so the policies of
-one run overlay on the same charts; a per-group metric `m` appears as `m/<group name>`.
+one run overlay on the same charts; a per-group metric `m` appears as `m/<group name>` (`tag`).
 
 Resuming a stage from step s (`resume`) drops that stage's records after s (and a line a crash cut short) from
 metrics.jsonl, and tells TensorBoard to discard the stage's events from step s + 1 on, so a resumed run streams
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -23,6 +24,11 @@ import numpy as np
 def _plain(value: Any) -> Any:
     value = np.asarray(value)
     return value.item() if value.ndim == 0 else value.tolist()
+
+
+def tag(label) -> str:
+    """A group name as a TensorBoard tag component: characters other than letters, digits, `_-.` become `_`."""
+    return re.sub(r"[^\w.-]", "_", str(label))
 
 
 def read_records(path: str | os.PathLike) -> list[dict]:
@@ -90,7 +96,7 @@ class MetricsWriter:
                 if isinstance(value, list):
                     labels = group_names if group_names and len(group_names) == len(value) else range(len(value))
                     for label, v in zip(labels, value):
-                        writer.add_scalar(f"{name}/{label}", float(v), step)
+                        writer.add_scalar(f"{name}/{tag(label)}", float(v), step)
                 else:
                     writer.add_scalar(name, float(value), step)
             writer.flush()
