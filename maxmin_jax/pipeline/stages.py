@@ -24,7 +24,7 @@ from maxmin_jax.errors import ConfigError, RunDirError
 from maxmin_jax.eval import evaluate_policy
 from maxmin_jax.models.transformer import CausalLM
 from maxmin_jax.pipeline.config import LoadRewards, LoraSpec, PolicyConfig
-from maxmin_jax.pipeline.rundir import Stage, decode_arrays, encode_arrays
+from maxmin_jax.pipeline.rundir import Stage, decode_arrays, encode_arrays, is_primary
 from maxmin_jax.pipeline.sources import Models, Preferences, PromptSource, Stream
 from maxmin_jax.policy.model import PolicyWithValue
 from maxmin_jax.policy.objectives import RewardStandardizer, make_objective
@@ -111,12 +111,13 @@ def _em_result(fields: dict, model: nnx.Module) -> EMResult:
     return EMResult(model=model, **fields)
 
 
-def _fit_stage(ctx, stage: Stage, model: nnx.Module, fit: Callable[[], EMResult], prefs: Preferences) -> EMResult:
-    """Fit `model` with `fit` (or read it back), recording the EM result and its held-out scores."""
+def _fit_stage(ctx, stage: Stage, model: nnx.Module, fit: Callable[[], EMResult], prefs: Preferences
+               ) -> tuple[EMResult, dict | None]:
+    """Fit `model` with `fit` (or read it back): the EM result and its held-out scores."""
     trainable = trainable_filter(lora=_lora(ctx, "reward") is not None)
     if stage.done:
         nnx.update(model, stage.restore_state(nnx.state(model, trainable)))
-        return _em_result(stage.result["em"], model)
+        return _em_result(stage.result["em"], model), stage.result["heldout"]
     stage.start()
     result = fit()
     if prefs.train.groups is not None and result.weights.shape[0] > 1:
@@ -126,8 +127,8 @@ def _fit_stage(ctx, stage: Stage, model: nnx.Module, fit: Callable[[], EMResult]
     heldout = (evaluate_pairs(result, prefs.heldout, chunk_size=ctx.cfg.rewards.em.chunk_size)
                if prefs.heldout is not None else None)
     stage.save_state(nnx.state(model, trainable))
-    fields = stage.finish({"em": _em_fields(result), "heldout": heldout})
-    return _em_result(fields["em"], model)
+    recorded = stage.finish({"em": _em_fields(result), "heldout": heldout})
+    return _em_result(recorded["em"], model), recorded["heldout"]
 
 
 def reward_models(ctx, models: Models, prefs: Preferences | None) -> Rewards:
@@ -141,12 +142,14 @@ def reward_models(ctx, models: Models, prefs: Preferences | None) -> Rewards:
     em_cfg = dataclasses.replace(source.em, progress=ctx.progress)
     trainable = trainable_filter(lora=_lora(ctx, "reward") is not None)
     mixture = _reward_model(ctx, models.reward, source.em.num_groups, ctx.cfg.seed + 1)
-    em = _fit_stage(ctx, ctx.stage("rewards/mixture"), mixture,
-                    lambda: fit_em(mixture, prefs.train, em_cfg, mesh=ctx.mesh, trainable=trainable), prefs)
+    em, heldout_mixture = _fit_stage(
+        ctx, ctx.stage("rewards/mixture"), mixture,
+        lambda: fit_em(mixture, prefs.train, em_cfg, mesh=ctx.mesh, trainable=trainable), prefs)
+    heldout = {"mixture": heldout_mixture}
     single = single_fit = None
     if source.single_reward_steps:
         single = _reward_model(ctx, models.reward, 1, ctx.cfg.seed + 2)
-        single_fit = _fit_stage(
+        single_fit, heldout["single"] = _fit_stage(
             ctx, ctx.stage("rewards/single"), single,
             lambda: fit_single_reward(single, prefs.train, steps=source.single_reward_steps,
                                       batch_size=source.em.batch_size, m_step_config=source.em.m_step,
@@ -155,9 +158,6 @@ def reward_models(ctx, models: Models, prefs: Preferences | None) -> Rewards:
     clusters = cluster_names(em.assignments, groups, em.weights.shape[0])
     clustering = ({k: em.metrics.get(k) for k in ("ari", "purity")} if groups is not None
                   else {"ari": None, "purity": None})
-    heldout = {"mixture": ctx.stage("rewards/mixture").result["heldout"]}
-    if single is not None:
-        heldout["single"] = ctx.stage("rewards/single").result["heldout"]
     report = {**clustering, "weights": em.weights.tolist(), "cluster_groups": clusters, "history": em.history,
               "heldout": heldout if prefs.heldout is not None else None, "users": prefs.train.num_users,
               "single_reward_history": single_fit.history if single_fit is not None else None}
@@ -210,7 +210,8 @@ def standardize(ctx, models: Models, rewards: Rewards, prompts: PromptSource) ->
     """Stage `standardize`: each reward head's mean and std on the reference policy's samples, so 0 is the
     reference's utility for every group and 1 one reference standard deviation."""
     stage = ctx.stage("standardize")
-    if not stage.done:
+    recorded = stage.result if stage.done else None
+    if recorded is None:
         stage.start()
         n = ctx.cfg.evaluation.standardizer_prompts
         # With the true rewards too (unused here): the same program as every evaluation, compiled once.
@@ -221,10 +222,11 @@ def standardize(ctx, models: Models, rewards: Rewards, prompts: PromptSource) ->
         k, learned = rewards.num_groups, samples["learned_reward"]
         fitted = {"mixture": RewardStandardizer.fit(learned[:, :k])}
         fitted["single"] = RewardStandardizer.fit(learned[:, k:]) if learned.shape[1] > k else fitted["mixture"]
-        stage.finish({name: {"mean": np.asarray(s.mean).tolist(), "std": np.asarray(s.std).tolist()}
-                      for name, s in fitted.items()})
+        recorded = stage.finish({name: {"mean": np.asarray(s.mean).tolist(), "std": np.asarray(s.std).tolist()}
+                                 for name, s in fitted.items()})
+    # Always from the record's numbers: a run that read them back uses exactly what one that fitted them does.
     return {name: RewardStandardizer(jnp.asarray(s["mean"], jnp.float32), jnp.asarray(s["std"], jnp.float32))
-            for name, s in stage.result.items()}
+            for name, s in recorded.items()}
 
 
 # Policy training ----------------------------------------------------------------------------------------------------
@@ -330,6 +332,8 @@ def _curve(records: list[dict]) -> list[dict]:
 def export_policy(ctx, policy: PolicyWithValue, trainable: nnx.State, models: Models, directory: Path) -> None:
     """Full fine-tuning: the policy as an HF checkpoint with its tokenizer (loadable with `load_pretrained`).
     LoRA: the trained adapters and value head as float32 npz (keys are state paths) and adapter_config.json."""
+    if not is_primary():
+        return
     directory.mkdir(parents=True, exist_ok=True)
     lora = _lora(ctx, "policy")
     base = getattr(ctx.cfg.model, "policy", "sft")
@@ -360,18 +364,20 @@ def evaluate(ctx, stage_name: str, lm: CausalLM | None, models: Models, rewards:
     `iterations`: how long the policy trained (a policy trained further is evaluated again)."""
     stage = ctx.stage(stage_name)
     path = stage.path / "samples.npz"
-    if not evaluated(stage, iterations):
-        stage.start()
-        evaluation = ctx.cfg.evaluation
-        samples = evaluate_policy(lm, models.policy, scorers(rewards), *prompts.sample(evaluation.prompts,
-                                                                                        Stream.EVALUATE),
-                                  sampling=ctx.sampling, key=ctx.key(Stream.EVALUATE),
-                                  batch_size=evaluation.batch_size, true_reward_fn=models.true_reward_fn)
+    if evaluated(stage, iterations):
+        with np.load(path) as data:
+            return {k: data[k] for k in data.files}
+    stage.start()
+    evaluation = ctx.cfg.evaluation
+    samples = evaluate_policy(lm, models.policy, scorers(rewards), *prompts.sample(evaluation.prompts,
+                                                                                    Stream.EVALUATE),
+                              sampling=ctx.sampling, key=ctx.key(Stream.EVALUATE), batch_size=evaluation.batch_size,
+                              true_reward_fn=models.true_reward_fn)
+    if is_primary():
         stage.path.mkdir(parents=True, exist_ok=True)
         np.savez(path, **samples)
-        stage.finish({"samples": path.name, "iterations": iterations})
-    with np.load(path) as data:
-        return {k: data[k] for k in data.files}
+    stage.finish({"samples": path.name, "iterations": iterations})
+    return samples
 
 
 __all__ = ["Rewards", "Scorers", "TrainedPolicy", "cluster_names", "evaluate", "evaluated", "export_policy", "iterate",
