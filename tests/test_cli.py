@@ -32,7 +32,12 @@ def train_policy_args(root, *, iterations, objective="softmin"):
 
 
 def test_fit_rewards_then_train_policy(checkpoint_and_data, capsys, monkeypatch):
+    """Both commands run the pipeline's stages: fit-rewards the reward stage, train-policy the training loop."""
     root = checkpoint_and_data
+    through = []
+    for name in ("reward_models", "iterate"):
+        real_stage = getattr(stages, name)
+        monkeypatch.setattr(stages, name, lambda *a, _f=real_stage, _n=name, **k: through.append(_n) or _f(*a, **k))
     assert main(["fit-rewards", "--data", str(root / "prefs.jsonl"), "--model", str(root / "ckpt"),
                  "--num-groups", "2", "--out", str(root / "rewards"), "--rounds", "2", "--steps", "5",
                  "--batch-size", "16", "--method", "soft"]) == 0
@@ -47,6 +52,7 @@ def test_fit_rewards_then_train_policy(checkpoint_and_data, capsys, monkeypatch)
     monkeypatch.setattr(stages, "make_objective", lambda name, **kw: built.append((name, kw)) or real(name, **kw))
     assert main(train_policy_args(root, iterations=2)) == 0
     assert built == [("softmin", {"temperature": 0.25})]  # the objective's own arguments reach it
+    assert through == ["reward_models", "reward_models", "iterate"]  # train-policy loads rewards through the stage
     curve = [r for r in map(json.loads, (root / "policy" / "metrics.jsonl").read_text().splitlines())
              if r["stage"] == "policy/softmin/ppo"]
     assert [r["step"] for r in curve] == [1, 2] and np.isfinite(curve[-1]["score"])
