@@ -14,12 +14,12 @@ from flax import nnx
 from benchmarks.registry import Context, Figure, Ratio, Result, register
 from benchmarks.timing import jax_sync, measure, measure_interleaved
 from maxmin_jax.data.batching import PairBatch
-from maxmin_jax.generate import generate
+from maxmin_jax.generate import SamplingConfig, generate
 from maxmin_jax.models import GPT2Config, build_model
 from maxmin_jax.policy.model import PolicyWithValue
 from maxmin_jax.policy.objectives import RewardStandardizer, make_objective
 from maxmin_jax.policy.ppo import PPOConfig
-from maxmin_jax.policy.trainer import PPOTrainer, RolloutConfig
+from maxmin_jax.policy.trainer import PPOTrainer
 from maxmin_jax.rewards.em import log_likelihood_matrix
 from maxmin_jax.rewards.model import RewardModel, SeparateRewardModels
 
@@ -82,11 +82,11 @@ def ppo_trainer(cfg, *, dtype, new: int, ppo: PPOConfig = PPOConfig(epochs=2, mi
     """The PPO trainer of the iteration benchmarks: maxmin over K = 2 reward heads, a frozen reference. The policy
     trains every weight, stored in float32 and computed in `dtype` (the mixed-precision policy); reference and
     reward model are frozen, stored and computed in `dtype`."""
-    rollout = RolloutConfig(max_new_tokens=new, eos_token_id=None, pad_token_id=0)  # no EOS: every token generated
+    sampling = SamplingConfig(max_new_tokens=new, eos_token_id=None, pad_token_id=0)  # no EOS: every token generated
     lm = build_model(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=jnp.float32)
     reward = RewardModel(build_model(cfg, rngs=nnx.Rngs(1), dtype=dtype), 2, rngs=nnx.Rngs(2))
     trainer = PPOTrainer(PolicyWithValue(lm), reward, make_objective("maxmin"), RewardStandardizer.identity(2),
-                         reference=build_model(cfg, rngs=nnx.Rngs(0), dtype=dtype), ppo=ppo, rollout=rollout)
+                         reference=build_model(cfg, rngs=nnx.Rngs(0), dtype=dtype), ppo=ppo, sampling=sampling)
     return trainer, {"trainer": "PPO (policy + value head, maxmin over 2 reward heads)", "epochs": ppo.epochs,
                      "minibatches": ppo.minibatches}
 

@@ -41,6 +41,15 @@ class ConfigError(InputError):
         self.key = key
 
 
+class RunDirError(InputError):
+    """An output directory holds a run that this one cannot continue (another config, another format);
+    `differences` lists what differs."""
+
+    def __init__(self, message: str, differences: list[str] | None = None):
+        super().__init__(message)
+        self.differences = list(differences or [])
+
+
 class NumericalFault(FloatingPointError):
     """A training quantity became non-finite or exploded. `quantity`, `value`, `step` (where it happened) and
     `last_good_step` (the newest checkpoint written before it, if any) are also attributes."""
@@ -51,4 +60,4 @@ class NumericalFault(FloatingPointError):
         self.quantity, self.value, self.step, self.last_good_step = quantity, value, step, last_good_step
 
 
-__all__ = ["CheckpointError", "ConfigError", "DataError", "InputError", "NumericalFault"]
+__all__ = ["CheckpointError", "ConfigError", "DataError", "InputError", "NumericalFault", "RunDirError"]

@@ -50,12 +50,13 @@ from maxmin_jax.generate import sample_continuations, sampling_config
 from maxmin_jax.models.layers import KVCache
 from maxmin_jax.models.lora import add_lora
 from maxmin_jax.models.transformer import KV_CACHE_AXES, kv_cache_shape
-from maxmin_jax.policy.model import PolicyWithValue, ValueParam
+from maxmin_jax.policy.model import PolicyWithValue
 from maxmin_jax.policy.ppo import PPOConfig, policy_loss, token_logprobs, value_loss
 from maxmin_jax.rewards.bt import bt_loss
 from maxmin_jax.rewards.model import RewardModel, score_pairs
 from maxmin_jax.sharding import (LOGICAL_RULES, batch_sharding, logical_to_spec, make_mesh, replicated, use_mesh,
                                 state_shardings)
+from maxmin_jax.trainable import trainable_filter
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -131,12 +132,11 @@ def abstract_reward(setup: PlanSetup, mesh=None) -> RewardModel:
 
 
 def _policy_trainable(setup: PlanSetup):
-    return nnx.Any(nnx.LoRAParam, ValueParam) if setup.policy_lora else nnx.Param
+    return trainable_filter(lora=setup.policy_lora is not None)
 
 
 def _reward_trainable(setup: PlanSetup):
-    heads = nnx.Any(nnx.PathContains("head"), nnx.PathContains("head_bias"))
-    return nnx.Any(nnx.LoRAParam, heads) if setup.reward_lora else nnx.Param
+    return trainable_filter(lora=setup.reward_lora is not None)
 
 
 # Shardings and byte counts ----------------------------------------------------------------------------------------

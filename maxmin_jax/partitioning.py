@@ -13,6 +13,8 @@ from typing import Protocol, Sequence, runtime_checkable
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from maxmin_jax.errors import InputError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # logical axis -> mesh axes. Batch is split over data and FSDP; parameters are FSDP-sharded on the embedding
@@ -34,7 +36,7 @@ LOGICAL_RULES: dict[str, tuple[str, ...]] = {
 REPLICATE_IF_INDIVISIBLE = frozenset({"vocab", "kv_heads"})
 
 
-class ShardingError(ValueError):
+class ShardingError(InputError):
     """A tensor cannot be laid out on the mesh: an indivisible dimension or an unknown logical axis name."""
 
 

@@ -21,14 +21,14 @@ import pytest
 from flax import nnx
 
 from maxmin_jax.data.batching import PairBatch
-from maxmin_jax.generate import generate
+from maxmin_jax.generate import SamplingConfig, generate
 from maxmin_jax.memory_plan import memory_plan
 from maxmin_jax.models import GPT2Config, build_model
 from maxmin_jax.models.hf import load_pretrained
 from maxmin_jax.policy.model import PolicyWithValue
 from maxmin_jax.policy.objectives import RewardStandardizer, make_objective
 from maxmin_jax.policy.ppo import PPOConfig
-from maxmin_jax.policy.trainer import PPOTrainer, RolloutConfig
+from maxmin_jax.policy.trainer import PPOTrainer
 from maxmin_jax.rewards.bt import bt_loss
 from maxmin_jax.rewards.em import EMConfig, MStepConfig, fit_em
 from maxmin_jax.rewards.model import RewardModel, score_pairs
@@ -218,7 +218,7 @@ def run_ppo(mesh, iterations: int = 2):
         prompts, prompt_mask = shard_batch((prompts, prompt_mask), mesh)
     trainer = PPOTrainer(policy, reward, make_objective("maxmin"), RewardStandardizer.identity(2),
                          reference=reference, ppo=PPOConfig(learning_rate=1e-3, minibatches=2, epochs=1),
-                         rollout=RolloutConfig(max_new_tokens=8))
+                         sampling=SamplingConfig(max_new_tokens=8))
     state, metrics = trainer.init_state(), []
     for it in range(iterations):
         state, m = trainer.step(state, prompts, prompt_mask, jax.random.key(it))

@@ -31,7 +31,7 @@ PSOUPS_COLUMNS = {"prompt": "user_input", "chosen": "completion_a", "rejected": 
 Source = Union[str, os.PathLike, datasets.Dataset, Sequence[Mapping[str, Any]]]
 
 
-def _read_table(path_or_id: str | os.PathLike, split: str) -> tuple[datasets.Dataset, str]:
+def read_table(path_or_id: str | os.PathLike, split: str) -> tuple[datasets.Dataset, str]:
     """Returns (table, source name). Local files are chosen by extension; anything hub-shaped goes to the hub."""
     name = os.fspath(path_or_id)
     path = Path(name)
@@ -76,7 +76,7 @@ def _as_table(source: Source, split: str, label: str) -> tuple[datasets.Dataset,
     if isinstance(source, datasets.Dataset):
         return source, label, None
     if isinstance(source, (str, os.PathLike)):
-        table, name = _read_table(source, split)
+        table, name = read_table(source, split)
         path = Path(source)
         lines = non_blank_line_numbers(path) if path.suffix.lower() == ".jsonl" and path.is_file() else None
         return table, name, lines

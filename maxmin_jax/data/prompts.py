@@ -106,9 +106,9 @@ def _read_rows(path: Path, name: str, column: str, split: str):
         if not rows:
             raise DataError(f"{name}: the file is empty; expected {EXPECTED['jsonl']}", source=name)
         return rows, f"field '{column}'"
-    from maxmin_jax.data.loaders import _read_table  # tables, folders and hub ids, as preference data
+    from maxmin_jax.data.loaders import read_table  # tables, folders and hub ids, as preference data
 
-    table, name = _read_table(path, split)
+    table, name = read_table(path, split)
     if column not in table.column_names:
         raise DataError(f"{name}: no column {column!r} for the prompts; the table has columns {table.column_names}",
                         source=name, field=column)

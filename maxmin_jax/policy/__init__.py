@@ -1,47 +1,11 @@
-"""Policy side of MaxMin-RLHF: social-choice objectives over group rewards and PPO math for causal LMs."""
+"""Policy side of MaxMin-RLHF: social-choice objectives over group rewards, the policy with its value head, SFT,
+and the jitted PPO trainer. The PPO math (GAE, clipped losses, KL control) is `maxmin_jax.policy.ppo`."""
 
-from maxmin_jax.policy.objectives import (
-    OBJECTIVES,
-    Objective,
-    ObjectiveState,
-    RewardStandardizer,
-    make_objective,
-)
-from maxmin_jax.policy.ppo import (
-    AdaptiveKLController,
-    FixedKLController,
-    KLControllerState,
-    PPOConfig,
-    gae,
-    kl_controller,
-    kl_penalty,
-    masked_entropy,
-    masked_mean,
-    policy_loss,
-    token_logprobs,
-    token_rewards,
-    value_loss,
-    whiten,
-)
+from maxmin_jax.policy.model import PolicyWithValue
+from maxmin_jax.policy.objectives import OBJECTIVES, Objective, ObjectiveState, RewardStandardizer, make_objective
+from maxmin_jax.policy.ppo import PPOConfig
+from maxmin_jax.policy.sft import SFTConfig, train_sft
+from maxmin_jax.policy.trainer import PPOState, PPOTrainer
 
-__all__ = [
-    "OBJECTIVES",
-    "AdaptiveKLController",
-    "FixedKLController",
-    "KLControllerState",
-    "Objective",
-    "ObjectiveState",
-    "PPOConfig",
-    "RewardStandardizer",
-    "gae",
-    "kl_controller",
-    "kl_penalty",
-    "make_objective",
-    "masked_entropy",
-    "masked_mean",
-    "policy_loss",
-    "token_logprobs",
-    "token_rewards",
-    "value_loss",
-    "whiten",
-]
+__all__ = ["OBJECTIVES", "Objective", "ObjectiveState", "PPOConfig", "PPOState", "PPOTrainer", "PolicyWithValue",
+           "RewardStandardizer", "SFTConfig", "make_objective", "train_sft"]

@@ -1,6 +1,6 @@
 """Social-choice aggregators: how K group rewards become the one reward PPO maximises.
 
-Each objective is an optax-style pair of pure functions (STYLE rule 8):
+Each objective is an optax-style pair of pure functions:
 
     obj = make_objective("maxmin")
     state = obj.init(num_groups)
@@ -15,6 +15,7 @@ Group rewards must be on one scale before they are compared: see `RewardStandard
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Callable, NamedTuple, Sequence
 
 import jax
@@ -207,9 +208,30 @@ OBJECTIVES: tuple[str, ...] = tuple(_REGISTRY)
 
 def make_objective(name: str, **kwargs) -> Objective:
     """Build an objective by name: single, utilitarian(weights), maxmin, maxmin_sample, softmin(temperature),
-    dro(step_size)."""
+    dro(step_size). The same name and arguments give the same `Objective` object, so jitted steps that take it as
+    a static argument compile once for all trainers built alike."""
     if name not in _REGISTRY:
         raise ValueError(f"unknown objective {name!r}; choose one of {', '.join(OBJECTIVES)}")
+    frozen = tuple(sorted((k, _hashable(v)) for k, v in kwargs.items()))
+    try:
+        hash(frozen)
+    except TypeError:
+        return _build(name, kwargs)
+    return _cached(name, frozen)
+
+
+def _hashable(value):
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return tuple(_hashable(v) for v in np.asarray(value).tolist()) if np.ndim(value) else value
+    return value
+
+
+@functools.lru_cache(maxsize=256)
+def _cached(name: str, frozen: tuple) -> Objective:
+    return _build(name, dict(frozen))
+
+
+def _build(name: str, kwargs: dict) -> Objective:
     try:
         return _REGISTRY[name](**kwargs)
     except TypeError as e:  # unexpected keyword: say which objective

@@ -176,16 +176,19 @@ def policy_loss(
     """Clipped surrogate loss: mean over real tokens of max(-A * ratio, -A * clip(ratio, 1 +- eps)).
 
     metrics: clipfrac = fraction of tokens where the clipped term is the active one; approx_kl = k3 estimate
-    of KL(old || new), mean of (ratio - 1) - log ratio (non-negative, low variance; Schulman 2020).
+    of KL(old || new), mean of (ratio - 1) - log ratio (non-negative, low variance; Schulman 2020). Under top-k or
+    top-p sampling a token can leave the new policy's support (log-prob ~ the dtype's minimum, ratio 0, no
+    gradient); its log-ratio counts as -20 in approx_kl so one such token does not make the metric infinite.
     """
     log_ratio = logprobs - old_logprobs
     ratio = jnp.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
     loss = masked_mean(jnp.maximum(unclipped, clipped), mask)
+    bounded = jnp.maximum(log_ratio, -20.0)
     metrics = {
         "clipfrac": masked_mean((clipped > unclipped).astype(jnp.float32), mask),
-        "approx_kl": masked_mean((ratio - 1.0) - log_ratio, mask),
+        "approx_kl": masked_mean((jnp.exp(bounded) - 1.0) - bounded, mask),
     }
     return loss, metrics
 

@@ -1,4 +1,4 @@
-"""EM over users for a mixture of K Bradley-Terry reward models (DESIGN.md section 4; Chakraborty et al. 2024).
+"""EM over users for a mixture of K Bradley-Terry reward models (Chakraborty et al. 2024).
 
 User h's log-likelihood under group k is `L_hk = sum_{pairs of h} log sigmoid(r_k(chosen) - r_k(rejected))`.
 - E-step: all pairs scored by all K heads in one jitted pass (`lax.map` over fixed-size chunks), then a segment
