@@ -315,7 +315,9 @@ def test_rules_and_placement_modules_import_no_model():
         tree = ast.parse(Path(module.__file__).read_text())
         imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
         imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-        assert {m for m in imported if m and m.startswith("maxmin_jax")} <= {"maxmin_jax.partitioning"}, module
+        # errors.py imports nothing of the library
+        allowed = {"maxmin_jax.partitioning", "maxmin_jax.errors"}
+        assert {m for m in imported if m and m.startswith("maxmin_jax")} <= allowed, module
 
 
 def test_unsharded_axes_stay_replicated():
