@@ -331,10 +331,17 @@ class EvaluationConfig:
     """Prompts per evaluation pass; divides both counts above."""
     examples: int = 3
     """Decoded responses of each policy shown in the report."""
+    bootstrap_resamples: int = 2000
+    """Resamples of the evaluation prompts behind every interval of the report (paired across policies)."""
+    confidence: float = 0.95
+    """Level of the report's intervals (bootstrap over prompts; Student t across seeds)."""
 
     def __post_init__(self):
         if min(self.standardizer_prompts, self.prompts, self.batch_size) < 1 or self.examples < 0:
             raise ValueError("prompt counts and batch_size must be >= 1, examples >= 0")
+        if self.bootstrap_resamples < 100 or not 0.5 < self.confidence < 1:
+            raise ValueError(f"bootstrap_resamples must be >= 100 and confidence in (0.5, 1), got "
+                             f"{self.bootstrap_resamples} and {self.confidence}")
         for name in ("standardizer_prompts", "prompts"):
             if getattr(self, name) % self.batch_size:
                 raise ValueError(f"{name}={getattr(self, name)} is not a multiple of batch_size={self.batch_size}")
@@ -348,6 +355,9 @@ class RunConfig:
 
     seed: int = 0
     """Seeds model initialisation, EM, prompt draws and sampling."""
+    seeds: tuple[int, ...] | None = None
+    """Run the whole pipeline once per seed (each its own directory OUT/seed-N, with `seed` and the world's own
+    `seed` set to N) and report means and intervals across seeds; None: one run with `seed`."""
     preferences: PreferencesSource | None = WorldPreferences()
     """Labelled comparisons for the reward models (None: rewards are loaded)."""
     model: ModelSource = ScratchModel()
@@ -369,6 +379,9 @@ class RunConfig:
     """Also write the metrics stream as TensorBoard event files (tensorboard/)."""
 
     def __post_init__(self):
+        if self.seeds is not None and (len(self.seeds) < 2 or len(set(self.seeds)) != len(self.seeds)):
+            raise ValueError(f"seeds: expected at least 2 distinct seeds (or null for one run with `seed`), got "
+                             f"{list(self.seeds)}")
         if self.prompt_template is not None and "{prompt}" not in self.prompt_template:
             raise ValueError(f"prompt_template must contain {{prompt}}, got {self.prompt_template!r}")
         world = isinstance(self.preferences, WorldPreferences)
