@@ -21,9 +21,10 @@ from maxmin_jax.errors import ConfigError
 
 def worlds() -> dict[str, Callable[..., Any]]:
     """The worlds a config can name (imported when first needed)."""
+    from maxmin_jax.data.review_distance import ReviewDistanceWorld
     from maxmin_jax.data.synthetic import ReviewWorld, planted_world
 
-    return {"review": ReviewWorld, "planted": planted_world}
+    return {"review": ReviewWorld, "review_distance": ReviewDistanceWorld, "planted": planted_world}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,8 +32,9 @@ class WorldSpec:
     """A synthetic world by name, with the keyword arguments of its class or factory (defaults filled in).
 
     YAML: `world: {name: review, num_users: 110, ...}`. Worlds: "review" (`ReviewWorld`: a majority that likes
-    enthusiastic reviews, a minority that likes concise ones) and "planted" (`planted_world`: G groups with planted
-    linear preferences)."""
+    enthusiastic reviews, a minority that likes concise ones), "review_distance" (`ReviewDistanceWorld`: the same
+    with the minority's preference `distance` of the way from the majority's to conciseness) and "planted"
+    (`planted_world`: G groups with planted linear preferences)."""
 
     name: str = "review"
     options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
