@@ -6,7 +6,9 @@ heads score them, the objective turns the [B, K] group rewards into one reward p
 each response with the other samples of its prompt, and minibatch epochs of the clipped policy-gradient loss, with a
 KL penalty to the reference inside the loss, update the policy. No value head is built or trained: the policy is the
 language model itself. The frozen parts (base weights under LoRA, reference, reward model, standardiser) are
-arguments, not closures, so they are not baked into the program as constants; the state is donated.
+arguments, not closures, so they are not baked into the program as constants; the state is donated. Every pass
+applies the LM head to the response positions only: over a vocabulary of 50k-128k the logits are the largest
+activations, and the prompt's are never read.
 """
 
 from __future__ import annotations
@@ -122,33 +124,34 @@ def critic_free_iteration(spec: CriticFreeSpec, state: CriticFreeState, frozen: 
     score, weights, objective_state = spec.objective.update(standardized, state.objective)
     advantages, _ = spec.estimator.estimate(terminal_rewards(score, mask), mask)
 
-    def response_logprobs(logits, rows):
-        # Position i predicts token i + 1: the response tokens are predicted from positions t - 1 .. T - 2.
-        return token_logprobs(logits[:, t - 1:-1], tokens[rows])
+    def response_logprobs(model, rows, use_lora=True):
+        """Log-probs of the response tokens (and their logits), the LM head applied to the positions predicting
+        them only: position i predicts token i + 1, so the response is predicted from positions t - 1 .. T - 2."""
+        hidden = model.hidden_states(seq[rows], seq_mask[rows], use_lora=use_lora)
+        logits = model.logits(hidden[:, t - 1:-1])
+        return token_logprobs(logits, tokens[rows]), logits
 
     everything = jnp.arange(b)
     ref_logprobs = None
     if cfg.kl_coef > 0:
-        if frozen.reference is None:
-            ref_logits = policy(seq, seq_mask, use_lora=False)
+        if frozen.reference is None:  # LoRA: the base weights are the reference
+            ref_logprobs, _ = response_logprobs(policy, everything, use_lora=False)
         else:
-            ref_logits = nnx.merge(spec.reference_graphdef, frozen.reference)(seq, seq_mask)
-        ref_logprobs = jax.lax.stop_gradient(response_logprobs(ref_logits, everything))
+            ref_logprobs, _ = response_logprobs(nnx.merge(spec.reference_graphdef, frozen.reference), everything)
+        ref_logprobs = jax.lax.stop_gradient(ref_logprobs)
     # The sampling policy's log-probs, by teacher forcing (bit-identical numerics to the update's); when the update
     # is one on-policy pass they are the update's own, taken inside the loss.
-    old_logprobs = None if cfg.single_pass else jax.lax.stop_gradient(
-        response_logprobs(policy(seq, seq_mask), everything))
+    old_logprobs = None if cfg.single_pass else jax.lax.stop_gradient(response_logprobs(policy, everything)[0])
 
     def loss_fn(trainable, rows):
         model = nnx.merge(spec.policy_graphdef, trainable, frozen.policy_rest)
-        logits = model(seq[rows], seq_mask[rows])
-        logprobs = response_logprobs(logits, rows)
+        logprobs, logits = response_logprobs(model, rows)
         old = jax.lax.stop_gradient(logprobs) if old_logprobs is None else old_logprobs[rows]
         loss, metrics = policy_gradient_loss(
             logprobs, old, advantages[rows], mask[rows], normalization=spec.estimator.loss_normalization,
             clip_eps=cfg.clip_eps, ref_logprobs=None if ref_logprobs is None else ref_logprobs[rows],
             kl_coef=cfg.kl_coef, kl_kind=cfg.kl_kind)
-        entropy = masked_entropy(logits[:, t - 1:-1], mask[rows])
+        entropy = masked_entropy(logits, mask[rows])
         metrics = {**metrics, "entropy": entropy, "loss": loss}
         if ref_logprobs is not None:  # the sequence KL of the policy being updated (the sampling one in one pass)
             metrics["kl"] = jnp.sum((old - ref_logprobs[rows]) * mask[rows], axis=1).mean()

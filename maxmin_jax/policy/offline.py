@@ -31,13 +31,17 @@ from maxmin_jax.policy.preference import PREFERENCE_LOSSES, aggregate_group_loss
 from maxmin_jax.sharding import replicate_on_mesh_of, shard_batch
 
 
-class PreferencePairs(NamedTuple):
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PreferencePairs:
     """Tokenised preference pairs ready for DPO/IPO; a pytree of arrays with N leading rows.
 
     ids/mask: left padded, prompt + response + EOS, chosen and rejected of one pair sharing T. `*_response`: 1 on
-    the response tokens whose log-probs count. `group_weights` [N, K]: how much each pair belongs to each group
-    (one-hot rows for hard assignments, responsibilities for soft). `ref_*` [N]: the reference's summed response
-    log-probs, None until `with_reference_logprobs` fills them.
+    the response tokens whose log-probs count, always the last tokens of a row. `group_weights` [N, K]: how much
+    each pair belongs to each group (one-hot rows for hard assignments, responsibilities for soft).
+    `response_window` (static): the number of trailing columns that hold every response token of the data set; the
+    LM head is applied there only. `ref_*` [N]: the reference's summed response log-probs, None until
+    `with_reference_logprobs` fills them.
     """
 
     chosen_ids: Any
@@ -47,6 +51,7 @@ class PreferencePairs(NamedTuple):
     rejected_mask: Any
     rejected_response: Any
     group_weights: Any
+    response_window: int = dataclasses.field(metadata=dict(static=True))
     ref_chosen: Any = None
     ref_rejected: Any = None
 
@@ -59,7 +64,7 @@ class PreferencePairs(NamedTuple):
         return int(self.group_weights.shape[1])
 
     def take(self, indices) -> PreferencePairs:
-        """The pairs at `indices` (a minibatch)."""
+        """The pairs at `indices` (a minibatch); the response window stays the data set's (one compiled step)."""
         return jax.tree.map(lambda x: x[indices], self)
 
     def group_shares(self) -> np.ndarray:
@@ -151,20 +156,31 @@ def preference_pairs(batch: PairBatch, group_weights, *, prompt_lengths=None) ->
     identical = np.flatnonzero((chosen.sum(1) == 0) & (rejected.sum(1) == 0))
     if identical.size:
         raise ValueError(f"pair {int(identical[0])}: chosen and rejected are the same sequence (no preference)")
+    window = int(max(chosen.sum(1).max(), rejected.sum(1).max()))
     return PreferencePairs(batch.chosen_ids, batch.chosen_mask, chosen, batch.rejected_ids, batch.rejected_mask,
-                           rejected, weights)
+                           rejected, weights, window)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "use_lora"))
+def response_logprobs(lm: CausalLM, ids, mask, response, window: int, *, use_lora: bool = True) -> jax.Array:
+    """`preference.sequence_logprobs` of the marked response tokens, the LM head applied only to the positions
+    predicting the last `window` tokens (every marked token must lie there)."""
+    hidden = lm.hidden_states(ids, mask, use_lora=use_lora)[:, -window - 1:]
+    return sequence_logprobs(lm.logits(hidden), ids[:, -window - 1:], response[:, -window - 1:])
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "window", "use_lora"))
 def _pair_logprobs(graphdef, state, chosen_ids, chosen_mask, chosen_response, rejected_ids, rejected_mask,
-                   rejected_response, *, use_lora: bool):
+                   rejected_response, *, window: int, use_lora: bool):
     """Summed response log-probs of chosen and rejected, scored in one forward pass."""
-    lm = nnx.merge(graphdef, state)
-    ids = jnp.concatenate([chosen_ids, rejected_ids])
-    logits = lm(ids, jnp.concatenate([chosen_mask, rejected_mask]), use_lora=use_lora)
-    logprobs = sequence_logprobs(logits, ids, jnp.concatenate([chosen_response, rejected_response]))
+    logprobs = response_logprobs(nnx.merge(graphdef, state), jnp.concatenate([chosen_ids, rejected_ids]),
+                                 jnp.concatenate([chosen_mask, rejected_mask]),
+                                 jnp.concatenate([chosen_response, rejected_response]), window, use_lora=use_lora)
     n = chosen_ids.shape[0]
     return logprobs[:n], logprobs[n:]
+
+
+_SEQUENCE_FIELDS = ("chosen_ids", "chosen_mask", "chosen_response", "rejected_ids", "rejected_mask",
+                    "rejected_response")
 
 
 def with_reference_logprobs(reference: CausalLM, pairs: PreferencePairs, *, batch_size: int = 32,
@@ -178,17 +194,15 @@ def with_reference_logprobs(reference: CausalLM, pairs: PreferencePairs, *, batc
     graphdef, state = nnx.split(reference)
     n = pairs.num_pairs
     order = np.resize(np.arange(n), -(-n // batch_size) * batch_size)
-    fields = PreferencePairs._fields[:6]
-    chosen, rejected = [], []
+    arrays = [np.asarray(getattr(pairs, f)) for f in _SEQUENCE_FIELDS]
+    scored = []
     for start in range(0, order.size, batch_size):
-        rows = order[start:start + batch_size]
-        chunk = [np.asarray(getattr(pairs, f))[rows] for f in fields]
-        if mesh is not None:
-            chunk = shard_batch(chunk, mesh)
-        c, r = _pair_logprobs(graphdef, state, *chunk, use_lora=use_lora)
-        chosen.append(np.asarray(c))
-        rejected.append(np.asarray(r))
-    return pairs._replace(ref_chosen=np.concatenate(chosen)[:n], ref_rejected=np.concatenate(rejected)[:n])
+        chunk = [a[order[start:start + batch_size]] for a in arrays]
+        # Dispatched without waiting: the next chunk is prepared while the device scores this one.
+        scored.append(_pair_logprobs(graphdef, state, *(shard_batch(chunk, mesh) if mesh is not None else chunk),
+                                     window=pairs.response_window, use_lora=use_lora))
+    chosen, rejected = (np.concatenate([np.asarray(s[i]) for s in scored])[:n] for i in (0, 1))
+    return dataclasses.replace(pairs, ref_chosen=chosen, ref_rejected=rejected)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -244,7 +258,7 @@ def preference_step(spec: PreferenceSpec, state: PreferenceState, frozen: Prefer
 
     def loss_fn(trainable):
         model = nnx.merge(spec.policy_graphdef, trainable, frozen.policy_rest)
-        logprobs = sequence_logprobs(model(ids, mask), ids, response)
+        logprobs = response_logprobs(model, ids, mask, response, batch.response_window)
         chosen, rejected = logprobs[:n], logprobs[n:]
         losses = pair_losses(cfg.loss, chosen, rejected, batch.ref_chosen, batch.ref_rejected, lengths[:n],
                              lengths[n:], cfg.beta)
