@@ -103,6 +103,8 @@ def critic_free_iteration(ctx: Context) -> Result:
                "moments, reference, reward model, inputs; temp = everything else it holds at its peak)",
                f"PPO's value head shares the policy's trunk: {value_head} parameters; dropping it saves their "
                "Adam moments and the value pass, not a second network",
+               "the critic-free passes apply the LM head to the response positions only, PPOTrainer's to every "
+               "position (prompt included): part of the difference in time and temp memory",
                "GRPO one pass (its default, epochs = minibatches = 1) skips the pass recording the sampling "
                "policy's log-probs and runs one update pass instead of epochs x minibatches, over the whole batch "
                "at once (so its update holds twice the activations of a half-batch minibatch)"],
@@ -145,15 +147,22 @@ def dpo_step(ctx: Context) -> Result:
         return metrics
 
     t = measure(jax_sync(step), repeats=ctx.repeats_at_least(5), warmup=ctx.warmup)
-    flops = model_cost(policy).train_flops(2 * n, length, lora=False)  # chosen and rejected: 2n sequences
+    # Forward + backward (3 x forward) over chosen and rejected (2n sequences): the trunk and attention over every
+    # position, the LM head over the response window only (plus the position predicting its first token).
+    cost, window = model_cost(policy), pairs.response_window
+    forward = (2.0 * (cost.params_matmul - cost.params_head) * 2 * n * length
+               + 2.0 * cost.params_head * 2 * n * (window + 1) + cost.attention_flops(2 * n, length, length))
+    flops = 3.0 * forward
     return Result(
         config={"model": "gpt2-124M" if not ctx.quick else "tiny", "pairs": n, "seq_len": length,
-                "prompt": prompt, "loss": trainer.config.loss, "objective": "maxmin", "K": 2},
+                "prompt": prompt, "response_window": window, "loss": trainer.config.loss, "objective": "maxmin",
+                "K": 2},
         figures=[Figure("DPO step pairs/s", n / t.median_s, "pairs/s", timing=t),
                  Figure("DPO step GFLOP/s", flops / t.median_s / 1e9, "GFLOP/s",
                         ceiling=lambda c: c["matmul_f32"], ceiling_source="matmul_f32"),
                  Figure("reference pass pairs/s (once per data set)", n / t_ref.median_s, "pairs/s", timing=t_ref)],
         notes=["a step is one forward and backward of the policy over chosen and rejected (2 x pairs sequences); "
                "the reference log-probs are cached beforehand, so no reference model is resident while training",
-               "GFLOP/s counts 3 x forward matmul and attention FLOPs (benchmarks/METHOD.md)"],
+               "GFLOP/s counts 3 x the forward's matmul and attention FLOPs (benchmarks/METHOD.md), the LM head "
+               "over the response window only, as the step computes it"],
         extra={"memory_mib": _memory(compiled), "step_s": t.median_s})
