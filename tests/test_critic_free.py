@@ -14,7 +14,6 @@ from maxmin_jax.policy.critic_free import CriticFreeConfig, CriticFreeTrainer
 from maxmin_jax.policy.model import PolicyWithValue
 from maxmin_jax.policy.objectives import RewardStandardizer, make_objective
 from maxmin_jax.policy.trainer import RolloutConfig
-from maxmin_jax.rewards.model import RewardModel
 from maxmin_jax.sharding import make_mesh, shard_batch, shard_module
 
 CONFIG = GPT2Config.tiny(vocab_size=64, max_position_embeddings=48)
@@ -47,14 +46,18 @@ def flat(tree):
     return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(tree)}
 
 
+def liked_tokens_table():
+    table = np.zeros((CONFIG.vocab_size, 2), np.float32)
+    table[3:20, 0] = 1.0
+    table[20:40, 1] = 1.0
+    return table
+
+
 @pytest.fixture(scope="module")
 def grpo_run():
     """GRPO + maxmin (lagged weights), full fine-tuning against a separate reference, on a reward that likes tokens
     3..19 for group 0 and 20..39 for group 1: 25 iterations of 8 prompts x 4 samples, one on-policy pass each."""
-    table = np.zeros((CONFIG.vocab_size, 2), np.float32)
-    table[3:20, 0] = 1.0
-    table[20:40, 1] = 1.0
-    trainer = CriticFreeTrainer(build_model(CONFIG, rngs=nnx.Rngs(0)), TokenTableReward(table, 6),
+    trainer = CriticFreeTrainer(build_model(CONFIG, rngs=nnx.Rngs(0)), TokenTableReward(liked_tokens_table(), 6),
                                 make_objective("maxmin", lagged=True), RewardStandardizer.identity(2),
                                 estimator=make_estimator("grpo", group_size=G),
                                 reference=build_model(CONFIG, rngs=nnx.Rngs(0)),
@@ -129,7 +132,7 @@ def run_rloo_lora(mesh, iterations: int = 2):
     """RLOO + dro under LoRA (the reference is the base weights, adapters off), 2 epochs x 2 minibatches (the
     multi-pass path)."""
     policy = build_model(CONFIG, rngs=nnx.Rngs(0))
-    reward = RewardModel.from_config(CONFIG, 2, nnx.Rngs(1))
+    reward = TokenTableReward(np.random.default_rng(1).normal(size=(CONFIG.vocab_size, 2)), 6)
     ids, mask = prompts(batch=4, seed=1)
     if mesh is not None:
         for module in (policy, reward):

@@ -230,6 +230,7 @@ TOL = dict(rtol=1e-4, atol=1e-4)
 
 
 def dpo_run(objective, mesh=None, steps=30, **objective_kwargs):
+    """(history of metrics, the policy's parameters after 3 steps) of `steps` full-batch DPO steps."""
     pairs = preference_pairs(CONFLICT, pair_group_weights(CONFLICT.user_index, assignments=GROUPS))
     policy = build_model(CONFIG, rngs=nnx.Rngs(0))
     if mesh is not None:
@@ -238,53 +239,58 @@ def dpo_run(objective, mesh=None, steps=30, **objective_kwargs):
     trainer = PreferenceTrainer(policy, make_objective(objective, **objective_kwargs), pairs.group_shares(),
                                 config=PreferenceConfig(loss="dpo", beta=0.5, learning_rate=3e-3))
     batch = shard_batch(pairs, mesh) if mesh is not None else pairs
-    state, history = trainer.init_state(), []
-    for _ in range(steps):
+    state, history, params = trainer.init_state(), [], None
+    for step in range(steps):
         state, metrics = trainer.step(state, batch)
         history.append(jax.tree.map(np.asarray, metrics))
+        if step == 2:
+            params = {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(
+                nnx.state(trainer.policy(state), nnx.Param))}
+            wte = trainer.policy(state).wte[...]
+            assert mesh is None or {s.data.shape for s in wte.addressable_shards} == {(wte.shape[0] // 2,
+                                                                                       wte.shape[1] // 2)}
     assert trainer._step._cache_size() == 1
-    return trainer.policy(state), history
+    return history, params
 
 
 @pytest.fixture(scope="module")
 def dro_single():
-    return dpo_run("dro", steps=3, step_size=1.0)
+    """Group-robust DPO: dro weights (step size 1) over the two groups, 30 full-batch steps."""
+    return dpo_run("dro", step_size=1.0)
 
 
 def test_sharded_step_matches_single_device(dro_single):
-    mesh = make_mesh(2, 2, 2)
-    policy, history = dpo_run("dro", mesh, steps=3, step_size=1.0)
-    ref_policy, ref_history = dro_single
-    for m, ref in zip(history, ref_history, strict=True):
+    """Three steps on a (2, 2, 2) mesh (the embedding split over tensor and fsdp, checked in `dpo_run`) against the
+    first three of the single-device run."""
+    history, params = dpo_run("dro", make_mesh(2, 2, 2), steps=3, step_size=1.0)
+    ref_history, ref_params = dro_single
+    for m, ref in zip(history, ref_history[:3]):
         for key in m:
             # Accuracies count the signs of margins, which start at 0 up to rounding: a few of 32 pairs may flip.
             tol = dict(rtol=0, atol=4 / 32) if key.endswith("accuracy") else TOL
             np.testing.assert_allclose(m[key], ref[key], **tol, err_msg=key)
-    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(nnx.state(policy, nnx.Param)),
-                            jax.tree.leaves(nnx.state(ref_policy, nnx.Param)), strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), **TOL, err_msg=jax.tree_util.keystr(path))
-    wte = policy.wte[...]  # [V, D]: vocab over tensor, embed over fsdp, after the updates
-    assert {s.data.shape for s in wte.addressable_shards} == {(wte.shape[0] // 2, wte.shape[1] // 2)}
+    assert params.keys() == ref_params.keys()
+    for key in params:
+        np.testing.assert_allclose(params[key], ref_params[key], **TOL, err_msg=key)
 
 
 def test_dro_weights_follow_the_group_losses(dro_single):
     """lambda after T steps = softmax(eta * sum_t L_t): the mirror-descent step on the losses the step logged."""
-    _, history = dro_single
-    cumulative = np.cumsum([m["group_loss"] for m in history], axis=0)
+    history, _ = dro_single
+    cumulative = np.cumsum([m["group_loss"].astype(np.float64) for m in history], axis=0)
     for m, c in zip(history, cumulative):
-        np.testing.assert_allclose(m["group_weights"], np.exp(c) / np.exp(c).sum(), rtol=1e-5)
+        np.testing.assert_allclose(m["group_weights"], np.exp(c) / np.exp(c).sum(), rtol=1e-4)
     assert history[0]["loss"] == pytest.approx(np.log(2), rel=1e-5)  # policy = reference: every margin is 0
 
 
-def test_maxmin_protects_the_minority():
-    """Utilitarian DPO with the group shares as weights (= DPO on the pooled pairs) serves the majority; maxmin
-    (lagged weights) lowers the minority's loss too. After the same 30 steps the worst group's loss is lower."""
-    _, maxmin = dpo_run("maxmin", lagged=True)
-    _, pooled = dpo_run("utilitarian", weights=[24, 8])
+def test_group_robust_dpo_protects_the_minority(dro_single):
+    """Utilitarian DPO with the group shares as weights (= DPO on the pooled pairs) serves the majority and leaves
+    the minority where the reference policy had it (log 2); group-robust weights lower the worst group's loss."""
+    robust, _ = dro_single
+    pooled, _ = dpo_run("utilitarian", weights=[24, 8])
     worst = lambda h: np.max(np.mean([m["group_loss"] for m in h[-5:]], axis=0))  # noqa: E731
     minority = lambda h: np.mean([m["group_loss"][1] for m in h[-5:]])  # noqa: E731
-    # Measured: worst-group loss 0.49 under maxmin (the minority's 0.40), 0.69 pooled (the minority's, where the
-    # reference policy left it: log 2).
-    assert worst(maxmin) < worst(pooled) - 0.1, (worst(maxmin), worst(pooled))
-    assert minority(maxmin) < minority(pooled) - 0.1
-    assert all(np.isfinite(m["loss"]) for m in maxmin + pooled)
+    # Measured: worst-group loss 0.39 with dro weights, 0.69 pooled (the minority's).
+    assert worst(robust) < worst(pooled) - 0.1, (worst(robust), worst(pooled))
+    assert minority(robust) < minority(pooled) - 0.1
+    assert all(np.isfinite(m["loss"]) for m in robust + pooled)
