@@ -1,7 +1,10 @@
 """Sampling with a preallocated KV cache: one jitted prefill, then a `lax.while_loop` decode on the device.
 
 Prompts are left padded to a length bucket, so a new prompt length reuses a compiled program; the loop stops as
-soon as every row has produced EOS.
+soon as every row has produced EOS. The block weights are sliced into per-layer arrays once per call, before the
+prefill, and every step runs the layers unrolled over them: scanning the stacked weights inside the loop would copy
+each layer's slices on every step, which measured 1.7x slower on a GPU and ~25% slower on CPU (docs/decisions.md,
+"One decode path"). The price is one copy of the block weights (in the compute dtype) while sampling runs.
 """
 
 from __future__ import annotations
@@ -20,26 +23,15 @@ from maxmin_jax.models.transformer import CausalLM
 
 
 class SamplingConfig(NamedTuple):
-    """Static sampling settings (each distinct value compiles once).
-
-    `unroll_layers`: slice the stacked block weights into per-layer arrays once per call and run the decode loop's
-    layers unrolled over them. Scanning the stacked weights inside the loop makes XLA:CPU copy every layer's slices
-    on every step (a quarter of a GPT-2 decode step, benchmarks/NOTES.md); unrolling costs one copy of the block
-    weights per call, which a large model on an accelerator cannot spare, so it is the default on CPU only.
-    """
+    """Static sampling settings (each distinct value compiles once)."""
 
     greedy: bool
     top_k: int | None
     use_top_p: bool
-    unroll_layers: bool = False
 
 
-def sampling_config(temperature: float, top_k: int | None, top_p: float | None, *,
-                    unroll_layers: bool | None = None) -> SamplingConfig:
-    if unroll_layers is None:
-        unroll_layers = jax.default_backend() == "cpu"
-    return SamplingConfig(greedy=temperature == 0, top_k=top_k, use_top_p=top_p is not None,
-                          unroll_layers=unroll_layers)
+def sampling_config(temperature: float, top_k: int | None, top_p: float | None) -> SamplingConfig:
+    return SamplingConfig(greedy=temperature == 0, top_k=top_k, use_top_p=top_p is not None)
 
 
 def eos_array(eos_token_id: int | Sequence[int] | None) -> jax.Array:
@@ -93,10 +85,10 @@ def sample_continuations(model: CausalLM, input_ids, attention_mask, rng, *, max
     b, t = input_ids.shape
     eos_ids = jnp.asarray([-1] if eos_ids is None else eos_ids, jnp.int32)
     cache = model.init_cache(b, t + max_new_tokens)
-    layers = model.unstack_layers() if cfg.unroll_layers else None  # hoisted out of the loop: sliced once per call
+    layers = model.unstack_layers()  # sliced once per call, outside the loop (see the module docstring)
     key_valid = jnp.concatenate([attention_mask.astype(bool), jnp.ones((b, max_new_tokens), bool)], axis=1)
     hidden, cache = model.forward(input_ids, attention_mask, positions=positions_from_mask(attention_mask),
-                                  cache=cache, cache_index=0, key_valid=key_valid, layer_params=layers)
+                                  cache=cache, cache_index=0, layer_params=layers)
     next_position = attention_mask.sum(-1).astype(jnp.int32)
 
     def emit(step, logits, tokens, logprobs, alive, done):
@@ -141,12 +133,10 @@ def _generate_jit(graphdef, state, input_ids, attention_mask, rng, temperature, 
 def generate(model: CausalLM, input_ids: Int[Array, "b t"], attention_mask: Int[Array, "b t"] | None = None, *,
              max_new_tokens: int, rng: jax.Array, temperature: float = 1.0, top_k: int | None = None,
              top_p: float | None = None, eos_token_id: int | Sequence[int] | None = None, pad_token_id: int = 0,
-             return_logprobs: bool = False, bucket_multiple: int = 16, unroll_layers: bool | None = None):
+             return_logprobs: bool = False, bucket_multiple: int = 16):
     """Sample `max_new_tokens` after left-padded prompts. Returns ids [B, T + max_new_tokens] (prompt, then new
     tokens, `pad_token_id` after EOS), and with `return_logprobs` also the log-probabilities [B, max_new_tokens] of
-    the chosen tokens under the temperature-scaled model distribution (0 after EOS). temperature=0 is greedy.
-    `unroll_layers` (default: on CPU only) trades one copy of the block weights for a faster decode loop; see
-    `SamplingConfig`."""
+    the chosen tokens under the temperature-scaled model distribution (0 after EOS). temperature=0 is greedy."""
     input_ids = jnp.asarray(input_ids, jnp.int32)
     b, t = input_ids.shape
     attention_mask = jnp.ones_like(input_ids) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
@@ -164,7 +154,7 @@ def generate(model: CausalLM, input_ids: Int[Array, "b t"], attention_mask: Int[
     pad = padded - t
     ids = jnp.pad(input_ids, ((0, 0), (pad, 0)), constant_values=pad_token_id)
     mask = jnp.pad(attention_mask, ((0, 0), (pad, 0)))
-    cfg = sampling_config(temperature, top_k, top_p, unroll_layers=unroll_layers)
+    cfg = sampling_config(temperature, top_k, top_p)
     graphdef, state = nnx.split(model)
     tokens, logprobs = _generate_jit(
         graphdef, state, ids, mask, rng, jnp.float32(temperature or 1.0), jnp.float32(top_p or 1.0),

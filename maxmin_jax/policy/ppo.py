@@ -45,15 +45,41 @@ def masked_mean(x: Float[Array, "..."], mask: Float[Array, "..."], axis=None) ->
 
 
 def token_logprobs(logits: Float[Array, "b t v"], tokens: Int[Array, "b t"]) -> Float[Array, "b t"]:
-    """log pi(token_t | ...) from logits aligned with the tokens (logits[:, t] predicts tokens[:, t])."""
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
+    """log pi(token_t | ...) from logits aligned with the tokens (logits[:, t] predicts tokens[:, t]), in float32.
+
+    Computed as logit(token) - logsumexp(logits), with a hand-written gradient `(onehot - softmax) * g` that reads
+    the logits once and keeps only the [B, T] logsumexp besides them: a log-softmax would write a float32 [B, T, V]
+    array and read it back in its backward, and autodiff of logsumexp keeps another [B, T, V] of exponentials."""
+    return _token_logprobs(logits.astype(jnp.float32), tokens)
+
+
+@jax.custom_vjp
+def _token_logprobs(logits, tokens):
+    return _token_logprobs_fwd(logits, tokens)[0]
+
+
+def _token_logprobs_fwd(logits, tokens):
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, tokens[..., None], axis=-1)[..., 0]
+    return picked - lse, (logits, tokens, lse)
+
+
+def _token_logprobs_bwd(residuals, g):
+    logits, tokens, lse = residuals
+    onehot = jnp.arange(logits.shape[-1]) == tokens[..., None]
+    return g[..., None] * (onehot - jnp.exp(logits - lse[..., None])), None
+
+
+_token_logprobs.defvjp(_token_logprobs_fwd, _token_logprobs_bwd)
 
 
 def masked_entropy(logits: Float[Array, "b t v"], mask: Float[Array, "b t"]) -> Float[Array, ""]:
-    """Mean per-token entropy of the policy over real tokens (for the entropy bonus and logging)."""
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return masked_mean(-jnp.sum(jnp.exp(logp) * logp, axis=-1), mask)
+    """Mean per-token entropy of the policy over real tokens (for the entropy bonus and logging):
+    logsumexp(z) - sum softmax(z) z, fused reductions in float32 (no log-softmax array)."""
+    logits = logits.astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+    entropy = lse[..., 0] - jnp.sum(jnp.exp(logits - lse) * logits, axis=-1)
+    return masked_mean(entropy, mask)
 
 
 def kl_penalty(

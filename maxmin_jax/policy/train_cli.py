@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from maxmin_jax.checkpoint import CheckpointManager
 from maxmin_jax.data.batching import tokenize_prompts
-from maxmin_jax.data.schema import DataError
+from maxmin_jax.data.prompts import read_prompts
 from maxmin_jax.eval import evaluate_policy
 from maxmin_jax.models.hf import load_pretrained, save_pretrained
 from maxmin_jax.policy.model import PolicyWithValue
@@ -21,29 +21,6 @@ from maxmin_jax.policy.objectives import RewardStandardizer, make_objective
 from maxmin_jax.policy.ppo import PPOConfig
 from maxmin_jax.policy.trainer import PPOTrainer, RolloutConfig
 from maxmin_jax.rewards.fit import load_reward_model
-
-
-def read_prompts(path: str | Path) -> list[str]:
-    """One prompt per line (.txt), or rows with a 'prompt' field (.jsonl). Empty prompts are errors."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: prompts file not found")
-    lines = path.read_text().splitlines()
-    if path.suffix == ".jsonl":
-        prompts = []
-        for n, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            if not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
-                raise DataError(f"{path}: row {n}: field 'prompt': expected a non-empty string, got "
-                                f"{row.get('prompt')!r}")
-            prompts.append(row["prompt"])
-    else:
-        prompts = [line for line in lines if line.strip()]
-    if not prompts:
-        raise DataError(f"{path}: no prompts")
-    return prompts
 
 
 def train_policy(*, model: str, rewards: str, prompts: str, objective: str, out: str, iterations: int = 20,
