@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from maxmin_jax.errors import ConfigError
 from maxmin_jax.policy import ppo
 from maxmin_jax.policy.advantages import (CRITIC_FREE_ESTIMATORS, ESTIMATORS, loss_token_weights, make_estimator,
                                           policy_gradient_loss)
@@ -178,9 +179,9 @@ def test_every_objective_composes_with_every_estimator(objective):
 
 
 def test_estimator_arguments_are_checked():
-    with pytest.raises(ValueError, match="unknown estimator 'ppo'"):
+    with pytest.raises(ConfigError, match="unknown estimator 'ppo'"):
         make_estimator("ppo")
-    with pytest.raises(ValueError, match="group_size must be an int >= 2"):
+    with pytest.raises(ConfigError, match="group_size must be an int >= 2"):
         make_estimator("rloo", group_size=1)
     with pytest.raises(TypeError, match="estimator 'grpo'"):
         make_estimator("grpo")  # group_size is required

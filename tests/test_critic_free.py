@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from maxmin_jax.errors import ConfigError
 from maxmin_jax.models import GPT2Config, build_model
 from maxmin_jax.models.lora import add_lora
 from maxmin_jax.policy.advantages import make_estimator
@@ -81,6 +82,8 @@ def test_no_value_head_and_finite_metrics(grpo_run):
     for metrics in history:
         for name, value in metrics.items():
             assert np.all(np.isfinite(value)), name
+        assert {k for k in metrics if k.startswith("fault/")} == {"fault/loss", "fault/grad_norm", "fault/kl"}
+        assert not any(v for k, v in metrics.items() if k.startswith("fault/"))
     assert abs(float(history[0]["kl"])) < 1e-5  # the policy starts as the reference
     assert float(history[0]["clipfrac"]) == 0.0  # one on-policy pass: every ratio is 1
     np.testing.assert_allclose(history[0]["group_weights"], [0.5, 0.5])  # lagged: nothing seen before batch 1
@@ -110,16 +113,18 @@ def test_bad_setups_are_refused():
     grpo = make_estimator("grpo", group_size=G)
     with pytest.raises(TypeError, match="no value head"):
         CriticFreeTrainer(PolicyWithValue(lm), *args, estimator=grpo, reference=lm)
-    with pytest.raises(ValueError, match="needs a critic"):
+    with pytest.raises(ConfigError, match="needs a critic"):
         CriticFreeTrainer(lm, *args, estimator=make_estimator("gae"), reference=lm)
-    with pytest.raises(ValueError, match="temperature must be > 0"):
+    with pytest.raises(ConfigError, match="temperature must be > 0"):
         CriticFreeTrainer(lm, *args, estimator=grpo, reference=lm, rollout=RolloutConfig(temperature=0.0))
-    with pytest.raises(ValueError, match="needs a reference model"):
+    with pytest.raises(ConfigError, match="needs a reference model"):
         CriticFreeTrainer(lm, *args, estimator=grpo)
-    with pytest.raises(ValueError, match="kl_kind"):
+    with pytest.raises(ConfigError, match="kl_kind"):
         CriticFreeConfig(kl_kind="kl")
+    with pytest.raises(ConfigError, match="epochs: expected an integer >= 1, got True"):
+        CriticFreeConfig(epochs=True)
     trainer = CriticFreeTrainer(lm, *args, estimator=grpo, reference=lm, config=CriticFreeConfig(minibatches=5))
-    with pytest.raises(ValueError, match="= 12 responses, not divisible by CriticFreeConfig.minibatches=5"):
+    with pytest.raises(ConfigError, match="= 12 responses, not divisible by CriticFreeConfig.minibatches=5"):
         trainer.step(trainer.init_state(), *prompts(batch=3), jax.random.key(0))
 
 

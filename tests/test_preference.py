@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from maxmin_jax.data.batching import PairBatch
+from maxmin_jax.errors import ConfigError, DataError
 from maxmin_jax.models import GPT2Config, build_model
 from maxmin_jax.policy.objectives import make_objective
 from maxmin_jax.policy.offline import (PreferenceConfig, PreferenceTrainer, pair_group_weights, preference_pairs,
@@ -77,7 +78,7 @@ def test_unknown_loss_is_refused():
     x = jnp.zeros(2)
     with pytest.raises(ValueError, match="unknown preference loss 'kto'"):
         pair_losses("kto", x, x, x, x, x, x, 0.1)
-    with pytest.raises(ValueError, match="PreferenceConfig.loss"):
+    with pytest.raises(ConfigError, match="PreferenceConfig.loss"):
         PreferenceConfig(loss="hinge")
 
 
@@ -110,7 +111,7 @@ def test_utilitarian_with_shares_is_pooled_and_softmin_and_dro_weigh_by_loss():
     np.testing.assert_allclose(soft.weights, np.exp(group / 0.5) / np.exp(group / 0.5).sum(), rtol=1e-5)
     dro = aggregate("dro", step_size=2.0)
     np.testing.assert_allclose(dro.weights, np.exp(2.0 * group) / np.exp(2.0 * group).sum(), rtol=1e-5)
-    with pytest.raises(ValueError, match="maxmin_sample"):
+    with pytest.raises(ConfigError, match="maxmin_sample"):
         aggregate("maxmin_sample")
 
 
@@ -191,16 +192,18 @@ def test_response_masks_and_group_weights():
     np.testing.assert_allclose(pairs.group_shares(), [2 / 6, 2 / 6, 2 / 6])
     soft = pair_group_weights(batch.user_index, responsibilities=np.full((6, 2), 0.5))
     np.testing.assert_allclose(soft, 0.5)
-    with pytest.raises(ValueError, match="sum to 1.5000"):
+    with pytest.raises(DataError, match="sum to 1.5000"):
         pair_group_weights(batch.user_index, responsibilities=np.full((6, 2), 0.75))
     with pytest.raises(ValueError, match="exactly one of"):
         pair_group_weights(batch.user_index)
-    with pytest.raises(ValueError, match="group 1 has no pairs"):
+    with pytest.raises(DataError, match="group 1 has no pairs"):
         preference_pairs(batch, pair_group_weights(batch.user_index, assignments=np.zeros(6, int), num_groups=3))
     same = make_batch([(triples[0][0], triples[0][1], triples[0][1])], [False])
-    with pytest.raises(ValueError, match="pair 0: chosen and rejected are the same sequence"):
+    with pytest.raises(DataError, match="pair index 0: chosen and rejected are the same sequence"):
         preference_pairs(same, np.ones((1, 1)))
-    with pytest.raises(ValueError, match="pair 0: the chosen response starts at the first token"):
+    with pytest.raises(DataError, match="pair index 2: prompt length 0; expected at least 1"):
+        preference_pairs(batch, weights, prompt_lengths=np.where(np.arange(6) == 2, 0, prompt_lengths))
+    with pytest.raises(DataError, match="pair index 0: the chosen response starts at the first token"):
         preference_pairs(make_batch([([], [5, 6], [7, 8])], [False]), np.ones((1, 1)))
 
 
@@ -216,7 +219,7 @@ def test_reference_logprobs_are_computed_once_in_chunks():
     trainer = PreferenceTrainer(build_model(CONFIG, rngs=nnx.Rngs(5)), make_objective("single"), [1.0])
     with pytest.raises(ValueError, match="no reference log-probs"):
         trainer.step(trainer.init_state(), pairs)
-    with pytest.raises(ValueError, match="has no offline meaning"):
+    with pytest.raises(ConfigError, match="has no offline meaning"):
         PreferenceTrainer(ref, make_objective("maxmin_sample"), [0.5, 0.5])
 
 
@@ -294,3 +297,5 @@ def test_group_robust_dpo_protects_the_minority(dro_single):
     assert worst(robust) < worst(pooled) - 0.1, (worst(robust), worst(pooled))
     assert minority(robust) < minority(pooled) - 0.1
     assert all(np.isfinite(m["loss"]) for m in robust + pooled)
+    assert not any(v for m in robust + pooled for k, v in m.items() if k.startswith("fault/"))
+    assert {k for k in robust[0] if k.startswith("fault/")} == {"fault/loss", "fault/group_loss", "fault/grad_norm"}

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Callable, NamedTuple
 
 import jax.numpy as jnp
 
+from maxmin_jax.errors import ConfigError
 from maxmin_jax.policy.ppo import clipped_surrogate, gae, kl_penalty, masked_mean, whiten
 
 if TYPE_CHECKING:  # shape annotations only; jaxtyping is not a runtime dependency
@@ -153,8 +154,8 @@ def policy_gradient_loss(
 # The registry -----------------------------------------------------------------------------------------------------
 def _check_group_size(name: str, group_size) -> int:
     if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 2:
-        raise ValueError(f"estimator {name!r} compares samples of the same prompt: group_size must be an int >= 2, "
-                         f"got {group_size!r}")
+        raise ConfigError(f"estimator {name!r} compares samples of the same prompt: group_size must be an int >= 2, "
+                          f"got {group_size!r}", key="group_size")
     return group_size
 
 
@@ -174,7 +175,7 @@ def gae_estimator(gamma: float = 1.0, lam: float = 0.95, whiten_advantages: bool
     """PPO's estimator: GAE(gamma, lambda) on the critic's values, then whitened over the batch's real tokens."""
     for field, value in (("gamma", gamma), ("lam", lam)):
         if not 0 <= value <= 1:
-            raise ValueError(f"estimator 'gae': {field} must be in [0, 1], got {value}")
+            raise ConfigError(f"estimator 'gae': {field} must be in [0, 1], got {value}", key=field)
 
     def estimate(rewards, mask, values=None):
         if values is None:
@@ -188,7 +189,7 @@ def gae_estimator(gamma: float = 1.0, lam: float = 0.95, whiten_advantages: bool
 def grpo(group_size: int, eps: float = 1e-4) -> Estimator:
     """Group-relative advantages standardised within the prompt's samples; per-response length normalisation."""
     if not eps > 0:
-        raise ValueError(f"estimator 'grpo': eps must be > 0, got {eps}")
+        raise ConfigError(f"estimator 'grpo': eps must be > 0, got {eps}", key="eps")
     return _critic_free("grpo", group_size, lambda r, g: group_relative_advantages(r, g, scale=True, eps=eps),
                         "sequence")
 
@@ -214,7 +215,7 @@ def make_estimator(name: str, **kwargs) -> Estimator:
     """Build an estimator by name: gae(gamma, lam, whiten_advantages), grpo(group_size, eps), dr_grpo(group_size),
     rloo(group_size)."""
     if name not in _REGISTRY:
-        raise ValueError(f"unknown estimator {name!r}; choose one of {', '.join(ESTIMATORS)}")
+        raise ConfigError(f"unknown estimator {name!r}; choose one of {', '.join(ESTIMATORS)}", key="estimator")
     try:
         return _REGISTRY[name](**kwargs)
     except TypeError as e:  # unexpected or missing keyword: say which estimator

@@ -23,7 +23,10 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from maxmin_jax import validate
+from maxmin_jax.errors import ConfigError
 from maxmin_jax.generate import eos_array, sample_continuations
+from maxmin_jax.guards import GRAD_NORM_LIMIT, KL_LIMIT, LOSS_LIMIT, fault_flags
 from maxmin_jax.models.transformer import CausalLM
 from maxmin_jax.policy.advantages import LOSS_KL_KINDS, Estimator, group_view, policy_gradient_loss
 from maxmin_jax.policy.objectives import Objective, ObjectiveState, RewardStandardizer
@@ -51,22 +54,17 @@ class CriticFreeConfig:
     """Minibatches per epoch; the number of responses (prompts x G) must be divisible by it."""
     learning_rate: float = 1e-5
     """Adam learning rate."""
-    max_grad_norm: float = 1.0
-    """Global gradient-norm clip."""
+    max_grad_norm: float | None = 1.0
+    """Global gradient-norm clip; None: no clipping."""
 
     def __post_init__(self):
-        for name in ("clip_eps", "learning_rate", "max_grad_norm"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"CriticFreeConfig.{name} must be > 0, got {getattr(self, name)}")
-        for name in ("kl_coef", "entropy_coef"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"CriticFreeConfig.{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("epochs", "minibatches"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"CriticFreeConfig.{name} must be >= 1, got {getattr(self, name)}")
+        validate.check_optimizer(self)
+        validate.positive(self, "clip_eps")
+        validate.non_negative(self, "kl_coef", "entropy_coef")
+        validate.positive_int(self, "epochs", "minibatches")
         if self.kl_kind not in LOSS_KL_KINDS:
-            raise ValueError(f"CriticFreeConfig.kl_kind must be one of {LOSS_KL_KINDS}, got {self.kl_kind!r} "
-                             "(k1 = logp - ref_logp has a zero-mean gradient as a loss term)")
+            raise ConfigError(f"CriticFreeConfig.kl_kind must be one of {LOSS_KL_KINDS}, got {self.kl_kind!r} "
+                              "(k1 = logp - ref_logp has a zero-mean gradient as a loss term)", key="kl_kind")
 
     @property
     def single_pass(self) -> bool:
@@ -178,6 +176,8 @@ def critic_free_iteration(spec: CriticFreeSpec, state: CriticFreeState, frozen: 
     }
     if ref_logprobs is not None and old_logprobs is not None:  # several passes: the sampling policy's KL
         metrics["kl"] = jnp.sum((old_logprobs - ref_logprobs) * mask, axis=1).mean()
+    limits = {"loss": LOSS_LIMIT, "grad_norm": GRAD_NORM_LIMIT} | ({"kl": KL_LIMIT} if "kl" in metrics else {})
+    metrics |= fault_flags(metrics, limits)  # checked on the host (guards.raise_on_fault) before a checkpoint
     return CriticFreeState(trainable, opt_state, objective_state, state.step + 1), metrics
 
 
@@ -217,25 +217,27 @@ class CriticFreeTrainer:
             raise TypeError(f"CriticFreeTrainer trains the language model itself (no value head); got "
                             f"{type(policy).__name__} (pass PolicyWithValue.lm)")
         if estimator.uses_critic:
-            raise ValueError(f"estimator {estimator.name!r} needs a critic: train it with PPOTrainer, or choose "
-                             "grpo, dr_grpo or rloo")
+            raise ConfigError(f"estimator {estimator.name!r} needs a critic: train it with PPOTrainer, or choose "
+                              "grpo, dr_grpo or rloo", key="estimator")
         if rollout.temperature <= 0:
-            raise ValueError(f"critic-free estimators compare {estimator.group_size} samples of each prompt, which "
-                             f"greedy decoding makes identical: RolloutConfig.temperature must be > 0, got "
-                             f"{rollout.temperature}")
+            raise ConfigError(f"critic-free estimators compare {estimator.group_size} samples of each prompt, "
+                              f"which greedy decoding makes identical: RolloutConfig.temperature must be > 0, got "
+                              f"{rollout.temperature}", key="temperature")
         if reference is None and not lora and config.kl_coef > 0:
-            raise ValueError("CriticFreeTrainer needs a reference model for its KL penalty unless lora=True "
-                             "(adapters off = reference) or CriticFreeConfig.kl_coef=0")
+            raise ConfigError("CriticFreeTrainer needs a reference model for its KL penalty unless lora=True "
+                              "(adapters off = reference) or CriticFreeConfig.kl_coef=0", key="reference")
         self.config, self.rollout, self.objective, self.estimator = config, rollout, objective, estimator
         policy_graphdef, params, rest = nnx.split(policy, nnx.LoRAParam if lora else nnx.Param, ...)
         if not jax.tree.leaves(params):
-            raise ValueError("nothing to train: lora=True but the policy has no LoRA adapters (see models.lora)")
+            raise ConfigError("nothing to train: lora=True but the policy has no LoRA adapters (see models.lora)",
+                              key="lora")
         reward_graphdef, reward_state = nnx.split(reward_model)
         reference_graphdef, ref_state = None, None
         if reference is not None and config.kl_coef > 0:
             reference_graphdef, ref_state = nnx.split(reference)
         self.frozen = CriticFreeFrozen(rest, ref_state, reward_state, standardizer)
-        tx = optax.chain(optax.clip_by_global_norm(config.max_grad_norm), optax.adam(config.learning_rate))
+        clip = optax.identity() if config.max_grad_norm is None else optax.clip_by_global_norm(config.max_grad_norm)
+        tx = optax.chain(clip, optax.adam(config.learning_rate))
         self.spec = CriticFreeSpec(policy_graphdef, reference_graphdef, reward_graphdef, objective, estimator,
                                    config, rollout, tx)
         self._initial_params = params
@@ -258,6 +260,7 @@ class CriticFreeTrainer:
         returned one."""
         responses = prompts.shape[0] * self.estimator.group_size
         if responses % self.config.minibatches:
-            raise ValueError(f"{prompts.shape[0]} prompts x {self.estimator.group_size} samples = {responses} "
-                             f"responses, not divisible by CriticFreeConfig.minibatches={self.config.minibatches}")
+            raise ConfigError(f"{prompts.shape[0]} prompts x {self.estimator.group_size} samples = {responses} "
+                              f"responses, not divisible by CriticFreeConfig.minibatches={self.config.minibatches}",
+                              key="minibatches")
         return self._iteration(state, self.frozen, prompts, prompt_mask, key)

@@ -23,7 +23,10 @@ import numpy as np
 import optax
 from flax import nnx
 
+from maxmin_jax import validate
 from maxmin_jax.data.batching import PairBatch
+from maxmin_jax.errors import ConfigError, DataError, InputError
+from maxmin_jax.guards import GRAD_NORM_LIMIT, LOSS_LIMIT, fault_flags
 from maxmin_jax.models.transformer import CausalLM
 from maxmin_jax.policy.critic_free import canonical_shardings
 from maxmin_jax.policy.objectives import Objective, ObjectiveState
@@ -79,23 +82,23 @@ def pair_group_weights(user_index, *, assignments=None, responsibilities=None, n
     the largest assignment + 1), or the rows of the soft `responsibilities` [U, K]. Give exactly one of the two."""
     user_index = np.asarray(user_index)
     if (assignments is None) == (responsibilities is None):
-        raise ValueError("give exactly one of assignments (hard) or responsibilities (soft)")
+        raise InputError("give exactly one of assignments (hard) or responsibilities (soft)")
     if responsibilities is not None:
         table = np.asarray(responsibilities, np.float32)
         if table.ndim != 2 or not np.isfinite(table).all() or (table < 0).any():
-            raise ValueError(f"responsibilities must be a finite non-negative [U, K] array, got shape {table.shape}")
+            raise DataError(f"responsibilities must be a finite non-negative [U, K] array, got shape {table.shape}")
         bad = np.flatnonzero(np.abs(table.sum(1) - 1) > 1e-3)
         if bad.size:
-            raise ValueError(f"responsibilities of user index {int(bad[0])} sum to {float(table[bad[0]].sum()):.4f}, "
+            raise DataError(f"responsibilities of user index {int(bad[0])} sum to {float(table[bad[0]].sum()):.4f}, "
                              "expected 1 (a distribution over groups)")
     else:
         assignments = np.asarray(assignments)
         k = int(assignments.max()) + 1 if num_groups is None else num_groups
         if assignments.ndim != 1 or (assignments < 0).any() or (assignments >= k).any():
-            raise ValueError(f"assignments must be a [U] array of group indices in [0, {k}), got {assignments!r}")
+            raise DataError(f"assignments must be a [U] array of group indices in [0, {k}), got {assignments!r}")
         table = np.eye(k, dtype=np.float32)[assignments]
     if user_index.size and (user_index.min() < 0 or user_index.max() >= table.shape[0]):
-        raise ValueError(f"user_index ranges over [{user_index.min()}, {user_index.max()}] but the EM result has "
+        raise DataError(f"user_index ranges over [{user_index.min()}, {user_index.max()}] but the EM result has "
                          f"{table.shape[0]} users")
     return table[user_index]
 
@@ -132,17 +135,19 @@ def preference_pairs(batch: PairBatch, group_weights, *, prompt_lengths=None) ->
     n = batch.num_pairs
     weights = np.asarray(group_weights, np.float32)
     if weights.shape[:1] != (n,) or weights.ndim != 2 or not np.isfinite(weights).all() or (weights < 0).any():
-        raise ValueError(f"group_weights must be a finite non-negative [N={n}, K] array, got shape {weights.shape}")
+        raise DataError(f"group_weights must be a finite non-negative [N={n}, K] array, got shape {weights.shape}")
     empty = np.flatnonzero(weights.sum(0) <= 0)
     if empty.size:
-        raise ValueError(f"group {int(empty[0])} has no pairs (its group weights are all 0): its loss is undefined")
+        raise DataError(f"group {int(empty[0])} has no pairs (its group weights are all 0): its loss is undefined")
     if prompt_lengths is not None:
         prompt_lengths = np.asarray(prompt_lengths)
+        if prompt_lengths.shape != (n,):
+            raise DataError(f"prompt_lengths must have shape [N={n}], got {prompt_lengths.shape}")
         shortest = np.minimum(batch.chosen_mask.sum(1), batch.rejected_mask.sum(1))
         bad = np.flatnonzero((prompt_lengths < 1) | (prompt_lengths >= shortest))
-        if prompt_lengths.shape != (n,) or bad.size:
-            raise ValueError(f"prompt_lengths must be [N={n}] with 1 <= prompt length < the shorter sequence; "
-                             f"pair {int(bad[0]) if bad.size else '?'} breaks it")
+        if bad.size:
+            raise DataError(f"pair index {int(bad[0])}: prompt length {int(prompt_lengths[bad[0]])}; expected at "
+                            f"least 1 and below the shorter sequence's {int(shortest[bad[0]])} tokens")
     chosen = response_masks(batch.chosen_ids, batch.chosen_mask, batch.rejected_ids, batch.rejected_mask,
                             prompt_lengths)
     rejected = response_masks(batch.rejected_ids, batch.rejected_mask, batch.chosen_ids, batch.chosen_mask,
@@ -151,11 +156,11 @@ def preference_pairs(batch: PairBatch, group_weights, *, prompt_lengths=None) ->
         first = np.argmax(mask > 0, axis=1)
         no_prompt = np.flatnonzero(resp[np.arange(n), first] > 0)
         if no_prompt.size:
-            raise ValueError(f"pair {int(no_prompt[0])}: the {name} response starts at the first token, with no "
-                             "prompt to condition on (pass prompt_lengths >= 1)")
+            raise DataError(f"pair index {int(no_prompt[0])}: the {name} response starts at the first token, with "
+                            "no prompt to condition on (pass prompt_lengths >= 1)")
     identical = np.flatnonzero((chosen.sum(1) == 0) & (rejected.sum(1) == 0))
     if identical.size:
-        raise ValueError(f"pair {int(identical[0])}: chosen and rejected are the same sequence (no preference)")
+        raise DataError(f"pair index {int(identical[0])}: chosen and rejected are the same sequence (no preference)")
     window = int(max(chosen.sum(1).max(), rejected.sum(1).max()))
     return PreferencePairs(batch.chosen_ids, batch.chosen_mask, chosen, batch.rejected_ids, batch.rejected_mask,
                            rejected, weights, window)
@@ -190,7 +195,7 @@ def with_reference_logprobs(reference: CausalLM, pairs: PreferencePairs, *, batc
     itself with `use_lora=False`: the base weights are the reference. With a `mesh`, chunks are split over its
     batch axes."""
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}", key="batch_size")
     graphdef, state = nnx.split(reference)
     n = pairs.num_pairs
     order = np.resize(np.arange(n), -(-n // batch_size) * batch_size)
@@ -216,15 +221,15 @@ class PreferenceConfig:
     1 / (2 beta))."""
     learning_rate: float = 1e-6
     """Adam learning rate."""
-    max_grad_norm: float = 1.0
-    """Global gradient-norm clip."""
+    max_grad_norm: float | None = 1.0
+    """Global gradient-norm clip; None: no clipping."""
 
     def __post_init__(self):
         if self.loss not in PREFERENCE_LOSSES:
-            raise ValueError(f"PreferenceConfig.loss must be one of {PREFERENCE_LOSSES}, got {self.loss!r}")
-        for name in ("beta", "learning_rate", "max_grad_norm"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"PreferenceConfig.{name} must be > 0, got {getattr(self, name)}")
+            raise ConfigError(f"PreferenceConfig.loss must be one of {PREFERENCE_LOSSES}, got {self.loss!r}",
+                              key="loss")
+        validate.check_optimizer(self)
+        validate.positive(self, "beta")
 
 
 class PreferenceState(NamedTuple):
@@ -281,6 +286,8 @@ def preference_step(spec: PreferenceSpec, state: PreferenceState, frozen: Prefer
         "chosen_reward": cfg.beta * chosen_ratio.mean(), "rejected_reward": cfg.beta * rejected_ratio.mean(),
         "grad_norm": optax.tree.norm(grads),
     }
+    # Checked on the host (guards.raise_on_fault) before a checkpoint.
+    metrics |= fault_flags(metrics, {"loss": LOSS_LIMIT, "group_loss": LOSS_LIMIT, "grad_norm": GRAD_NORM_LIMIT})
     return PreferenceState(trainable, opt_state, agg.objective, state.step + 1), metrics
 
 
@@ -296,17 +303,19 @@ class PreferenceTrainer:
         if not isinstance(policy, CausalLM):
             raise TypeError(f"PreferenceTrainer trains a causal LM; got {type(policy).__name__}")
         if objective.name == "maxmin_sample":
-            raise ValueError("objective 'maxmin_sample' has no offline meaning (a pair belongs to its user's group); "
+            raise ConfigError("objective 'maxmin_sample' has no offline meaning (a pair belongs to its user's group); "
                              "use maxmin, softmin or dro")
         shares = np.asarray(group_shares, np.float32)
         if shares.ndim != 1 or not (shares > 0).all():
-            raise ValueError(f"group_shares must be a [K] array of positive shares, got {shares!r}")
+            raise InputError(f"group_shares must be a [K] array of positive shares, got {shares!r}")
         graphdef, params, rest = nnx.split(policy, nnx.LoRAParam if lora else nnx.Param, ...)
         if not jax.tree.leaves(params):
-            raise ValueError("nothing to train: lora=True but the policy has no LoRA adapters (see models.lora)")
+            raise ConfigError("nothing to train: lora=True but the policy has no LoRA adapters (see models.lora)",
+                              key="lora")
         self.config, self.objective = config, objective
         self.frozen = PreferenceFrozen(rest, replicate_on_mesh_of(jnp.asarray(shares), params))
-        tx = optax.chain(optax.clip_by_global_norm(config.max_grad_norm), optax.adam(config.learning_rate))
+        clip = optax.identity() if config.max_grad_norm is None else optax.clip_by_global_norm(config.max_grad_norm)
+        tx = optax.chain(clip, optax.adam(config.learning_rate))
         self.spec = PreferenceSpec(graphdef, objective, config, tx)
         self._initial_params = params
         self._step = jax.jit(functools.partial(preference_step, self.spec), donate_argnums=0)
@@ -327,9 +336,9 @@ class PreferenceTrainer:
     def step(self, state: PreferenceState, batch: PreferencePairs) -> tuple[PreferenceState, dict]:
         """One step on a minibatch of pairs. `state` is donated: use the returned one."""
         if batch.ref_chosen is None or batch.ref_rejected is None:
-            raise ValueError("the pairs have no reference log-probs: run with_reference_logprobs(reference, pairs) "
+            raise InputError("the pairs have no reference log-probs: run with_reference_logprobs(reference, pairs) "
                              "once before training")
         if batch.num_groups != self.num_groups:
-            raise ValueError(f"the pairs have group weights for K={batch.num_groups} groups but the trainer was "
+            raise InputError(f"the pairs have group weights for K={batch.num_groups} groups but the trainer was "
                              f"built for K={self.num_groups}")
         return self._step(state, self.frozen, batch)

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from maxmin_jax.errors import ConfigError
 from maxmin_jax.policy.objectives import Objective, ObjectiveState
 from maxmin_jax.policy.ppo import token_logprobs
 
@@ -106,8 +107,8 @@ def aggregate_group_losses(objective: Objective, losses: Float[Array, "n"], grou
     worst group's loss; for softmin that of the soft maximum of the losses, tau logsumexp(L / tau)).
     """
     if objective.name == "maxmin_sample":
-        raise ValueError("objective 'maxmin_sample' takes each sample's worst group; a preference pair belongs to "
-                         "its user's group, so offline it has no meaning: use maxmin, softmin or dro")
+        raise ConfigError("objective 'maxmin_sample' takes each sample's worst group; a preference pair belongs to "
+                          "its user's group, so offline it has no meaning: use maxmin, softmin or dro", key="objective")
     terms = group_loss_estimates(losses, group_weights, group_shares)
     group_losses = jnp.mean(terms, axis=0)
     _, weights, state = objective.update(-jax.lax.stop_gradient(terms), state)
