@@ -99,6 +99,10 @@ def test_cpu_suite_quick(tmp_path, capsys):
         assert by_name[name]["ratios"][0]["target"] == 1.5
         assert by_name[name]["config"]["hf_generate"]["min_new_tokens"] == by_name[name]["config"]["new_tokens"]
     assert 0.0 <= by_name["sample_gpt2_greedy"]["extra"]["greedy_token_agreement_vs_hf"] <= 1.0
+    memory = by_name["critic_free_iteration"]["extra"]["memory_mib"]  # PPO and GRPO compiled, memory read
+    assert set(memory) == {"PPO", "GRPO"} and all(m["total"] > 0 for m in memory.values())
+    assert [r["name"] for r in by_name["critic_free_iteration"]["ratios"]][0].startswith("GRPO vs PPO")
+    assert by_name["dpo_step"]["extra"]["memory_mib"]["total"] > 0
 
 
 def test_gpu_suite_quick_runs_on_cpu(tmp_path, capsys):
