@@ -213,11 +213,8 @@ def policy_loss(
     of KL(old || new) (`approx_kl`).
     """
     per_token, clipped = clipped_surrogate(logprobs, old_logprobs, advantages, clip_eps)
-    log_ratio = logprobs - old_logprobs
-    metrics = {"clipfrac": masked_mean(clipped, mask), "approx_kl": approx_kl(log_ratio, mask)}
-    }
-    loss = masked_mean(per_token, mask)
-    return loss, metrics
+    metrics = {"clipfrac": masked_mean(clipped, mask), "approx_kl": approx_kl(logprobs - old_logprobs, mask)}
+    return masked_mean(per_token, mask), metrics
 
 
 def value_loss(
