@@ -17,6 +17,7 @@ from benchmarks.costs import model_cost
 from benchmarks.registry import Context, Figure, Ratio, Result, register
 from benchmarks.timing import jax_sync, measure, measure_interleaved
 from maxmin_jax.data.batching import PairBatch
+from maxmin_jax.generate import SamplingConfig
 from maxmin_jax.models import GPT2Config, build_model
 from maxmin_jax.policy.advantages import make_estimator
 from maxmin_jax.policy.critic_free import CriticFreeConfig, CriticFreeTrainer
@@ -24,7 +25,7 @@ from maxmin_jax.policy.model import PolicyWithValue
 from maxmin_jax.policy.objectives import RewardStandardizer, make_objective
 from maxmin_jax.policy.offline import PreferenceTrainer, pair_group_weights, preference_pairs, with_reference_logprobs
 from maxmin_jax.policy.ppo import PPOConfig
-from maxmin_jax.policy.trainer import PPOTrainer, RolloutConfig
+from maxmin_jax.policy.trainer import PPOTrainer
 from maxmin_jax.rewards.model import RewardModel
 
 MIB = 2**20
@@ -48,8 +49,7 @@ class _Compiled:
 
     def __init__(self, trainer, prompts, mask):
         self.state, self.frozen, self.prompts, self.mask = trainer.init_state(), trainer.frozen, prompts, mask
-        # The trainers' jitted iteration (private: the benchmark needs the executable to read its memory).
-        self.compiled = trainer._iteration.lower(self.state, self.frozen, prompts, mask, jax.random.key(0)).compile()
+        self.compiled = trainer.lower(self.state, prompts, mask, jax.random.key(0)).compile()
         self.calls = 0
 
     def __call__(self):
@@ -66,7 +66,7 @@ def critic_free_iteration(ctx: Context) -> Result:
     cfg = _config(ctx.quick)
     sequences, group, prompt, new = (4, 2, 8, 4) if ctx.quick else (8, 4, 64, 48)
     epochs, minibatches = 2, 2
-    rollout = RolloutConfig(max_new_tokens=new, eos_token_id=None, pad_token_id=0)  # no EOS: every token generated
+    sampling = SamplingConfig(max_new_tokens=new, eos_token_id=None, pad_token_id=0)  # no EOS: every token generated
     lm = build_model(cfg, rngs=nnx.Rngs(0))  # both trainers copy it into their state
     reference = build_model(cfg, rngs=nnx.Rngs(0))
     reward = RewardModel(build_model(cfg, rngs=nnx.Rngs(1)), 2, rngs=nnx.Rngs(2))
@@ -76,15 +76,15 @@ def critic_free_iteration(ctx: Context) -> Result:
     grouped = ids[: sequences // group]  # GRPO samples each of these `group` times: the same number of sequences
 
     ppo = PPOTrainer(PolicyWithValue(lm), reward, objective, standardizer, reference=reference,
-                     ppo=PPOConfig(epochs=epochs, minibatches=minibatches), rollout=rollout)
+                     ppo=PPOConfig(epochs=epochs, minibatches=minibatches), sampling=sampling)
     grpo = make_estimator("grpo", group_size=group)
     same_passes = CriticFreeTrainer(lm, reward, objective, standardizer, estimator=grpo, reference=reference,
-                                    config=CriticFreeConfig(epochs=epochs, minibatches=minibatches), rollout=rollout)
+                                    config=CriticFreeConfig(epochs=epochs, minibatches=minibatches), sampling=sampling)
     runs = {"PPO": _Compiled(ppo, ids, jnp.ones_like(ids)),
             "GRPO": _Compiled(same_passes, grouped, jnp.ones_like(grouped))}
     if not ctx.quick:  # the same program with another configuration: no code path of its own to exercise
         one_pass = CriticFreeTrainer(lm, reward, objective, standardizer, estimator=grpo, reference=reference,
-                                     config=CriticFreeConfig(), rollout=rollout)
+                                     config=CriticFreeConfig(), sampling=sampling)
         runs["GRPO one pass"] = _Compiled(one_pass, grouped, jnp.ones_like(grouped))
     memory = {name: _memory(run.compiled) for name, run in runs.items()}
     t = measure_interleaved({name: jax_sync(run) for name, run in runs.items()}, repeats=ctx.repeats_at_least(3),
@@ -141,7 +141,7 @@ def dpo_step(ctx: Context) -> Result:
     trainer = PreferenceTrainer(policy, make_objective("maxmin"), pairs.group_shares())
     holder = {"state": trainer.init_state()}
     device_pairs = jax.tree.map(jnp.asarray, pairs)
-    compiled = trainer._step.lower(holder["state"], trainer.frozen, device_pairs).compile()  # private: its memory
+    compiled = trainer.lower(holder["state"], device_pairs).compile()
 
     def step():
         holder["state"], metrics = compiled(holder["state"], trainer.frozen, device_pairs)

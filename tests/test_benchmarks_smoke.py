@@ -107,7 +107,8 @@ def test_cpu_suite_quick(tmp_path, capsys):
 
 def test_gpu_suite_quick_runs_on_cpu(tmp_path, capsys):
     names = _suite_names("gpu")[::-1]  # every benchmark, named with --only in another order than registered
-    assert {"train_gpt2_medium", "train_llama7b_lora", "decode_llama7b", "ppo_iteration_gpt2_medium"} <= set(names)
+    assert {"train_gpt2_medium", "train_llama7b_lora", "decode_llama7b", "ppo_iteration_gpt2_medium",
+            "grpo_iteration_gpt2_medium"} <= set(names)
     doc = _run_suite(tmp_path, "gpu", capsys, only=names)
     _check_document(doc, "gpu", names)
     by_name = {b["name"]: b for b in doc["benchmarks"]}
@@ -119,8 +120,12 @@ def test_gpu_suite_quick_runs_on_cpu(tmp_path, capsys):
     lora = by_name["train_llama7b_lora"]
     assert lora["extra"]["lora_params"] > 0 or any("full-weight" in n for n in lora["notes"])
     assert by_name["decode_llama7b"]["extra"]["bytes_per_step_required"] > 0
-    ppo = by_name["ppo_iteration_gpt2_medium"]
-    assert ppo["config"]["dtype"] == "bfloat16" and ppo["extra"]["iteration_s"] > ppo["extra"]["rollout_s"] > 0
+    for name in ("ppo_iteration_gpt2_medium", "grpo_iteration_gpt2_medium"):
+        iteration = by_name[name]
+        assert iteration["config"]["dtype"] == "bfloat16"
+        assert iteration["extra"]["iteration_s"] > iteration["extra"]["rollout_s"] > 0
+    assert by_name["grpo_iteration_gpt2_medium"]["config"]["batch"] == by_name["ppo_iteration_gpt2_medium"]["config"][
+        "batch"] and by_name["grpo_iteration_gpt2_medium"]["config"]["samples_per_prompt"] == 2
 
 
 def test_gpu_full_size_lora_step_traces_abstractly():

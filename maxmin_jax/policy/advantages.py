@@ -27,6 +27,7 @@ all real tokens of the batch (PPO).
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Callable, NamedTuple
 
 import jax.numpy as jnp
@@ -213,10 +214,25 @@ CRITIC_FREE_ESTIMATORS: tuple[str, ...] = ("grpo", "dr_grpo", "rloo")
 
 def make_estimator(name: str, **kwargs) -> Estimator:
     """Build an estimator by name: gae(gamma, lam, whiten_advantages), grpo(group_size, eps), dr_grpo(group_size),
-    rloo(group_size)."""
+    rloo(group_size). The same name and arguments give the same `Estimator` object, so jitted steps that take it as
+    a static argument compile once for all trainers built alike."""
     if name not in _REGISTRY:
         raise ConfigError(f"unknown estimator {name!r}; choose one of {', '.join(ESTIMATORS)}", key="estimator")
+    frozen = tuple(sorted(kwargs.items()))
     try:
-        return _REGISTRY[name](**kwargs)
+        hash(frozen)
+    except TypeError:
+        return _build(name, frozen)
+    return _cached(name, frozen)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached(name: str, frozen: tuple) -> Estimator:
+    return _build(name, frozen)
+
+
+def _build(name: str, frozen: tuple) -> Estimator:
+    try:
+        return _REGISTRY[name](**dict(frozen))
     except TypeError as e:  # unexpected or missing keyword: say which estimator
         raise TypeError(f"estimator {name!r}: {e}") from None

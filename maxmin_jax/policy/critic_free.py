@@ -1,38 +1,39 @@
 """Critic-free policy optimisation (GRPO, Dr.GRPO, RLOO) on the reward a social-choice objective chooses.
 
-One jitted iteration, a pure function `(state, frozen, prompts, prompt_mask, key) -> (state, metrics)` like PPO's:
-each prompt is repeated G times (`estimator.group_size`), the policy samples a response for every copy, the K reward
-heads score them, the objective turns the [B, K] group rewards into one reward per response, the estimator compares
-each response with the other samples of its prompt, and minibatch epochs of the clipped policy-gradient loss, with a
-KL penalty to the reference inside the loss, update the policy. No value head is built or trained: the policy is the
-language model itself. The frozen parts (base weights under LoRA, reference, reward model, standardiser) are
-arguments, not closures, so they are not baked into the program as constants; the state is donated. Every pass
-applies the LM head to the response positions only: over a vocabulary of 50k-128k the logits are the largest
-activations, and the prompt's are never read.
+One jitted iteration, a pure function `(static, state, frozen, prompts, prompt_mask, key) -> (state, metrics)` like
+PPO's: each prompt is repeated G times (`estimator.group_size`), the policy samples a response for every copy, the
+K reward heads score them, the objective turns the [B, K] group rewards into one reward per response, the estimator
+compares each response with the other samples of its prompt, and minibatch epochs of the clipped policy-gradient
+loss, with a KL penalty to the reference inside the loss, update the policy. No value head is built or trained: the
+policy is the language model itself.
+
+As in PPO (the shared pieces are `maxmin_jax.policy.training`): log-probabilities are those of the distribution the
+responses were sampled from (`SamplingConfig`), the KL is to the reference at the same temperature on the policy's
+top-k / top-p set, the LM head is applied to the response positions only, the frozen parts (base weights under
+LoRA, reference, reward model, standardiser) are arguments, the state is donated, and trainers built alike share one
+compiled program.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
+from functools import partial
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from maxmin_jax import validate
 from maxmin_jax.errors import ConfigError
-from maxmin_jax.generate import eos_array, sample_continuations
+from maxmin_jax.generate import SamplingConfig
 from maxmin_jax.guards import GRAD_NORM_LIMIT, KL_LIMIT, LOSS_LIMIT, fault_flags
 from maxmin_jax.models.transformer import CausalLM
 from maxmin_jax.policy.advantages import LOSS_KL_KINDS, Estimator, group_view, policy_gradient_loss
 from maxmin_jax.policy.objectives import Objective, ObjectiveState, RewardStandardizer
-from maxmin_jax.policy.ppo import masked_entropy, terminal_rewards, token_logprobs
-from maxmin_jax.policy.trainer import RolloutConfig
-from maxmin_jax.sharding import replicate_on_mesh_of
+from maxmin_jax.policy.ppo import masked_entropy, masked_mean, terminal_rewards
+from maxmin_jax.policy.training import (make_optimizer, minibatch_updates, reference_logprobs, response_outputs,
+                                        rollout_and_score, split_policy, start_state)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -72,130 +73,94 @@ class CriticFreeConfig:
 
 
 class CriticFreeState(NamedTuple):
-    trainable: nnx.State  # policy parameters being optimised (all, or the LoRA adapters)
+    trainable: nnx.State  # the policy variables being optimised (the `trainable` filter's selection)
     opt_state: Any
     objective: ObjectiveState
     step: jax.Array
 
 
 class CriticFreeFrozen(NamedTuple):
-    policy_rest: nnx.State  # the policy's non-trainable variables (the base weights under LoRA)
-    reference: nnx.State | None  # a separate reference model; None means the policy with adapters off
+    policy_rest: nnx.State  # the policy's variables outside the trainable selection (the base weights under LoRA)
+    reference: nnx.State | None  # a separate reference model; None: the policy with adapters off (or no KL term)
     reward: nnx.State
     standardizer: RewardStandardizer
 
 
-class CriticFreeSpec(NamedTuple):
-    """The static half of the iteration: module structures, the algorithm's pieces and its configuration."""
+class _Static(NamedTuple):
+    """Everything the compiled iteration depends on besides array values; hashable."""
 
-    policy_graphdef: Any
-    reference_graphdef: Any  # None when the reference is the policy with adapters off
-    reward_graphdef: Any
+    policy: nnx.GraphDef
+    reference: nnx.GraphDef | None
+    reward: nnx.GraphDef
     objective: Objective
     estimator: Estimator
     config: CriticFreeConfig
-    rollout: RolloutConfig
-    tx: optax.GradientTransformation
+    sampling: SamplingConfig
 
 
-def critic_free_iteration(spec: CriticFreeSpec, state: CriticFreeState, frozen: CriticFreeFrozen, prompts,
-                          prompt_mask, key) -> tuple[CriticFreeState, dict]:
-    """One iteration on P left-padded prompts: P x G responses sampled, scored and learned from. Traceable (the
-    trainer jits it with `spec` closed over and the state donated)."""
-    cfg, roll, group_size = spec.config, spec.rollout, spec.estimator.group_size
-    t = prompts.shape[1]
+@partial(jax.jit, static_argnums=0, donate_argnums=1)
+def _iteration(static: _Static, state: CriticFreeState, frozen: CriticFreeFrozen, prompts, prompt_mask, key):
+    """One iteration on P left-padded prompts: P x G responses sampled, scored and learned from."""
+    cfg, sampling, group_size = static.config, static.sampling, static.estimator.group_size
     key_rollout, key_shuffle = jax.random.split(jax.random.fold_in(key, state.step))
     # Row p * G + g is sample g of prompt p: the layout the estimator's group view expects.
     prompts, prompt_mask = jnp.repeat(prompts, group_size, axis=0), jnp.repeat(prompt_mask, group_size, axis=0)
     b = prompts.shape[0]
-    policy = nnx.merge(spec.policy_graphdef, state.trainable, frozen.policy_rest)
-    rollout = sample_continuations(policy, prompts, prompt_mask, key_rollout, max_new_tokens=roll.max_new_tokens,
-                                   cfg=roll.sampling, temperature=roll.temperature, top_p=roll.top_p or 1.0,
-                                   eos_ids=eos_array(roll.eos_token_id), pad_token_id=roll.pad_token_id)
-    seq = jnp.concatenate([prompts, rollout.tokens], axis=1)
-    seq_mask = jnp.concatenate([prompt_mask, rollout.mask], axis=1)
-    mask = rollout.mask.astype(jnp.float32)
-    tokens = rollout.tokens
+    policy = nnx.merge(static.policy, state.trainable, frozen.policy_rest)
+    rollout = rollout_and_score(policy, prompts, prompt_mask, key_rollout, sampling,
+                                nnx.merge(static.reward, frozen.reward), frozen.standardizer, static.objective,
+                                state.objective)
+    seq, seq_mask, tokens, mask = rollout.seq, rollout.seq_mask, rollout.tokens, rollout.mask
+    advantages, _ = static.estimator.estimate(terminal_rewards(rollout.score, mask), mask)
 
-    group_rewards = nnx.merge(spec.reward_graphdef, frozen.reward)(seq, seq_mask).astype(jnp.float32)
-    standardized = frozen.standardizer.apply(group_rewards)
-    score, weights, objective_state = spec.objective.update(standardized, state.objective)
-    advantages, _ = spec.estimator.estimate(terminal_rewards(score, mask), mask)
-
-    def response_logprobs(model, rows, use_lora=True):
-        """Log-probs of the response tokens (and their logits), the LM head applied to the positions predicting
-        them only: position i predicts token i + 1, so the response is predicted from positions t - 1 .. T - 2."""
-        hidden = model.hidden_states(seq[rows], seq_mask[rows], use_lora=use_lora)
-        logits = model.logits(hidden[:, t - 1:-1])
-        return token_logprobs(logits, tokens[rows]), logits
-
-    everything = jnp.arange(b)
+    # The sampling policy's log-probs, by teacher forcing (the update's numerics). With one on-policy pass they are
+    # the update's own, taken inside the loss under stop_gradient, and this pass runs only when the reference's
+    # support must be read from the policy's top-k / top-p set.
+    restricted = sampling.top_k is not None or sampling.top_p is not None
+    old = (response_outputs(policy, seq, seq_mask, tokens, sampling)
+           if not cfg.single_pass or (cfg.kl_coef > 0 and restricted) else None)
+    old_logprobs = None if cfg.single_pass else jax.lax.stop_gradient(old.logprobs)
     ref_logprobs = None
     if cfg.kl_coef > 0:
-        if frozen.reference is None:  # LoRA: the base weights are the reference
-            ref_logprobs, _ = response_logprobs(policy, everything, use_lora=False)
-        else:
-            ref_logprobs, _ = response_logprobs(nnx.merge(spec.reference_graphdef, frozen.reference), everything)
-        ref_logprobs = jax.lax.stop_gradient(ref_logprobs)
-    # The sampling policy's log-probs, by teacher forcing (bit-identical numerics to the update's); when the update
-    # is one on-policy pass they are the update's own, taken inside the loss.
-    old_logprobs = None if cfg.single_pass else jax.lax.stop_gradient(response_logprobs(policy, everything)[0])
+        reference = None if frozen.reference is None else nnx.merge(static.reference, frozen.reference)
+        ref_logprobs = reference_logprobs(reference, policy, seq, seq_mask, tokens,
+                                          None if old is None else old.logits, sampling)
 
     def loss_fn(trainable, rows):
-        model = nnx.merge(spec.policy_graphdef, trainable, frozen.policy_rest)
-        logprobs, logits = response_logprobs(model, rows)
-        old = jax.lax.stop_gradient(logprobs) if old_logprobs is None else old_logprobs[rows]
+        model = nnx.merge(static.policy, trainable, frozen.policy_rest)
+        out = response_outputs(model, seq[rows], seq_mask[rows], tokens[rows], sampling)
+        old = jax.lax.stop_gradient(out.logprobs) if old_logprobs is None else old_logprobs[rows]
         loss, metrics = policy_gradient_loss(
-            logprobs, old, advantages[rows], mask[rows], normalization=spec.estimator.loss_normalization,
+            out.logprobs, old, advantages[rows], mask[rows], normalization=static.estimator.loss_normalization,
             clip_eps=cfg.clip_eps, ref_logprobs=None if ref_logprobs is None else ref_logprobs[rows],
             kl_coef=cfg.kl_coef, kl_kind=cfg.kl_kind)
-        entropy = masked_entropy(logits, mask[rows])
+        entropy = masked_entropy(out.logits, mask[rows])
         metrics = {**metrics, "entropy": entropy, "loss": loss}
-        if ref_logprobs is not None:  # the sequence KL of the policy being updated (the sampling one in one pass)
-            metrics["kl"] = jnp.sum((old - ref_logprobs[rows]) * mask[rows], axis=1).mean()
+        if old_logprobs is None:  # one pass: these are the sampling policy's log-probs
+            metrics["rollout_logprob_error"] = masked_mean(jnp.abs(old - rollout.sampler_logprobs[rows]), mask[rows])
         return loss - cfg.entropy_coef * entropy, metrics
 
-    def minibatch_step(carry, rows):
-        trainable, opt_state = carry
-        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, rows)
-        updates, opt_state = spec.tx.update(grads, opt_state, trainable)
-        metrics["grad_norm"] = optax.tree.norm(grads)
-        return (optax.apply_updates(trainable, updates), opt_state), metrics
+    trainable, opt_state, update_metrics = minibatch_updates(
+        loss_fn, make_optimizer(cfg.learning_rate, cfg.max_grad_norm), state.trainable, state.opt_state,
+        key_shuffle, rows=b, epochs=cfg.epochs, minibatches=cfg.minibatches)
 
-    order = jnp.concatenate([jax.random.permutation(jax.random.fold_in(key_shuffle, e), b)
-                             for e in range(cfg.epochs)]).reshape(cfg.epochs * cfg.minibatches, -1)
-    (trainable, opt_state), update_metrics = jax.lax.scan(minibatch_step, (state.trainable, state.opt_state), order)
-
-    spread = jnp.std(group_view(score, group_size), axis=1)
+    spread = jnp.std(group_view(rollout.score, group_size), axis=1)
     metrics = {
-        **{k: v.mean() for k, v in update_metrics.items()},
-        "score": score.mean(), "group_reward": group_rewards.mean(0), "group_reward_std": standardized.mean(0),
-        "group_weights": weights, "response_length": mask.sum(1).mean(),
+        **update_metrics,
+        "score": rollout.score.mean(), "group_reward": rollout.group_rewards.mean(0),
+        "group_reward_std": rollout.standardized.mean(0), "group_weights": rollout.weights,
+        "response_length": mask.sum(1).mean(), "sampled_tokens": mask.sum(),
         "reward_spread": spread.mean(),  # mean within-prompt std of the reward: the signal the estimator sees
         "zero_spread_fraction": jnp.mean(spread == 0),  # prompts whose G samples all scored alike: no gradient
     }
-    if ref_logprobs is not None and old_logprobs is not None:  # several passes: the sampling policy's KL
-        metrics["kl"] = jnp.sum((old_logprobs - ref_logprobs) * mask, axis=1).mean()
+    if old_logprobs is not None:
+        metrics["rollout_logprob_error"] = masked_mean(jnp.abs(old_logprobs - rollout.sampler_logprobs), mask)
+    if ref_logprobs is not None:  # the sampling policy's sequence KL to the reference (k1, as PPO reports it)
+        sampled = rollout.sampler_logprobs if old_logprobs is None else old_logprobs
+        metrics["kl"] = jnp.sum((sampled - ref_logprobs) * mask, axis=1).mean()
     limits = {"loss": LOSS_LIMIT, "grad_norm": GRAD_NORM_LIMIT} | ({"kl": KL_LIMIT} if "kl" in metrics else {})
     metrics |= fault_flags(metrics, limits)  # checked on the host (guards.raise_on_fault) before a checkpoint
-    return CriticFreeState(trainable, opt_state, objective_state, state.step + 1), metrics
-
-
-def canonical_shardings(tree):
-    """Every array of `tree` with its NamedSharding spelled as a jitted program spells its outputs' (trailing
-    unsplit dimensions dropped from the PartitionSpec). Equivalent shardings spelled differently are different
-    cache keys: a state built eagerly and donated to a jitted step would otherwise compile the step twice."""
-
-    def canonical(x):
-        sharding = getattr(x, "sharding", None)
-        if not isinstance(sharding, NamedSharding):
-            return x
-        spec = list(sharding.spec)
-        while spec and spec[-1] is None:
-            spec.pop()
-        return jax.device_put(x, NamedSharding(sharding.mesh, P(*spec), memory_kind=sharding.memory_kind))
-
-    return jax.tree.map(canonical, tree)
+    return CriticFreeState(trainable, opt_state, rollout.objective, state.step + 1), metrics
 
 
 class CriticFreeTrainer:
@@ -203,57 +168,62 @@ class CriticFreeTrainer:
     `reward_model`, with the advantages of a critic-free `estimator` (grpo, dr_grpo, rloo).
 
     `policy` is the causal LM itself (no value head). `reward_model(ids, mask) -> [B, K]` is any NNX module (the EM
-    mixture; K = 1 for the `single` baseline). With `lora=True` only the LoRA adapters train, and the reference is
-    the same weights with the adapters off, so policy and reference share one copy of the base model.
+    mixture; K = 1 for the `single` baseline). `trainable` (an nnx filter, `maxmin_jax.trainable`) selects what the
+    update trains. `reference=None` makes the reference the policy with its LoRA adapters off (one copy of the base
+    weights for both; needs adapters and frozen base weights), unless `config.kl_coef = 0` (no reference at all).
     Interface as `PPOTrainer`: `init_state()`, `step(state, prompts, prompt_mask, key) -> (state, metrics)` with
     `prompts` [P, T] (each sampled G times), `policy(state)`.
     """
 
     def __init__(self, policy: CausalLM, reward_model: nnx.Module, objective: Objective,
                  standardizer: RewardStandardizer, *, estimator: Estimator, reference: CausalLM | None = None,
-                 config: CriticFreeConfig = CriticFreeConfig(), rollout: RolloutConfig = RolloutConfig(),
-                 lora: bool = False):
+                 config: CriticFreeConfig = CriticFreeConfig(), sampling: SamplingConfig = SamplingConfig(),
+                 trainable: nnx.filterlib.Filter = nnx.Param):
         if not isinstance(policy, CausalLM):
             raise TypeError(f"CriticFreeTrainer trains the language model itself (no value head); got "
                             f"{type(policy).__name__} (pass PolicyWithValue.lm)")
         if estimator.uses_critic:
             raise ConfigError(f"estimator {estimator.name!r} needs a critic: train it with PPOTrainer, or choose "
                               "grpo, dr_grpo or rloo", key="estimator")
-        if rollout.temperature <= 0:
+        if sampling.temperature <= 0:
             raise ConfigError(f"critic-free estimators compare {estimator.group_size} samples of each prompt, "
-                              f"which greedy decoding makes identical: RolloutConfig.temperature must be > 0, got "
-                              f"{rollout.temperature}", key="temperature")
-        if reference is None and not lora and config.kl_coef > 0:
-            raise ConfigError("CriticFreeTrainer needs a reference model for its KL penalty unless lora=True "
-                              "(adapters off = reference) or CriticFreeConfig.kl_coef=0", key="reference")
-        self.config, self.rollout, self.objective, self.estimator = config, rollout, objective, estimator
-        policy_graphdef, params, rest = nnx.split(policy, nnx.LoRAParam if lora else nnx.Param, ...)
-        if not jax.tree.leaves(params):
-            raise ConfigError("nothing to train: lora=True but the policy has no LoRA adapters (see models.lora)",
-                              key="lora")
-        reward_graphdef, reward_state = nnx.split(reward_model)
-        reference_graphdef, ref_state = None, None
-        if reference is not None and config.kl_coef > 0:
-            reference_graphdef, ref_state = nnx.split(reference)
-        self.frozen = CriticFreeFrozen(rest, ref_state, reward_state, standardizer)
-        clip = optax.identity() if config.max_grad_norm is None else optax.clip_by_global_norm(config.max_grad_norm)
-        tx = optax.chain(clip, optax.adam(config.learning_rate))
-        self.spec = CriticFreeSpec(policy_graphdef, reference_graphdef, reward_graphdef, objective, estimator,
-                                   config, rollout, tx)
+                              f"which greedy decoding makes identical: sampling.temperature must be > 0, got "
+                              f"{sampling.temperature}", key="temperature")
+        kl = config.kl_coef > 0
+        policy_def, params, rest = split_policy(policy, trainable, adapters_off_reference=reference is None and kl)
+        reward_def, reward_state = nnx.split(reward_model)
+        reference_def, reference_state = nnx.split(reference) if reference is not None and kl else (None, None)
+        self.static = _Static(policy_def, reference_def, reward_def, objective, estimator, config, sampling)
+        self.frozen = CriticFreeFrozen(rest, reference_state, reward_state, standardizer)
         self._initial_params = params
-        self._iteration = jax.jit(functools.partial(critic_free_iteration, self.spec), donate_argnums=0)
+
+    @property
+    def config(self) -> CriticFreeConfig:
+        return self.static.config
+
+    @property
+    def estimator(self) -> Estimator:
+        return self.static.estimator
+
+    @property
+    def sampling(self) -> SamplingConfig:
+        return self.static.sampling
 
     def init_state(self) -> CriticFreeState:
         # A copy: the state is donated each step, and the initial weights may share buffers with the reference.
         params = jax.tree.map(jnp.copy, self._initial_params)
         num_groups = self.frozen.standardizer.mean.shape[0]
-        state = CriticFreeState(params, self.spec.tx.init(params), self.objective.init(num_groups),
-                                jnp.zeros((), jnp.int32))
-        # Started where and as the iteration returns it: else the second call would compile the iteration again.
-        return canonical_shardings(replicate_on_mesh_of(state, params))
+        state = CriticFreeState(params, make_optimizer(self.config.learning_rate, self.config.max_grad_norm).init(
+            params), self.static.objective.init(num_groups), jnp.zeros((), jnp.int32))
+        return start_state(state, params)
 
     def policy(self, state: CriticFreeState) -> CausalLM:
-        return nnx.merge(self.spec.policy_graphdef, state.trainable, self.frozen.policy_rest)
+        return nnx.merge(self.static.policy, state.trainable, self.frozen.policy_rest)
+
+    def lower(self, state: CriticFreeState, prompts, prompt_mask, key) -> jax.stages.Lowered:
+        """The jitted step lowered for these arguments: `.compile()` gives the executable (called with `state,
+        trainer.frozen` and the inputs), whose `memory_analysis()` is what the step holds."""
+        return _iteration.lower(self.static, state, self.frozen, prompts, prompt_mask, key)
 
     def step(self, state: CriticFreeState, prompts, prompt_mask, key) -> tuple[CriticFreeState, dict]:
         """One iteration on a batch of P left-padded prompts (P x G responses). `state` is donated: use the
@@ -263,4 +233,7 @@ class CriticFreeTrainer:
             raise ConfigError(f"{prompts.shape[0]} prompts x {self.estimator.group_size} samples = {responses} "
                               f"responses, not divisible by CriticFreeConfig.minibatches={self.config.minibatches}",
                               key="minibatches")
-        return self._iteration(state, self.frozen, prompts, prompt_mask, key)
+        return _iteration(self.static, state, self.frozen, prompts, prompt_mask, key)
+
+
+__all__ = ["CriticFreeConfig", "CriticFreeFrozen", "CriticFreeState", "CriticFreeTrainer"]

@@ -28,9 +28,9 @@ from maxmin_jax.data.batching import PairBatch
 from maxmin_jax.errors import ConfigError, DataError, InputError
 from maxmin_jax.guards import GRAD_NORM_LIMIT, LOSS_LIMIT, fault_flags
 from maxmin_jax.models.transformer import CausalLM
-from maxmin_jax.policy.critic_free import canonical_shardings
 from maxmin_jax.policy.objectives import Objective, ObjectiveState
 from maxmin_jax.policy.preference import PREFERENCE_LOSSES, aggregate_group_losses, pair_losses, sequence_logprobs
+from maxmin_jax.policy.training import make_optimizer, split_policy, start_state
 from maxmin_jax.sharding import replicate_on_mesh_of, shard_batch
 
 
@@ -244,17 +244,20 @@ class PreferenceFrozen(NamedTuple):
     group_shares: jax.Array  # [K] p_k
 
 
-class PreferenceSpec(NamedTuple):
-    policy_graphdef: Any
+class _Static(NamedTuple):
+    """Everything the compiled step depends on besides array values; hashable."""
+
+    policy: nnx.GraphDef
     objective: Objective
     config: PreferenceConfig
-    tx: optax.GradientTransformation
 
 
-def preference_step(spec: PreferenceSpec, state: PreferenceState, frozen: PreferenceFrozen, batch: PreferencePairs
-                    ) -> tuple[PreferenceState, dict]:
-    """One optimiser step on a minibatch of pairs (with reference log-probs). Traceable."""
-    cfg = spec.config
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
+def _step(static: _Static, state: PreferenceState, frozen: PreferenceFrozen, batch: PreferencePairs
+          ) -> tuple[PreferenceState, dict]:
+    """One optimiser step on a minibatch of pairs (with reference log-probs)."""
+    cfg = static.config
+    tx = make_optimizer(cfg.learning_rate, cfg.max_grad_norm)
     n = batch.chosen_ids.shape[0]
     ids = jnp.concatenate([batch.chosen_ids, batch.rejected_ids])
     mask = jnp.concatenate([batch.chosen_mask, batch.rejected_mask])
@@ -262,17 +265,17 @@ def preference_step(spec: PreferenceSpec, state: PreferenceState, frozen: Prefer
     lengths = jnp.sum(response[:, 1:], axis=1).astype(jnp.float32)  # the tokens `sequence_logprobs` scores
 
     def loss_fn(trainable):
-        model = nnx.merge(spec.policy_graphdef, trainable, frozen.policy_rest)
+        model = nnx.merge(static.policy, trainable, frozen.policy_rest)
         logprobs = response_logprobs(model, ids, mask, response, batch.response_window)
         chosen, rejected = logprobs[:n], logprobs[n:]
         losses = pair_losses(cfg.loss, chosen, rejected, batch.ref_chosen, batch.ref_rejected, lengths[:n],
                              lengths[n:], cfg.beta)
-        agg = aggregate_group_losses(spec.objective, losses, batch.group_weights, frozen.group_shares,
+        agg = aggregate_group_losses(static.objective, losses, batch.group_weights, frozen.group_shares,
                                      state.objective)
         return agg.loss, (agg, chosen - batch.ref_chosen, rejected - batch.ref_rejected)
 
     (loss, (agg, chosen_ratio, rejected_ratio)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable)
-    updates, opt_state = spec.tx.update(grads, state.opt_state, state.trainable)
+    updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
 
     # TRL's implicit rewards: beta * log-ratio; a pair is ranked right when the chosen one's is higher.
@@ -294,31 +297,33 @@ def preference_step(spec: PreferenceSpec, state: PreferenceState, frozen: Prefer
 class PreferenceTrainer:
     """DPO / IPO per group, aggregated across groups by a social-choice `objective` (maxmin, dro, softmin,
     utilitarian; `single` for pooled pairs with K = 1). `group_shares` [K]: `PreferencePairs.group_shares()` of
-    the training pairs. With `lora=True` only the LoRA adapters train. Interface as the online trainers:
-    `init_state()`, `step(state, batch) -> (state, metrics)` (one jitted program, state donated), `policy(state)`.
+    the training pairs. `trainable` (an nnx filter, `maxmin_jax.trainable`) selects what trains. No reference model
+    is held: its log-probs come with the pairs (`with_reference_logprobs`). Interface as the online trainers:
+    `init_state()`, `step(state, batch, key=None) -> (state, metrics)` (one jitted program, state donated; the step
+    is deterministic, the key is accepted so every trainer steps alike), `policy(state)`.
+
+    Log-probabilities are the model's own (temperature 1, no top-k / top-p), as DPO and IPO define them: offline
+    pairs were not sampled from the policy.
     """
 
     def __init__(self, policy: CausalLM, objective: Objective, group_shares, *,
-                 config: PreferenceConfig = PreferenceConfig(), lora: bool = False):
+                 config: PreferenceConfig = PreferenceConfig(), trainable: nnx.filterlib.Filter = nnx.Param):
         if not isinstance(policy, CausalLM):
             raise TypeError(f"PreferenceTrainer trains a causal LM; got {type(policy).__name__}")
         if objective.name == "maxmin_sample":
             raise ConfigError("objective 'maxmin_sample' has no offline meaning (a pair belongs to its user's group); "
-                             "use maxmin, softmin or dro")
+                              "use maxmin, softmin or dro", key="objective")
         shares = np.asarray(group_shares, np.float32)
         if shares.ndim != 1 or not (shares > 0).all():
             raise InputError(f"group_shares must be a [K] array of positive shares, got {shares!r}")
-        graphdef, params, rest = nnx.split(policy, nnx.LoRAParam if lora else nnx.Param, ...)
-        if not jax.tree.leaves(params):
-            raise ConfigError("nothing to train: lora=True but the policy has no LoRA adapters (see models.lora)",
-                              key="lora")
-        self.config, self.objective = config, objective
+        graphdef, params, rest = split_policy(policy, trainable, adapters_off_reference=False)
+        self.static = _Static(graphdef, objective, config)
         self.frozen = PreferenceFrozen(rest, replicate_on_mesh_of(jnp.asarray(shares), params))
-        clip = optax.identity() if config.max_grad_norm is None else optax.clip_by_global_norm(config.max_grad_norm)
-        tx = optax.chain(clip, optax.adam(config.learning_rate))
-        self.spec = PreferenceSpec(graphdef, objective, config, tx)
         self._initial_params = params
-        self._step = jax.jit(functools.partial(preference_step, self.spec), donate_argnums=0)
+
+    @property
+    def config(self) -> PreferenceConfig:
+        return self.static.config
 
     @property
     def num_groups(self) -> int:
@@ -326,19 +331,29 @@ class PreferenceTrainer:
 
     def init_state(self) -> PreferenceState:
         params = jax.tree.map(jnp.copy, self._initial_params)  # the state is donated; keep the caller's weights
-        state = PreferenceState(params, self.spec.tx.init(params), self.objective.init(self.num_groups),
-                                jnp.zeros((), jnp.int32))
-        return canonical_shardings(replicate_on_mesh_of(state, params))  # as the step returns it: one compile
+        state = PreferenceState(params, make_optimizer(self.config.learning_rate, self.config.max_grad_norm).init(
+            params), self.static.objective.init(self.num_groups), jnp.zeros((), jnp.int32))
+        return start_state(state, params)
 
     def policy(self, state: PreferenceState) -> CausalLM:
-        return nnx.merge(self.spec.policy_graphdef, state.trainable, self.frozen.policy_rest)
+        return nnx.merge(self.static.policy, state.trainable, self.frozen.policy_rest)
 
-    def step(self, state: PreferenceState, batch: PreferencePairs) -> tuple[PreferenceState, dict]:
+    def lower(self, state: PreferenceState, batch: PreferencePairs) -> jax.stages.Lowered:
+        """The jitted step lowered for these arguments: `.compile()` gives the executable (called with `state,
+        trainer.frozen` and the inputs), whose `memory_analysis()` is what the step holds."""
+        return _step.lower(self.static, state, self.frozen, batch)
+
+    def step(self, state: PreferenceState, batch: PreferencePairs, key=None) -> tuple[PreferenceState, dict]:
         """One step on a minibatch of pairs. `state` is donated: use the returned one."""
+        del key  # deterministic
         if batch.ref_chosen is None or batch.ref_rejected is None:
             raise InputError("the pairs have no reference log-probs: run with_reference_logprobs(reference, pairs) "
                              "once before training")
         if batch.num_groups != self.num_groups:
             raise InputError(f"the pairs have group weights for K={batch.num_groups} groups but the trainer was "
                              f"built for K={self.num_groups}")
-        return self._step(state, self.frozen, batch)
+        return _step(self.static, state, self.frozen, batch)
+
+
+__all__ = ["PreferenceConfig", "PreferenceFrozen", "PreferencePairs", "PreferenceState", "PreferenceTrainer",
+           "pair_group_weights", "preference_pairs", "response_masks", "with_reference_logprobs"]
