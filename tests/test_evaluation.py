@@ -1,18 +1,22 @@
 """Evaluation statistics on constructed data (no model): the bootstrap interval of a win rate covers the known rate
 at the nominal level, paired comparisons and seed aggregation, the report's table, and sweep files."""
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from maxmin_jax.errors import ConfigError
+from maxmin_jax.errors import ConfigError, RunDirError
 from maxmin_jax.evaluation.compare import compare, gain_shares, single_baselines
 from maxmin_jax.evaluation.seeds import aggregate
 from maxmin_jax.evaluation.stats import (bootstrap_counts, percentile_interval, resampled_means, t_interval,
                                          t_quantile, win_rate, wins)
 from maxmin_jax.evaluation.table import format_table
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_bootstrap_interval_covers_a_known_win_rate_at_the_nominal_rate():
@@ -160,3 +164,112 @@ def test_table_marks_the_best_worst_group_and_its_ties():
                                                          "reference": {"significant": True}}}
     rows = {line.split()[0]: line for line in format_table(report).splitlines()[3:7]}
     assert rows["x"].count("*") == 1 and "=" in rows["y"] and "=" not in rows["z"] and "*" not in rows["z"]
+
+
+def fake_run_report(cfg, seed_offset: float = 0.0) -> dict:
+    """The report a run of `cfg` (a review world) would give, from constructed per-prompt rewards: `single` serves
+    the majority and loses the minority more the smaller it is; `maxmin` holds both groups up."""
+    world = cfg.preferences.world.build()
+    sizes = dict(zip(world.group_names, world.group_sizes))
+    minority_share = min(world.group_sizes) / sum(world.group_sizes)
+    rng = np.random.default_rng(cfg.seed)
+    ref = rng.normal(size=(128, 2))
+    scores = {"reference": ref, "single": ref + [1.5, 2.0 * minority_share - 0.8 + seed_offset],
+              "maxmin": ref + [0.6, 0.7 + seed_offset]}
+    result = compare(scores, list(sizes), single={"single": "single", "maxmin": "single"}, resamples=200)
+    policies = result.pop("policies")
+    for name, s in scores.items():
+        point = (s - ref).mean(0) / ref.std(0)
+        policies[name].update(group_reward=dict(zip(sizes, point.tolist())), worst_group_reward=float(point.min()),
+                              kl=0.0 if name == "reference" else 1.0, response_length=5.0)
+    curves = {n: [{"score": 0.1 * i, "kl": 0.01 * i, "group_reward_std": [0.1 * i, 0.05 * i]} for i in range(3)]
+              for n in ("single", "maxmin")}
+    return {"groups": list(sizes), "group_sizes": sizes, "group_reward_kind": "true: constructed",
+            "interval_kind": "paired percentile bootstrap", **result, "policies": policies,
+            "em": {"ari": 1.0, "cluster_groups": list(sizes)}, "curves": curves}
+
+
+@pytest.fixture
+def fake_runs(monkeypatch):
+    """`pipeline.runners.run` replaced by `fake_run_report` (its configs recorded): the runners over many runs,
+    without training anything."""
+    from maxmin_jax.pipeline import runners
+
+    calls = []
+
+    def run(cfg, out, *, progress=True):
+        if cfg.seeds is not None:
+            from maxmin_jax.pipeline.experiments import run_seeds
+
+            return run_seeds(cfg, out, progress=progress)
+        calls.append((cfg, Path(out)))
+        return fake_run_report(cfg, seed_offset=0.1 * cfg.seed)
+
+    monkeypatch.setattr(runners, "run", run)
+    return calls
+
+
+def test_sweep_runs_every_setting_and_writes_sweep_json_and_plot(tmp_path, fake_runs):
+    from maxmin_jax.evaluation.table import format_sweep
+    from maxmin_jax.pipeline.experiments import load_sweep, sweep
+
+    spec = load_sweep(ROOT / "configs" / "sweep_review.yaml", overrides=["seeds=null"])
+    assert [name for name, _, _ in spec.points][:2] == ["majority_share=0.5,distance=1",
+                                                       "majority_share=0.5,distance=0.5"]
+    assert len(spec.points) == 8
+    result = sweep(spec, tmp_path, progress=False)
+    assert [c.preferences.world.options["majority_share"] for c, _ in fake_runs] == [0.5] * 2 + [0.75] * 2 + \
+        [0.9091] * 2 + [0.9677] * 2
+    assert [out.name for _, out in fake_runs] == [name for name, _, _ in spec.points]
+    saved = json.loads((tmp_path / "sweep.json").read_text())
+    assert saved == result and (tmp_path / "sweep.png").stat().st_size > 10_000
+    minority = [(e["group_sizes"][e["minority"]], e["policies"]["single"]["group_reward"][e["minority"]])
+                for e in saved["settings"][::2]]
+    assert [size for size, _ in minority] == [55, 28, 10, 4]
+    rewards = [r for _, r in minority]
+    assert rewards == sorted(rewards, reverse=True)  # the trend the fake runs hold reaches sweep.json in order
+    entry = saved["settings"][0]["policies"]["maxmin"]
+    assert set(entry["win_rate_vs_single"]) == {"positive", "concise"} and "worst_group_reward_ci" in entry
+    table = format_sweep(result)
+    assert len(table.splitlines()) == 2 + 1 + 8 and "single minority" in table
+
+
+def test_bad_sweep_files_are_refused_before_anything_runs(tmp_path, fake_runs):
+    from maxmin_jax.pipeline.experiments import load_sweep
+
+    path = tmp_path / "sweep.yaml"
+    for text, message in (("policy: {iterations: 2}\n", r"sweep\.yaml:sweep: expected a mapping"),
+                          ("sweep: {policy.iterations: 3}\n", r"sweep\.yaml:sweep\.policy\.iterations: expected a "
+                                                              r"non-empty list"),
+                          ("sweep: {preferences.world.majority_share: [0.5, 1.5]}\n",
+                           r"setting majority_share=1\.5:.*majority_share must be in \(0, 1\)"),
+                          ("sweep: {policy.iteratons: [1]}\n", r"setting iteratons=1:.*policy\.iteratons")):
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            load_sweep(path)
+    assert fake_runs == []
+
+
+def test_seeds_run_the_pipeline_per_seed_and_write_the_aggregate(tmp_path, fake_runs):
+    from maxmin_jax.pipeline import load_config
+    from maxmin_jax.pipeline.runners import run
+
+    cfg = load_config(None, overrides=["seeds=[3, 5, 8]"])
+    report = run(cfg, tmp_path)
+    assert [(c.seed, c.preferences.world.options["seed"], out.name) for c, out in fake_runs] == [
+        (3, 3, "seed-3"), (5, 5, "seed-5"), (8, 8, "seed-8")]
+    assert report["seeds"] == [3, 5, 8] and report["runs"] == {"3": "seed-3", "5": "seed-5", "8": "seed-8"}
+    maxmin = report["policies"]["maxmin"]
+    assert maxmin["per_seed"]["group_reward"]["concise"] == pytest.approx(
+        [fake_run_report(load_config(None, overrides=[f"seed={s}"]), 0.1 * s)["policies"]["maxmin"]["group_reward"]
+         ["concise"] for s in (3, 5, 8)])
+    assert json.loads((tmp_path / "report.json").read_text())["seeds"] == [3, 5, 8]
+    for name in ("table.txt", "group_rewards.png", "win_rates.png", "curves.png", "config.yaml"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    assert "Student t over 3 seeds" in (tmp_path / "table.txt").read_text()
+    (tmp_path / "single").mkdir()
+    (tmp_path / "single" / "policy").mkdir(parents=True)
+    with pytest.raises(RunDirError, match="holds a single run"):
+        run(cfg, tmp_path / "single")
+    with pytest.raises(ConfigError, match="at least 2 distinct seeds"):
+        load_config(None, overrides=["seeds=[1, 1]"])
