@@ -67,8 +67,10 @@ def compare(scores: dict[str, np.ndarray], groups: list[str], *, single: dict[st
     single = single or {}
     policies = {}
     for i, name in enumerate(names):
-        entry = {"group_reward_ci": {g: _interval(percentile_interval(boot[:, i, j], level))
+        entry = {"group_reward": dict(zip(groups, point[i].tolist())),
+                 "group_reward_ci": {g: _interval(percentile_interval(boot[:, i, j], level))
                                      for j, g in enumerate(groups)},
+                 "worst_group_reward": float(worst[i]),
                  "worst_group_reward_ci": _interval(percentile_interval(worst_boot[:, i], level)),
                  "best_worst_gap": float(gap[i]),
                  "best_worst_gap_ci": _interval(percentile_interval(gap_boot[:, i], level)),

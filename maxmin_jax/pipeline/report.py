@@ -1,14 +1,15 @@
-"""The report of a run, assembled from the stages' results (`maxmin_jax.report` writes and plots it).
+"""The report of a run, assembled from the stages' results (`maxmin_jax.report` writes and plots it; the schema
+is docs/report.md).
 
     groups, group_reward_kind, group_sizes        the groups rewards are reported for, and how
+    win_rates, comparisons, interval_kind, ...    every policy against every other (`maxmin_jax.evaluation`)
     em                                            ARI/purity, mixing weights, cluster names, EM history, held-out scores
-    policies: {reference, NAME: {objective, algorithm, iterations, group_reward, worst_group_reward,
-               learned_reward, kl, response_length, examples}}
+    policies: {reference, NAME: {objective, algorithm, iterations, group_reward(_ci), worst_group_reward(_ci),
+               best_worst_gap, gain_share, win_rate_vs_reference, win_rate_vs_single, learned_reward, kl, ...}}
     curves: {NAME: [per-iteration metrics]}, data, sft_loss, config, mesh, timing, devices
 
 Rewards are on the reference-standardised scale (reference = 0, units of the reference's std). With a synthetic
-world, `group_reward` is each true group's true reward; on real data it is each EM cluster's learned head.
-"""
+world, `group_reward` is each true group's true reward; on real data it is each EM cluster's learned head."""
 
 from __future__ import annotations
 
@@ -33,17 +34,15 @@ WIN_LEARNED = ("learned: the share of evaluation prompts on which each EM cluste
 
 
 def policy_summary(samples: dict, reference: dict, *, true_groups: list[str] | None, clusters: list[str]) -> dict:
-    """Per-policy means on the reference-standardised scale: `learned_reward` of each mixture head (headK) and of
-    the single reward ("single"), and `group_reward`: the true groups' rewards, or each cluster's head by name."""
+    """Per-policy means: KL, length, the true groups' unstandardised rewards, and `learned_reward` of each mixture
+    head (headK) and of the single reward ("single") on the reference-standardised scale. The group rewards and
+    everything compared across policies come from `compare_policies`."""
     k = len(clusters)
     summary = summarize(samples, group_names=true_groups or [], reference=reference)
     heads = summary["learned_reward"]
     summary["learned_reward"] = {f"head{i}": heads[f"head{i}"] for i in range(k)}
     if f"head{k}" in heads:
         summary["learned_reward"]["single"] = heads[f"head{k}"]
-    if true_groups is None:
-        summary["group_reward"] = {name: heads[f"head{i}"] for i, name in enumerate(clusters)}
-        summary["worst_group_reward"] = min(summary["group_reward"].values())
     return summary
 
 
