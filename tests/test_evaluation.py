@@ -273,3 +273,13 @@ def test_seeds_run_the_pipeline_per_seed_and_write_the_aggregate(tmp_path, fake_
         run(cfg, tmp_path / "single")
     with pytest.raises(ConfigError, match="at least 2 distinct seeds"):
         load_config(None, overrides=["seeds=[1, 1]"])
+
+
+def test_sweep_command_prints_every_setting(capsys):
+    from maxmin_jax.cli import main
+
+    assert main(["sweep", str(ROOT / "configs" / "sweep_review.yaml"), "--print-config",
+                 "--set", "preferences.world.num_users=44"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("# setting ") == 8 and printed.count("num_users: 44") == 8
+    assert "majority_share: 0.9677" in printed and "distance: 0.5" in printed
