@@ -57,49 +57,6 @@ def win_rate(a: np.ndarray, b: np.ndarray, counts: np.ndarray, level: float = LE
     return w.mean(0), percentile_interval(resampled_means(w, counts), level)
 
 
-def t_quantile(p: float, df: int) -> float:
-    """The p-quantile of Student's t with df degrees of freedom (bisection on its CDF; p in (0.5, 1))."""
-    if not 0.5 < p < 1 or df < 1:
-        raise ValueError(f"t_quantile needs 0.5 < p < 1 and df >= 1, got p={p}, df={df}")
-
-    def cdf(t: float) -> float:  # 1 - I_x(df/2, 1/2) / 2 with x = df / (df + t^2), for t >= 0
-        return 1.0 - 0.5 * _betainc(df / 2, 0.5, df / (df + t * t))
-
-    lo, hi = 0.0, 1.0
-    while cdf(hi) < p:
-        hi *= 2
-    for _ in range(80):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if cdf(mid) < p else (lo, mid)
-    return (lo + hi) / 2
-
-
-def _betainc(a: float, b: float, x: float) -> float:
-    """Regularised incomplete beta I_x(a, b) by its continued fraction (Numerical Recipes' Lentz method)."""
-    if x <= 0:
-        return 0.0
-    if x >= 1:
-        return 1.0
-    if x > (a + 1) / (a + b + 2):
-        return 1.0 - _betainc(b, a, 1 - x)
-    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)) / a
-    tiny = 1e-300
-    c, d = 1.0, 1.0 - (a + b) * x / (a + 1)
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    f = d
-    for m in range(1, 300):
-        for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
-                          -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
-            d = 1.0 + numerator * d
-            d = 1.0 / (d if abs(d) > tiny else tiny)
-            c = 1.0 + numerator / c
-            c = c if abs(c) > tiny else tiny
-            f *= c * d
-        if abs(c * d - 1.0) < 1e-15:
-            break
-    return front * f
-
-
 def t_interval(values: np.ndarray, level: float = LEVEL) -> tuple[np.ndarray, np.ndarray]:
     """Mean over the first axis (seeds) of `values` [S, ...] and its Student-t interval [..., 2]; with one seed the
     interval is (nan, nan): one value says nothing about the spread across seeds."""
@@ -108,7 +65,9 @@ def t_interval(values: np.ndarray, level: float = LEVEL) -> tuple[np.ndarray, np
     s = values.shape[0]
     if s < 2:
         return mean, np.full(mean.shape + (2,), np.nan)
-    half = t_quantile(0.5 + level / 2, s - 1) * values.std(0, ddof=1) / math.sqrt(s)
+    from scipy.stats import t as student_t
+
+    half = float(student_t.ppf(0.5 + level / 2, s - 1)) * values.std(0, ddof=1) / math.sqrt(s)
     return mean, np.stack([mean - half, mean + half], -1)
 
 
@@ -119,4 +78,4 @@ def excludes_zero(interval) -> bool:
 
 
 __all__ = ["LEVEL", "RESAMPLES", "bootstrap_counts", "excludes_zero", "percentile_interval", "resampled_means",
-           "t_interval", "t_quantile", "win_rate", "wins"]
+           "t_interval", "win_rate", "wins"]
