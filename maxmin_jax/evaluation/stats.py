@@ -1,4 +1,4 @@
-"""Statistics of an evaluation: paired bootstrap over prompts, win rates, intervals across seeds (pure numpy).
+"""Statistics of an evaluation: paired bootstrap over prompts, win rates, intervals across seeds (numpy, scipy).
 
 Every policy of a run is evaluated on the same prompts with the same sampling keys, so comparisons are paired by
 prompt. A bootstrap resample is a vector of counts over the N prompts (`bootstrap_counts`); one matrix of counts
