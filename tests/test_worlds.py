@@ -97,7 +97,7 @@ def test_a_world_of_ones_own_runs_end_to_end_and_its_true_rewards_reach_the_repo
     assert report["groups"] == ["fans", "focused"] and report["group_sizes"] == {"fans": 9, "focused": 3}
     assert report["group_reward_kind"].startswith("true") and report["win_rate_kind"].startswith("true")
     # The report's numbers are the world's own true rewards of the decoded evaluation responses.
-    world, tokenizer = critics_world(), build_word_tokenizer(VOCABULARY)
+    tokenizer = build_word_tokenizer(VOCABULARY)
     samples = {}
     for name in ("reference", "maxmin"):
         stage = "evaluate/reference" if name == "reference" else "evaluate/maxmin/ppo"
