@@ -224,6 +224,7 @@ def test_sweep_runs_every_setting_and_writes_sweep_json_and_plot(tmp_path, fake_
     minority = [(e["group_sizes"][e["minority"]], e["policies"]["single"]["group_reward"][e["minority"]])
                 for e in saved["settings"][::2]]
     assert [size for size, _ in minority] == [55, 28, 10, 4]
+    assert {e["minority"] for e in saved["settings"]} == {"concise"}  # one group followed, at 1:1 too
     rewards = [r for _, r in minority]
     assert rewards == sorted(rewards, reverse=True)  # the trend the fake runs hold reaches sweep.json in order
     entry = saved["settings"][0]["policies"]["maxmin"]

@@ -96,7 +96,7 @@ def format_sweep(sweep: dict) -> str:
                      *(f"{p[n]['win_rate_vs_reference'][minority]['rate']:.2f}"
                        if p[n].get("win_rate_vs_reference") else "-" for n in policies)])
     return "\n".join([f"Sweep over {', '.join(sweep['keys'])}: rewards in reference stds, win rate vs the "
-                      "reference (minority = the smallest group)", *_grid(header, rows)])
+                      "reference (minority: the group smallest in most settings)", *_grid(header, rows)])
 
 
 __all__ = ["best_marks", "format_sweep", "format_table"]

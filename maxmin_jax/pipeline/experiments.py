@@ -123,18 +123,34 @@ SWEEP_FIELDS = ("group_reward", "group_reward_ci", "worst_group_reward", "worst_
                 "win_rate_vs_reference", "win_rate_vs_single", "kl")
 
 
-def sweep_entry(name: str, setting: dict[str, Any], report: dict) -> dict:
-    """One setting of sweep.json: its keys, group sizes, which group is the minority, and each policy's per-group
-    reward and win rates (with intervals)."""
+def sweep_entry(name: str, setting: dict[str, Any], report: dict, minority: str | None = None) -> dict:
+    """One setting of sweep.json: its keys, group sizes, the minority (`minority`, else the setting's smallest
+    group) and the largest other group, and each policy's per-group reward and win rates (with intervals)."""
     sizes = report.get("group_sizes") or {}
     groups = report["groups"]
     by_size = sorted(groups, key=lambda g: (sizes.get(g, 0), groups.index(g)))
+    minority = minority if minority in groups else by_size[0]
     ari = report.get("em", {}).get("ari")
     return {"setting": setting, "directory": name, "groups": groups, "group_sizes": sizes,
-            "minority": by_size[0], "majority": by_size[-1], "em_ari": ari,
+            "minority": minority, "majority": next(g for g in reversed(by_size) if g != minority), "em_ari": ari,
             "group_reward_correlation": report.get("group_reward_correlation"),
             "policies": {policy: {k: entry[k] for k in SWEEP_FIELDS if k in entry}
                          for policy, entry in report["policies"].items()}}
+
+
+def sweep_minority(reports: list[dict]) -> str | None:
+    """The sweep's minority: the group that is the smallest in the most settings (ties: the smallest in total), so
+    that one group is followed across the sweep, its equal-share settings included. None without group sizes."""
+    smallest, totals = {}, {}
+    for report in reports:
+        sizes = report.get("group_sizes") or {}
+        if not sizes:
+            return None
+        low = min(sizes.values())
+        for group, size in sizes.items():
+            smallest[group] = smallest.get(group, 0) + (size == low and list(sizes.values()).count(low) == 1)
+            totals[group] = totals.get(group, 0) + size
+    return max(smallest, key=lambda g: (smallest[g], -totals[g])) if smallest else None
 
 
 def sweep(spec: Sweep, out: str | Path, *, progress: bool = True) -> dict:
@@ -145,11 +161,13 @@ def sweep(spec: Sweep, out: str | Path, *, progress: bool = True) -> dict:
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    entries = []
+    reports = []
     for name, setting, cfg in spec.points:
         if progress:
             print(f"sweep: {name}", flush=True)
-        entries.append(sweep_entry(name, setting, run(cfg, out / name, progress=progress)))
+        reports.append((name, setting, run(cfg, out / name, progress=progress)))
+    minority = sweep_minority([report for _, _, report in reports])
+    entries = [sweep_entry(name, setting, report, minority) for name, setting, report in reports]
     result = {"keys": list(spec.grid), "grid": {k: list(v) for k, v in spec.grid.items()},
               "interval_kind": ("Student t across seeds" if spec.base.seeds is not None else
                                 "paired bootstrap over the evaluation prompts"),
@@ -161,4 +179,4 @@ def sweep(spec: Sweep, out: str | Path, *, progress: bool = True) -> dict:
     return result
 
 
-__all__ = ["Sweep", "load_sweep", "run_seeds", "seed_config", "sweep", "sweep_entry"]
+__all__ = ["Sweep", "load_sweep", "run_seeds", "seed_config", "sweep", "sweep_entry", "sweep_minority"]
