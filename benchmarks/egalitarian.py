@@ -3,10 +3,12 @@
     python -m benchmarks.egalitarian OUT [OUT ...]
 
 For every run (a directory with report.json and metrics, e.g. OUT/SETTING/seed-N) it prints, per policy: each
-group's true reward and the worst group's (reference-standardised), KL, and from the training curves: how often the
-objective's group weights switched group between consecutive iterations, the learned reward of each head at the
-end of training, and the learned-vs-true ranking of the groups. The run's EM line gives the ARI, the mixing weights
-and how each cluster's users split over the true groups, which says whether a minority head exists at all.
+group's true reward and the worst group's (reference-standardised), the KL and response length at evaluation beside
+those of the last training iteration's rollouts (the policy before its last update: a large jump means the last
+update moved the policy somewhere its rollouts never went), and from the training curves: how often the
+objective's group weights switched group between consecutive iterations and the learned reward of each head at the
+end of training. The run's EM line gives the ARI, the mixing weights and the clusters' group names, which say
+whether a minority head exists at all.
 """
 
 from __future__ import annotations
@@ -45,9 +47,12 @@ def describe(run: Path) -> str:
         curve = report.get("curves", {}).get(name, [])
         rewards = " ".join(f"{g} {p['group_reward'][g]:+.2f}" for g in groups)
         lo, hi = p.get("worst_group_reward_ci", [np.nan, np.nan])
+        last = curve[-1] if curve else {}
+        switches = switch_rate(curve)
         lines.append(f"  {name:12s} {rewards}  worst {p['worst_group_reward']:+.2f} [{lo:+.2f}, {hi:+.2f}]  "
-                     f"KL {p['kl']:5.1f}  len {p['response_length']:4.1f}  switches {switch_rate(curve)}  "
-                     f"learned(end) {final_learned(curve)}")
+                     f"KL {p['kl']:5.1f} (last it. {last.get('kl', np.nan):4.1f})  "
+                     f"len {p['response_length']:4.1f} (last it. {last.get('response_length', np.nan):4.1f})  "
+                     f"switches {'-' if switches is None else f'{switches:.2f}'}  learned(end) {final_learned(curve)}")
     return "\n".join(lines)
 
 
