@@ -1,8 +1,12 @@
-"""Evaluation statistics: paired bootstrap over prompts, win rates, intervals across seeds, sweeps.
+"""Evaluation: paired bootstrap over prompts, win rates, intervals across seeds, and the report's table and figures.
 
-    stats      bootstrap counts, percentile and Student-t intervals, win indicators (pure numpy)
+    stats      bootstrap counts, percentile and Student-t intervals, win indicators
     compare    one run's policies compared per group (rewards, worst group, win rates, paired differences)
     seeds      the reports of several seeds of one config aggregated (means, t intervals, paired tests)
+    table      table.txt (and the sweep's table)
+    plots      group_rewards.png, win_rates.png, curves.png, sweep.png
+
+The runners over many runs (`seeds:`, `maxmin-jax sweep`) are `maxmin_jax.pipeline.experiments`.
 """
 
 from maxmin_jax.evaluation.compare import compare, gain_shares, single_baselines

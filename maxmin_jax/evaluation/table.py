@@ -75,7 +75,6 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-
 def format_sweep(sweep: dict) -> str:
     """One row per setting: group sizes, EM's ARI, and each policy's minority reward, worst-group reward and
     minority win rate against the reference."""
