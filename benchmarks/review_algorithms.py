@@ -103,11 +103,11 @@ def plot(result: dict, algorithms, path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(algorithms), figsize=(3.4 * len(algorithms), 3.2), sharey=True, squeeze=False)
     for ax, algorithm in zip(axes[0], algorithms):
-        for objective in OBJECTIVES:
+        for objective, style in zip(OBJECTIVES, ("--", "-", "-")):  # dashed: offline single = utilitarian
             name = f"{objective}-{algorithm}"
             xs = [0.0] + [s["policies"][name]["compute"] for s in result["stages"]]
             ys = [0.0] + [s["policies"][name]["worst_group_reward"] for s in result["stages"]]
-            ax.plot(xs, ys, marker="o", label=objective)
+            ax.plot(xs, ys, style, marker="o", label=objective, zorder=3 if objective == "single" else 2)
         ax.axhline(0.0, color="grey", lw=0.8)
         ax.set_title(algorithm)
         ax.set_xlabel("optimiser steps" if algorithm in ("dpo", "ipo") else "sampled tokens")
