@@ -10,8 +10,9 @@ Stages and their directories under the output directory:
     evaluate/reference/, evaluate/OBJECTIVE/ALGORITHM/    samples.npz of the evaluation
     metrics.jsonl, tensorboard/, config.yaml, report.json, table.txt, *.png
 
-Every stage's fingerprint is the part of the config its result depends on (`stage_plan`); all are checked
-against the directory's records before anything runs.
+Every stage's fingerprint is the part of the config its result depends on, with input files identified by their
+content (`stage_plan`); all are checked against the directory's records before anything runs. The output
+directory is held by one run at a time (`rundir.RunDir`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 
@@ -30,6 +32,7 @@ from maxmin_jax.errors import ConfigError
 from maxmin_jax.generate import SamplingConfig
 from maxmin_jax.metrics import MetricsWriter
 from maxmin_jax.pipeline.config import FitRewards, LoadRewards, RunConfig, ScratchModel, WorldPreferences
+from maxmin_jax.pipeline.provenance import Digests, identify_inputs
 from maxmin_jax.pipeline.rundir import RunDir, Stage, is_primary
 from maxmin_jax.pipeline.sources import (Stream, build_models, load_preference_pairs, prompt_source,
                                          read_preference_rows)
@@ -57,12 +60,13 @@ def _pick(config: dict, paths: list[str]) -> dict:
     return out
 
 
-def stage_plan(cfg: RunConfig, *, stages: tuple[str, ...] = ("rewards", "standardize", "policy", "evaluate")
-               ) -> dict[str, dict]:
-    """{stage name: fingerprint} of every stage a runner doing `stages` goes through, in order."""
+def stage_plan(cfg: RunConfig, *, stages: tuple[str, ...] = ("rewards", "standardize", "policy", "evaluate"),
+               digests: Digests | None = None) -> dict[str, dict]:
+    """{stage name: fingerprint} of every stage a runner doing `stages` goes through, in order. Input paths are
+    replaced by digests of their content (`provenance.identify_inputs`; `digests` caches them)."""
     from maxmin_jax.pipeline.stages import objective_options
 
-    config = json.loads(json.dumps(to_dict(cfg)))
+    config = identify_inputs(json.loads(json.dumps(to_dict(cfg))), digests)
     for path in NOT_FINGERPRINTED:
         *parents, last = path.split(".")
         node = config
@@ -99,15 +103,20 @@ class Context:
     """What every stage reads: the config, the output directory and its stage plan, the mesh, the metrics stream,
     the sampling config (with the tokenizer's EOS and pad), the root key, progress reporting."""
 
-    def __init__(self, cfg: RunConfig, out: str | Path, *, stages: tuple[str, ...], progress: bool = True):
+    def __init__(self, cfg: RunConfig, out: str | Path, *, stages: tuple[str, ...], progress: bool = True,
+                 overwrite: bool = False):
         self.cfg, self.progress = cfg, progress
         self.started = time.perf_counter()
         self.mesh = cfg.mesh.build() if cfg.mesh is not None else None  # first: a wrong mesh fails before loading
-        self.run = RunDir(out)
-        self.plan = stage_plan(cfg, stages=stages)
-        self.run.check(self.plan)
-        if is_primary():
-            (self.run.root / "config.yaml").write_text(dump_yaml(cfg))
+        self.plan = stage_plan(cfg, stages=stages)  # reads the inputs: a missing model fails before any output
+        self.run = RunDir(out, overwrite=overwrite)
+        try:
+            self.run.check(self.plan)
+            if is_primary():
+                _write_text(self.run.root / "config.yaml", dump_yaml(cfg))
+        except BaseException:
+            self.run.close(failed=True)
+            raise
         self.metrics = MetricsWriter(self.run.root, tensorboard=cfg.tensorboard, enabled=is_primary())
         self.sampling: SamplingConfig = cfg.sampling
 
@@ -133,12 +142,23 @@ class Context:
     def __enter__(self) -> Context:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
         self.metrics.close()
+        self.run.close(failed=exc_type is not None)
 
 
-def _check(cfg: RunConfig, *, fit: bool, prompts: bool) -> None:
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _check(cfg: RunConfig, *, fit: bool, prompts: bool, out: str | Path | None = None) -> None:
     """What a runner needs from the config, refused before anything runs."""
+    if isinstance(cfg.rewards, LoadRewards) and out is not None and Path(cfg.rewards.path).resolve() == \
+            Path(out).resolve():
+        raise ConfigError(f"rewards.path: {cfg.rewards.path} is also the output directory; the fitted rewards "
+                          "would be written over: use another output directory", key="rewards.path")
     world = isinstance(cfg.preferences, WorldPreferences)
     if fit and isinstance(cfg.rewards, FitRewards):
         if cfg.preferences is None:

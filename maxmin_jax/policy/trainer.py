@@ -21,6 +21,7 @@ import optax
 from flax import nnx
 
 from maxmin_jax.generate import SamplingConfig, reference_sampling_logits, sample_responses, sampling_logits
+from maxmin_jax.guards import GRAD_NORM_LIMIT, KL_LIMIT, LOSS_LIMIT, fault_flags
 from maxmin_jax.models.transformer import CausalLM
 from maxmin_jax.policy.model import PolicyWithValue
 from maxmin_jax.policy.objectives import Objective, ObjectiveState, RewardStandardizer
@@ -53,6 +54,12 @@ class _Static(NamedTuple):
     objective: Objective
     ppo: PPOConfig
     sampling: SamplingConfig
+
+
+FAULT_LIMITS = {"policy_loss": LOSS_LIMIT, "value_loss": LOSS_LIMIT, "grad_norm": GRAD_NORM_LIMIT, "kl": KL_LIMIT,
+                "approx_kl": KL_LIMIT, "score": None}
+"""What stops a diverged run (`maxmin_jax.guards`): losses, the gradient norm (before clipping), the KL to the
+reference and the update's approximate KL beyond their limits, or any of them (or the reward score) not finite."""
 
 
 def optimizer(ppo: PPOConfig) -> optax.GradientTransformation:
@@ -194,6 +201,7 @@ def _iteration(static: _Static, state: PPOState, frozen: Frozen, prompts, prompt
         # two disagree on the distribution sampled from.
         "rollout_logprob_error": masked_mean(jnp.abs(old_logprobs - rollout.logprobs), mask),
     }
+    metrics |= fault_flags(metrics, FAULT_LIMITS)  # checked on the host before the iteration is checkpointed
     return PPOState(trainable, opt_state, kl_state, objective_state, state.step + 1), metrics
 
 
