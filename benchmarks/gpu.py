@@ -9,8 +9,9 @@ iteration, with random weights under the mixed-precision policy (bf16 compute; t
 - `decode_llama7b`: sampling at batch 64 with the 7B shape; decode step time = (generate - prefill) / (new - 1);
   utilisation = (weights + KV cache bytes a step must read) / step time / measured copy bandwidth.
 - `ppo_iteration_gpt2_medium`: one jitted PPO iteration (rollout, scoring, two epochs of updates) on GPT-2
-  medium, batch 64 x (64 prompt + 64 new); tokens/s of the iteration, its rollout and its update. A critic-free
-  trainer registers the same way through `benchmarks.rl.iteration_benchmark`.
+  medium, batch 64 x (64 prompt + 64 new); tokens/s of the iteration, its rollout and its update.
+- `grpo_iteration_gpt2_medium`: the critic-free (GRPO) iteration at the same batch of 64 responses (8 prompts x
+  G = 8 samples), through the same `benchmarks.rl.iteration_benchmark`: no value head, one on-policy pass.
 
 Each result records the attention kernel the step's self-attention ran (`cudnn` or `xla`). `--quick` runs the same
 code on tiny configs (on CPU too), to exercise it; its figures mean nothing.
@@ -29,7 +30,7 @@ from flax import nnx
 
 from benchmarks.costs import model_cost
 from benchmarks.registry import Context, Figure, Result, register
-from benchmarks.rl import iteration_benchmark, ppo_trainer
+from benchmarks.rl import grpo_trainer, iteration_benchmark, ppo_trainer
 from benchmarks.timing import jax_sync, measure, measure_interleaved
 from maxmin_jax.generate import generate
 from maxmin_jax.models import GPT2Config, LlamaConfig, build_model
@@ -45,6 +46,7 @@ GPT2_MEDIUM_TRAIN_ALSO = dict(batch=4, seq=1024)
 LLAMA7B_LORA_TRAIN = dict(batch=4, seq=512, lora_rank=16)
 LLAMA7B_DECODE = dict(batch=64, prompt=128, new_tokens=64)
 GPT2_MEDIUM_PPO = dict(batch=64, prompt=64, new=64)
+GPT2_MEDIUM_GRPO_GROUP = 8  # samples per prompt: 8 prompts x 8 = the PPO iteration's 64 responses
 
 
 def _is_oom(error: Exception) -> bool:
@@ -248,5 +250,16 @@ def ppo_iteration_gpt2_medium(ctx: Context) -> Result:
     cfg, shape = (GPT2Config.tiny(vocab_size=512), dict(batch=4, prompt=16, new=4)) if ctx.quick else (
         GPT2Config.gpt2_medium(), GPT2_MEDIUM_PPO)
     result = iteration_benchmark(ctx, cfg, dtype=DTYPE, make_trainer=ppo_trainer, **shape)
+    result.config["attention"] = attention_kernel(cfg, shape["batch"], shape["prompt"] + shape["new"], padded=True)
+    return result
+
+
+@register("grpo_iteration_gpt2_medium", suites=("gpu",),
+          description="one critic-free (GRPO) iteration on GPT-2 medium, bf16, at the PPO iteration's batch")
+def grpo_iteration_gpt2_medium(ctx: Context) -> Result:
+    cfg, shape, group = (GPT2Config.tiny(vocab_size=512), dict(batch=4, prompt=16, new=4), 2) if ctx.quick else (
+        GPT2Config.gpt2_medium(), GPT2_MEDIUM_PPO, GPT2_MEDIUM_GRPO_GROUP)
+    result = iteration_benchmark(ctx, cfg, dtype=DTYPE, make_trainer=partial(grpo_trainer, group_size=group),
+                                 **shape)
     result.config["attention"] = attention_kernel(cfg, shape["batch"], shape["prompt"] + shape["new"], padded=True)
     return result

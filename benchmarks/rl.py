@@ -16,6 +16,8 @@ from benchmarks.timing import jax_sync, measure, measure_interleaved
 from maxmin_jax.data.batching import PairBatch
 from maxmin_jax.generate import SamplingConfig, generate
 from maxmin_jax.models import GPT2Config, build_model
+from maxmin_jax.policy.advantages import make_estimator
+from maxmin_jax.policy.critic_free import CriticFreeConfig, CriticFreeTrainer
 from maxmin_jax.policy.model import PolicyWithValue
 from maxmin_jax.policy.objectives import RewardStandardizer, make_objective
 from maxmin_jax.policy.ppo import PPOConfig
@@ -91,13 +93,33 @@ def ppo_trainer(cfg, *, dtype, new: int, ppo: PPOConfig = PPOConfig(epochs=2, mi
                      "minibatches": ppo.minibatches}
 
 
+def grpo_trainer(cfg, *, dtype, new: int, group_size: int = 8, config: CriticFreeConfig = CriticFreeConfig()):
+    """The critic-free trainer of the iteration benchmarks, built like `ppo_trainer` (maxmin over K = 2 reward heads,
+    a frozen reference, every policy weight trained in float32 with `dtype` compute) but with GRPO's advantages over
+    `group_size` samples of each prompt and no value head; by default GRPO's one on-policy pass."""
+    sampling = SamplingConfig(max_new_tokens=new, eos_token_id=None, pad_token_id=0)  # no EOS: every token generated
+    lm = build_model(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=jnp.float32)
+    reward = RewardModel(build_model(cfg, rngs=nnx.Rngs(1), dtype=dtype), 2, rngs=nnx.Rngs(2))
+    trainer = CriticFreeTrainer(lm, reward, make_objective("maxmin", lagged=True), RewardStandardizer.identity(2),
+                                estimator=make_estimator("grpo", group_size=group_size),
+                                reference=build_model(cfg, rngs=nnx.Rngs(0), dtype=dtype), config=config,
+                                sampling=sampling)
+    return trainer, {"trainer": f"GRPO (no value head, maxmin over 2 reward heads, G={group_size})",
+                     "epochs": config.epochs, "minibatches": config.minibatches, "samples_per_prompt": group_size}
+
+
 def iteration_benchmark(ctx: Context, cfg, *, batch: int, prompt: int, new: int, dtype, make_trainer) -> Result:
     """Time one jitted policy-optimisation iteration (rollout + scoring + update) and, apart, its rollout alone.
 
     `make_trainer(cfg, dtype=, new=) -> (trainer, config)`: any trainer with `init_state()`, `step(state, prompts,
-    mask, key) -> (state, metrics)` and `policy(state).lm`, so the critic-free trainers time the same way."""
+    mask, key) -> (state, metrics)` and `policy(state)` (a causal LM, or a policy holding one as `.lm`), so PPO and
+    the critic-free trainers time the same way. `batch` counts responses: a trainer that samples each prompt G
+    times (`config["samples_per_prompt"]`) gets batch / G prompts."""
     trainer, trainer_config = make_trainer(cfg, dtype=dtype, new=new)
-    ids = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, prompt)), jnp.int32)
+    group = trainer_config.get("samples_per_prompt", 1)
+    if batch % group:
+        raise ValueError(f"batch {batch} is not a multiple of the {group} samples per prompt")
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (batch // group, prompt)), jnp.int32)
     mask = jnp.ones_like(ids)
     holder = {"state": trainer.init_state(), "i": 0}
 
@@ -106,8 +128,11 @@ def iteration_benchmark(ctx: Context, cfg, *, batch: int, prompt: int, new: int,
         holder["state"], metrics = trainer.step(holder["state"], ids, mask, jax.random.key(holder["i"]))
         return metrics
 
-    # The rollout alone: the same sampler, shapes and settings the iteration runs first.
-    sample = lambda: generate(trainer.policy(holder["state"]).lm, ids, mask, max_new_tokens=new,  # noqa: E731
+    # The rollout alone: the same sampler, shapes and settings the iteration runs first (every prompt repeated G
+    # times, as the critic-free iteration does).
+    rows, row_mask = jnp.repeat(ids, group, axis=0), jnp.repeat(mask, group, axis=0)
+    lm = lambda: getattr(trainer.policy(holder["state"]), "lm", trainer.policy(holder["state"]))  # noqa: E731
+    sample = lambda: generate(lm(), rows, row_mask, max_new_tokens=new,  # noqa: E731
                               rng=jax.random.key(0), return_logprobs=True)
     repeats = ctx.repeats_at_least(3)
     t_roll = measure(jax_sync(sample), repeats=repeats, warmup=ctx.warmup)

@@ -79,6 +79,26 @@ def replicate_on_mesh_of(tree: Any, reference: Any) -> Any:
                         else jax.device_put(x, target), tree)
 
 
+def canonical_shardings(tree: Any) -> Any:
+    """Every array of `tree` with its NamedSharding spelled as a jitted program spells its outputs' (trailing
+    unsplit dimensions dropped: `P(None, None)` becomes `P()`, `P("fsdp", None)` becomes `P("fsdp")`). Equivalent
+    shardings spelled differently are different jit cache keys, so a state built eagerly and donated to a jitted
+    step would otherwise compile the step a second time when its output comes back. Moves no data."""
+
+    def canonical(x):
+        sharding = getattr(x, "sharding", None)
+        if not isinstance(sharding, NamedSharding):
+            return x
+        spec = list(sharding.spec)
+        while spec and spec[-1] is None:
+            spec.pop()
+        if len(spec) == len(sharding.spec):
+            return x
+        return jax.device_put(x, NamedSharding(sharding.mesh, P(*spec), memory_kind=sharding.memory_kind))
+
+    return jax.tree.map(canonical, tree)
+
+
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     """Leading (batch) axis split over data and FSDP; the rest replicated."""
     batch_axes = tuple(a for a in LOGICAL_RULES["batch"] if mesh.shape[a] > 1)
@@ -103,6 +123,6 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-__all__ = ["LOGICAL_RULES", "MESH_AXES", "ShardingError", "batch_sharding", "logical_to_spec", "make_mesh",
-           "place_variable", "replicate_on_mesh_of", "replicated", "shard_batch", "shard_module", "state_shardings",
-           "use_mesh", "variable_sharding"]
+__all__ = ["LOGICAL_RULES", "MESH_AXES", "ShardingError", "batch_sharding", "canonical_shardings", "logical_to_spec",
+           "make_mesh", "place_variable", "replicate_on_mesh_of", "replicated", "shard_batch", "shard_module",
+           "state_shardings", "use_mesh", "variable_sharding"]

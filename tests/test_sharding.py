@@ -28,7 +28,7 @@ from maxmin_jax.models.hf import load_pretrained
 from maxmin_jax.policy.model import PolicyWithValue
 from maxmin_jax.policy.objectives import RewardStandardizer, make_objective
 from maxmin_jax.policy.ppo import PPOConfig
-from maxmin_jax.policy.trainer import PPOTrainer
+from maxmin_jax.policy.trainer import PPOTrainer, _iteration
 from maxmin_jax.rewards.bt import bt_loss
 from maxmin_jax.rewards.em import EMConfig, MStepConfig, fit_em
 from maxmin_jax.rewards.model import RewardModel, score_pairs
@@ -223,6 +223,9 @@ def run_ppo(mesh, iterations: int = 2):
     for it in range(iterations):
         state, m = trainer.step(state, prompts, prompt_mask, jax.random.key(it))
         metrics.append(jax.tree.map(np.asarray, m))
+        compiled = _iteration._cache_size() if it == 0 else compiled
+    # The state the iteration returns has the shardings it started with, spelled alike: no second compile.
+    assert _iteration._cache_size() == compiled
     return trainer.policy(state), metrics
 
 

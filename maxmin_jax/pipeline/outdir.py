@@ -193,5 +193,5 @@ def overwrite_hint() -> str:
     return f"or start afresh with {option('overwrite', True)} (deletes this directory's outputs)"
 
 
-__all__ = ["JOURNAL", "MARKER", "OutputLock", "claim", "clear", "incomplete", "is_output", "overwrite_hint", "publishing",
-           "recover"]
+__all__ = ["JOURNAL", "MARKER", "OutputLock", "claim", "clear", "incomplete", "is_output", "overwrite_hint",
+           "publishing", "recover"]

@@ -20,9 +20,9 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from maxmin_jax import strict_json
-from maxmin_jax.errors import CheckpointError, ConfigError, NumericalFault, RunDirError, option
+from maxmin_jax.errors import CheckpointError, ConfigError, NumericalFault, RunDirError
 from maxmin_jax.eval import evaluate_policy
-from maxmin_jax.guards import check_fit_history, first_fault, raise_on_fault, without_flags
+from maxmin_jax.guards import check_fit_history, first_fault, without_flags
 from maxmin_jax.models.transformer import CausalLM
 from maxmin_jax.pipeline import outdir
 from maxmin_jax.pipeline.config import LoadRewards, LoraSpec, PolicyConfig
@@ -31,6 +31,7 @@ from maxmin_jax.pipeline.sources import Models, Preferences, PromptSource, Strea
 from maxmin_jax.policy.model import PolicyWithValue
 from maxmin_jax.policy.objectives import RewardStandardizer, make_objective
 from maxmin_jax.policy.trainer import PPOTrainer
+from maxmin_jax.policy.training import check_step
 from maxmin_jax.rewards.em import EMResult, clustering_metrics, evaluate_pairs, fit_em, fit_single_reward
 from maxmin_jax.trainable import trainable_filter
 
@@ -312,9 +313,8 @@ def iterate(ctx, stage: Stage, trainer, batch: Callable[[int], tuple], *, iterat
                                              group_names=group_names))
             if first_fault(metrics) is not None:
                 checkpoints.wait_until_finished()
-                raise_on_fault(metrics, where=stage.name, step=it + 1, last_good_step=checkpoints.latest_step(),
-                               limits=getattr(trainer, "fault_limits", None), checkpoints=str(checkpoints.directory),
-                               hint=f"lower the learning rate ({option(learning_rate)}), or check the rewards")
+                check_step(metrics, where=stage.name, step=it + 1, last_good_step=checkpoints.latest_step(),
+                           checkpoints=str(checkpoints.directory), learning_rate=learning_rate)
             if (it + 1) % checkpoint_every == 0 or it + 1 == iterations:
                 checkpoints.save(it + 1, state)
         checkpoints.wait_until_finished()

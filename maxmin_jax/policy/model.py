@@ -22,5 +22,8 @@ class PolicyWithValue(nnx.Module):
     def __call__(self, input_ids: Int[Array, "b t"], attention_mask: Int[Array, "b t"] | None = None, *,
                  use_lora: bool = True) -> tuple[Float[Array, "b t v"], Float[Array, "b t"]]:
         hidden = self.lm.hidden_states(input_ids, attention_mask, use_lora=use_lora)
-        values = jnp.einsum("btd,d->bt", hidden.astype(jnp.float32), self.value_head[...]) + self.value_bias[...]
-        return self.lm.logits(hidden), values
+        return self.lm.logits(hidden), self.values(hidden)
+
+    def values(self, hidden: Float[Array, "b t d"]) -> Float[Array, "b t"]:
+        """The value head on final hidden states (e.g. only the response positions'), in float32."""
+        return jnp.einsum("btd,d->bt", hidden.astype(jnp.float32), self.value_head[...]) + self.value_bias[...]
