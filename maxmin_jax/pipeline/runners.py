@@ -32,6 +32,7 @@ from maxmin_jax.errors import ConfigError
 from maxmin_jax.generate import SamplingConfig
 from maxmin_jax.metrics import MetricsWriter
 from maxmin_jax.pipeline.config import FitRewards, LoadRewards, RunConfig, ScratchModel, WorldPreferences
+from maxmin_jax.pipeline import outdir
 from maxmin_jax.pipeline.provenance import Digests, identify_inputs
 from maxmin_jax.pipeline.rundir import RunDir, Stage, is_primary
 from maxmin_jax.pipeline.sources import (Stream, build_models, load_preference_pairs, prompt_source,
@@ -153,6 +154,10 @@ def _write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+FIT_REWARDS_LAYOUT = ("assignments.json", "em_history.json", "reward_model")
+"""What fit-rewards publishes into its output directory."""
+
+
 def _check(cfg: RunConfig, *, fit: bool, prompts: bool, out: str | Path | None = None) -> None:
     """What a runner needs from the config, refused before anything runs."""
     if isinstance(cfg.rewards, LoadRewards) and out is not None and Path(cfg.rewards.path).resolve() == \
@@ -169,16 +174,18 @@ def _check(cfg: RunConfig, *, fit: bool, prompts: bool, out: str | Path | None =
         raise ConfigError("prompts: required unless preferences.source is 'world' (which supplies its own)")
 
 
-def run(cfg: RunConfig, out: str | Path, *, progress: bool = True) -> dict:
+def run(cfg: RunConfig, out: str | Path, *, progress: bool = True, overwrite: bool = False) -> dict:
     """Every stage, then the report (report.json, table.txt, plots) in `out`; returns the report. A rerun skips
-    finished stages, resumes a half-finished one, and refuses a directory written under another config."""
+    finished stages, resumes a half-finished one, and refuses a directory written under another config or other
+    inputs (`overwrite`: empty it first)."""
     from maxmin_jax.pipeline.report import build_report
     from maxmin_jax.pipeline.stages import (evaluate, evaluated, reward_models, standardize, starting_policy,
                                             train_policy)
     from maxmin_jax.report import write_report
 
-    _check(cfg, fit=True, prompts=True)
-    with Context(cfg, out, stages=("rewards", "standardize", "policy", "evaluate"), progress=progress) as ctx:
+    _check(cfg, fit=True, prompts=True, out=out)
+    with Context(cfg, out, stages=("rewards", "standardize", "policy", "evaluate"), progress=progress,
+                 overwrite=overwrite) as ctx:
         rows = read_preference_rows(cfg) if cfg.preferences is not None else None
         models = build_models(ctx)
         ctx.use_tokenizer(models.tokenizer)
@@ -202,32 +209,35 @@ def run(cfg: RunConfig, out: str | Path, *, progress: bool = True) -> dict:
     return report
 
 
-def fit_rewards(cfg: RunConfig, out: str | Path, *, progress: bool = True):
+def fit_rewards(cfg: RunConfig, out: str | Path, *, progress: bool = True, overwrite: bool = False):
     """`maxmin-jax fit-rewards`: the reward stages only, then the fit-rewards layout in `out` (assignments.json,
-    em_history.json, reward_model/), which `train_policy` (rewards.source: load) reads. Returns the EM result."""
+    em_history.json, reward_model/, published together: a reader finds all or none), which `train_policy`
+    (rewards.source: load) reads. Returns the EM result."""
     from maxmin_jax.pipeline.stages import reward_models
     from maxmin_jax.rewards.fit import write_result
 
-    _check(cfg, fit=True, prompts=False)
+    _check(cfg, fit=True, prompts=False, out=out)
     if not isinstance(cfg.rewards, FitRewards):
         raise ConfigError("rewards.source: fit-rewards fits reward models ('fit')")
-    with Context(cfg, out, stages=("rewards",), progress=progress) as ctx:
+    with Context(cfg, out, stages=("rewards",), progress=progress, overwrite=overwrite) as ctx:
         rows = read_preference_rows(cfg)
         models = build_models(ctx)
         prefs = load_preference_pairs(ctx, models, rows)
         rewards = reward_models(ctx, models, prefs)
         if is_primary():
-            write_result(rewards.em, out, config=cfg.rewards.em)
+            with outdir.publishing(out, FIT_REWARDS_LAYOUT) as staging:
+                write_result(rewards.em, staging, config=cfg.rewards.em)
     return rewards.em, prefs
 
 
-def train_policy(cfg: RunConfig, out: str | Path, *, progress: bool = True) -> dict[str, list[dict]]:
+def train_policy(cfg: RunConfig, out: str | Path, *, progress: bool = True, overwrite: bool = False
+                 ) -> dict[str, list[dict]]:
     """`maxmin-jax train-policy`: standardisation and policy training (with export) on loaded or fitted reward
     models, without evaluation. Returns each policy's curve."""
     from maxmin_jax.pipeline.stages import reward_models, standardize, train_policy as train
 
-    _check(cfg, fit=True, prompts=True)
-    with Context(cfg, out, stages=("rewards", "standardize", "policy"), progress=progress) as ctx:
+    _check(cfg, fit=True, prompts=True, out=out)
+    with Context(cfg, out, stages=("rewards", "standardize", "policy"), progress=progress, overwrite=overwrite) as ctx:
         fit = cfg.preferences is not None and not isinstance(cfg.rewards, LoadRewards)
         rows = read_preference_rows(cfg) if fit else None
         models = build_models(ctx)
