@@ -7,7 +7,9 @@ loop's numerical stop and the killed multi-stage run are in tests/test_pipeline.
   naming the key; the same bytes elsewhere are accepted;
 - outputs are published whole: a publication cut short is completed by the next writer, never left mixed;
 - a reward fit that did not train (non-finite history, every M-step rejected) is never written or loaded as trained;
-- the CLI exits 2 for input errors and 3 for numerical faults, one line each.
+- the CLI exits 2 for input errors and 3 for numerical faults, one line each;
+- fit-rewards SIGKILLed after EM (before its state is saved) or half-way through publishing its outputs, then run
+  again, ends with exactly the outputs of an uninterrupted run.
 """
 
 import dataclasses
@@ -17,11 +19,16 @@ import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
+from flax import nnx
 
+from conftest import save_word_gpt2
 from maxmin_jax.cli import main
+from maxmin_jax.data.synthetic import planted_world
 from maxmin_jax.errors import CheckpointError, ConfigError, NumericalFault, RunDirError
 from maxmin_jax.guards import check_fit_history
 from maxmin_jax.pipeline import FilePreferences, FitRewards, LoadRewards, PretrainedModel, RunConfig, outdir
@@ -30,6 +37,8 @@ from maxmin_jax.pipeline.runners import Context
 from maxmin_jax.pipeline.stages import load_rewards
 from maxmin_jax.policy.training import FAULT_LIMITS, flag_faults
 from maxmin_jax.rewards.em import EMConfig
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -247,3 +256,55 @@ def test_rewards_path_as_the_output_directory_is_refused(inputs, tmp_path):
     cfg = dataclasses.replace(inputs[0], preferences=None, rewards=LoadRewards(path=str(tmp_path / "fit")))
     with pytest.raises(ConfigError, match=r"rewards.path: .* is also the output directory"):
         train_policy(cfg, tmp_path / "fit")
+
+
+# --- fit-rewards killed and run again ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def fit_inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fit")
+    world = planted_world(num_groups=2, group_sizes=(2, 2), pairs_per_user=4, seed=0)
+    save_word_gpt2(root / "ckpt", world.tokenizer())
+    rows = [{"user_id": r.user_id, "prompt": r.prompt, "chosen": r.chosen, "rejected": r.rejected}
+            for r in world.preference_rows(0)]
+    (root / "prefs.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    return root
+
+
+def fit_args(root: Path, out: Path) -> list[str]:
+    return ["--data", str(root / "prefs.jsonl"), "--model", str(root / "ckpt"), "--num-groups", "2", "--out",
+            str(out), "--rounds", "2", "--steps", "2", "--batch-size", "8"]
+
+
+def fit_outputs(out: Path) -> tuple:
+    from maxmin_jax.rewards.fit import load_reward_model
+
+    state = jax.device_get(nnx.to_pure_dict(nnx.state(load_reward_model(out / "reward_model"))))
+    entries = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+    return (entries, (out / "assignments.json").read_text(), (out / "em_history.json").read_text(),
+            jax.tree.leaves(state))
+
+
+@pytest.mark.parametrize("point", ["fitted", "publishing"])
+def test_killed_fit_rewards_reruns_to_the_uninterrupted_outputs(fit_inputs, tmp_path_factory, point, capsys):
+    reference = fit_inputs / "uninterrupted"
+    if not reference.exists():
+        assert main(["fit-rewards", *fit_args(fit_inputs, reference)]) == 0
+    expected = fit_outputs(reference)
+    out = tmp_path_factory.mktemp(point) / "out"
+    killed = subprocess.run([sys.executable, str(ROOT / "tests" / "scripts" / "killed_fit.py"), point,
+                             *fit_args(fit_inputs, out)], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    stage = json.loads((out / "rewards/mixture/stage.json").read_text())
+    if point == "fitted":  # nothing of the fit was kept: the rerun fits again from the start
+        assert stage["status"] == "running" and not (out / "em_history.json").exists()
+    else:  # one output renamed into place, the others still staged: readers are told
+        assert stage["status"] == "done" and outdir.incomplete(out)
+        assert sum((out / name).exists() for name in ("assignments.json", "em_history.json", "reward_model")) == 1
+    assert main(["fit-rewards", *fit_args(fit_inputs, out)]) == 0
+    assert not outdir.incomplete(out)
+    got = fit_outputs(out)
+    assert got[:3] == expected[:3]
+    for a, b in zip(got[3], expected[3], strict=True):
+        np.testing.assert_array_equal(a, b)
