@@ -308,3 +308,16 @@ def test_killed_fit_rewards_reruns_to_the_uninterrupted_outputs(fit_inputs, tmp_
     assert got[:3] == expected[:3]
     for a, b in zip(got[3], expected[3], strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_pair_too_long_for_the_model_is_named_before_any_output(fit_inputs, tmp_path, capsys):
+    rows = (fit_inputs / "prefs.jsonl").read_text().splitlines()
+    long = {**json.loads(rows[0]), "chosen": " ".join(["great"] * 80)}  # the checkpoint has 64 positions
+    data = tmp_path / "long.jsonl"
+    data.write_text("\n".join([rows[1], rows[2], json.dumps(long), *rows[3:]]))
+    args = fit_args(fit_inputs, tmp_path / "out")
+    args[args.index("--data") + 1] = str(data)
+    assert main(["fit-rewards", *args]) == 2
+    err = capsys.readouterr().err
+    assert f"{data}: row 3: field 'prompt' + 'chosen': " in err and "expected at most max_length=64" in err
+    assert not (tmp_path / "out").exists()  # refused before anything was written
