@@ -60,13 +60,14 @@ def plot_curves(report: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for name, curve in curves.items():
         it = np.arange(1, len(curve) + 1)
-        axes[0].plot(it, [m["score"] for m in curve], label=name)
-        axes[1].plot(it, [m["kl"] for m in curve], label=name)
-        axes[2].plot(it, [m["response_length"] for m in curve], label=name)
+        for ax, key in zip(axes, ("score", "kl", "response_length")):
+            if curve and key in curve[0]:  # online policies (offline ones sample nothing while training)
+                ax.plot(it, [m[key] for m in curve], label=name)
     for ax, title in zip(axes, ["objective reward (standardised)", "KL to reference", "response length"]):
         ax.set_title(title)
-        ax.set_xlabel("PPO iteration")
-        ax.legend()
+        ax.set_xlabel("iteration")
+        if ax.has_data():
+            ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

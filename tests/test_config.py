@@ -171,3 +171,39 @@ def test_every_section_default_is_a_valid_config():
     cfg = RunConfig()
     assert isinstance(cfg.preferences, WorldPreferences) and isinstance(cfg.model, ScratchModel)
     assert isinstance(cfg.rewards, FitRewards) and cfg.rewards.em.num_groups == 2
+
+
+@pytest.mark.parametrize("name", ["gpt2_imdb.yaml", "tulu2_7b_psoups.yaml"])
+@pytest.mark.parametrize("algorithm", ["grpo", "rloo", "dpo", "ipo"])
+def test_shipped_configs_run_every_algorithm(name, algorithm, capsys):
+    """The critic-free and offline variants their headers document (`--algorithm X`) load, validate and plan."""
+    from maxmin_jax.cli import main
+    from maxmin_jax.pipeline import stage_plan
+
+    assert main(["run", str(CONFIGS / name), "--algorithm", algorithm, "--print-config"]) == 0
+    cfg = from_dict(RunConfig, yaml.safe_load(capsys.readouterr().out))
+    assert cfg.policy.algorithms == (algorithm,)
+    plan = stage_plan(cfg)
+    assert set(plan[f"policy/maxmin/{algorithm}"]["policy"]) >= ({"critic_free", "group_size"}
+                                                                  if algorithm in ("grpo", "rloo")
+                                                                  else {"preference", "pair_batch", "membership"})
+    assert "ppo" not in plan[f"policy/maxmin/{algorithm}"]["policy"]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("policy: {algorithms: [ppo, a2c]}\n", r"policy.algorithms\[1\]: expected one of 'ppo', 'grpo', 'rloo', 'dpo'"),
+    ("policy: {algorithms: [grpo], group_size: 1}\n", r"grpo and rloo .* need group_size >= 2"),
+    ("policy: {algorithms: [rloo], prompt_batch: 12, group_size: 3, critic_free: {minibatches: 8}}\n",
+     r"prompt_batch: 12 responses are not divisible by critic_free.minibatches=8"),
+    ("policy: {algorithms: [grpo], prompt_batch: 64, group_size: 3}\n",
+     r"prompt_batch: 64 responses are not divisible by group_size=3"),
+    ("mesh: {fsdp: 8}\npolicy: {algorithms: [grpo], prompt_batch: 64, group_size: 16}\n",
+     r"prompt_batch / group_size \(grpo, rloo prompts\): 4 is not divisible by mesh data \* fsdp = 8"),
+    ("policy: {algorithms: [dpo], objectives: [maxmin_sample]}\n", r"'maxmin_sample' .* no offline meaning"),
+    ("policy: {algorithms: [dpo], membership: fuzzy}\n", r"policy.membership: expected one of 'hard', 'soft'"),
+    ("mesh: {fsdp: 8}\npolicy: {algorithms: [dpo], prompt_batch: 64, pair_batch: 12}\n",
+     r"policy.pair_batch: 12 is not divisible by mesh data \* fsdp = 8"),
+])
+def test_algorithm_settings_are_checked(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message):
+        load(tmp_path, text)

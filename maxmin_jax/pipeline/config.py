@@ -9,7 +9,7 @@ RunConfig
   prompt_template, mesh, lora
   rewards       tagged by `source`: fit (EM mixture + pooled single reward) | load (a `fit-rewards` directory)
   sampling      one SamplingConfig for rollouts, standardisation and evaluation
-  policy        objectives x algorithms to train, PPO, iterations, checkpoints
+  policy        objectives x algorithms (ppo, grpo, rloo, dpo, ipo) to train, their settings, iterations, checkpoints
   evaluation    prompt counts and batch size
 ```
 
@@ -27,13 +27,24 @@ from typing import Literal
 from maxmin_jax import validate
 from maxmin_jax.errors import ConfigError
 from maxmin_jax.generate import SamplingConfig
+from maxmin_jax.policy.critic_free import CriticFreeConfig
 from maxmin_jax.policy.objectives import OBJECTIVES
+from maxmin_jax.policy.offline import PreferenceConfig
 from maxmin_jax.policy.ppo import PPOConfig
 from maxmin_jax.policy.sft import SFTConfig
 from maxmin_jax.pipeline.worlds import WorldSpec
 from maxmin_jax.rewards.em import EMConfig, MStepConfig
 
-ALGORITHMS = ("ppo",)
+Algorithm = Literal["ppo", "grpo", "rloo", "dpo", "ipo"]
+ALGORITHMS: tuple[str, ...] = ("ppo", "grpo", "rloo", "dpo", "ipo")
+CRITIC_FREE = ("grpo", "rloo")
+"""Online without a value head: each prompt sampled `policy.group_size` times, advantages within the prompt."""
+OFFLINE = ("dpo", "ipo")
+"""Offline on the run's preference pairs, each pair weighted by its user's EM group membership."""
+ALGORITHM_SETTINGS = {"ppo": ("ppo",), "grpo": ("critic_free", "group_size", "grpo_variant"),
+                      "rloo": ("critic_free", "group_size"), "dpo": ("preference", "pair_batch", "membership"),
+                      "ipo": ("preference", "pair_batch", "membership")}
+"""The `policy` keys each algorithm reads (a policy's fingerprint leaves out the other algorithms')."""
 DTYPES = ("float32", "bfloat16")
 
 
@@ -272,18 +283,37 @@ class PolicyConfig:
     """Policies to train: every (objective, algorithm) pair, each from the same start."""
 
     objectives: tuple[str, ...] = ("single", "utilitarian", "maxmin")
-    """Social-choice objectives; "single" uses the pooled single reward, the others the mixture."""
-    algorithms: tuple[Literal["ppo"], ...] = ("ppo",)
-    """Policy-optimisation algorithms."""
+    """Social-choice objectives; "single" uses the pooled single reward (offline: the pooled pairs), the others
+    the mixture (offline: the EM groups)."""
+    algorithms: tuple[Algorithm, ...] = ("ppo",)
+    """Policy-optimisation algorithms: ppo (with a value head), grpo and rloo (critic-free, online), dpo and ipo
+    (offline, on the run's preference pairs)."""
     softmin_temperature: float = 0.5
     """Temperature of the `softmin` objective."""
     dro_step_size: float = 0.5
-    """Exponentiated-gradient step of the `dro` objective."""
+    """Exponentiated-gradient step of the `dro` objective (offline: group-robust weights by mirror descent)."""
     ppo: PPOConfig = PPOConfig(learning_rate=1e-3, init_kl_coef=0.02, epochs=2, minibatches=2)
+    critic_free: CriticFreeConfig = CriticFreeConfig(learning_rate=1e-3, kl_coef=0.02, epochs=2, minibatches=2)
+    """The update of grpo and rloo (its minibatches divide the prompt_batch responses)."""
+    group_size: int = 4
+    """grpo, rloo: responses sampled per prompt, the group each is compared with (prompt_batch / group_size
+    prompts per iteration)."""
+    grpo_variant: Literal["grpo", "dr_grpo"] = "grpo"
+    """grpo: rewards standardised within the prompt's samples, token losses averaged per response (GRPO), or
+    centred only, token losses summed over a constant (Dr.GRPO)."""
+    preference: PreferenceConfig = PreferenceConfig(beta=0.1, learning_rate=1e-3)
+    """dpo, ipo: beta and the optimiser (its `loss` is the algorithm's)."""
+    pair_batch: int = 64
+    """dpo, ipo: preference pairs per optimiser step (one step per iteration)."""
+    membership: Literal["hard", "soft"] = "hard"
+    """dpo, ipo: a pair's group weights, from its user's EM assignment (one-hot) or responsibilities."""
     iterations: int = 30
-    """Iterations per policy. May grow between reruns: training continues from the last checkpoint."""
+    """Iterations per policy (offline: optimiser steps). May grow between reruns: training continues from the last
+    checkpoint."""
     prompt_batch: int = 64
-    """Prompts per iteration; divisible by ppo.minibatches and by mesh data * fsdp."""
+    """Responses sampled per iteration by the online algorithms, the same budget for each: ppo samples one for each
+    of prompt_batch prompts, grpo and rloo group_size for each of prompt_batch / group_size prompts. Divisible by
+    ppo.minibatches and by mesh data * fsdp (so is prompt_batch / group_size)."""
     checkpoint_every: int = 10
     """Save the full training state every N iterations (and at the end); a rerun resumes from the last one."""
     export: bool = True
@@ -298,9 +328,23 @@ class PolicyConfig:
             values = getattr(self, name)
             validate.require(len(set(values)) == len(values) and bool(values), self, name,
                              f"expected distinct names, got {list(values)}")
-        validate.positive_int(self, "iterations", "prompt_batch", "checkpoint_every")
-        validate.require(self.prompt_batch % self.ppo.minibatches == 0, self, "prompt_batch",
-                         f"{self.prompt_batch} is not divisible by ppo.minibatches={self.ppo.minibatches}")
+        validate.positive_int(self, "iterations", "prompt_batch", "checkpoint_every", "group_size", "pair_batch")
+        if "ppo" in self.algorithms:
+            validate.require(self.prompt_batch % self.ppo.minibatches == 0, self, "prompt_batch",
+                             f"{self.prompt_batch} is not divisible by ppo.minibatches={self.ppo.minibatches}")
+        if set(CRITIC_FREE) & set(self.algorithms):
+            validate.require(self.group_size >= 2, self, "group_size",
+                             f"{self.group_size}: grpo and rloo compare each response with the other samples of its "
+                             "prompt, so they need group_size >= 2")
+            validate.require(self.prompt_batch % self.group_size == 0, self, "prompt_batch",
+                             f"{self.prompt_batch} responses are not divisible by group_size={self.group_size} (grpo "
+                             "and rloo sample prompt_batch / group_size prompts)")
+            validate.require(self.prompt_batch % self.critic_free.minibatches == 0, self, "prompt_batch",
+                             f"{self.prompt_batch} responses are not divisible by critic_free.minibatches="
+                             f"{self.critic_free.minibatches}")
+        validate.require(not (set(OFFLINE) & set(self.algorithms) and "maxmin_sample" in self.objectives), self,
+                         "objectives", "'maxmin_sample' takes each sample's worst group, which has no offline meaning "
+                         "(a pair belongs to its user's group); train dpo / ipo with maxmin instead")
         validate.positive(self, "softmin_temperature")
         validate.non_negative(self, "dro_step_size")
 
@@ -380,7 +424,11 @@ class RunConfig:
             self._check_lora_targets("gpt2")
         if self.mesh is not None:
             ways = self.mesh.batch_ways
+            critic_free = set(CRITIC_FREE) & set(self.policy.algorithms)
             for name, value in (("policy.prompt_batch", self.policy.prompt_batch),
+                                ("policy.pair_batch", self.policy.pair_batch),
+                                ("policy.prompt_batch / group_size (grpo, rloo prompts)",
+                                 self.policy.prompt_batch // self.policy.group_size if critic_free else ways),
                                 ("evaluation.batch_size", self.evaluation.batch_size)):
                 require(value % ways == 0, key=name, detail=f"{value} is not divisible by mesh data * fsdp = {ways}")
 
@@ -401,6 +449,6 @@ class RunConfig:
         return prompt if self.prompt_template is None else self.prompt_template.replace("{prompt}", prompt)
 
 
-__all__ = ["ALGORITHMS", "EvaluationConfig", "FilePreferences", "FitRewards", "LoadRewards", "LoraConfig", "LoraSpec",
+__all__ = ["ALGORITHMS", "ALGORITHM_SETTINGS", "CRITIC_FREE", "OFFLINE", "EvaluationConfig", "FilePreferences", "FitRewards", "LoadRewards", "LoraConfig", "LoraSpec",
            "MeshConfig", "ModelSource", "PSoupsPreferences", "PolicyConfig", "PreferencesSource", "PretrainedModel",
            "PromptsConfig", "RewardsSource", "RunConfig", "ScratchModel", "WorldPreferences", "WorldSpec"]

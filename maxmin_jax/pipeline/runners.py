@@ -31,7 +31,8 @@ from maxmin_jax.config_io import dump_yaml, to_dict
 from maxmin_jax.errors import ConfigError
 from maxmin_jax.generate import SamplingConfig
 from maxmin_jax.metrics import MetricsWriter
-from maxmin_jax.pipeline.config import FitRewards, LoadRewards, RunConfig, ScratchModel, WorldPreferences
+from maxmin_jax.pipeline.config import (ALGORITHM_SETTINGS, OFFLINE, FitRewards, LoadRewards, RunConfig, ScratchModel,
+                                        WorldPreferences)
 from maxmin_jax.pipeline import outdir
 from maxmin_jax.pipeline.provenance import Digests, identify_inputs
 from maxmin_jax.pipeline.rundir import RunDir, Stage, is_primary
@@ -91,8 +92,12 @@ def stage_plan(cfg: RunConfig, *, stages: tuple[str, ...] = ("rewards", "standar
         plan["evaluate/reference"] = _pick(config, scored + ["evaluation.prompts"])
     if "policy" in stages:
         for objective, algorithm in cfg.policy.runs():
-            policy = {**_pick(config, scored + ["evaluation.standardizer_prompts", "policy"]),
-                      "objective": objective, "algorithm": algorithm,
+            # Another algorithm's settings do not change this policy.
+            others = {k for a, keys in ALGORITHM_SETTINGS.items() if a != algorithm for k in keys}
+            picked = _pick(config, scored + ["evaluation.standardizer_prompts", "policy"])
+            picked["policy"] = {k: v for k, v in picked["policy"].items()
+                                if k not in others - set(ALGORITHM_SETTINGS[algorithm])}
+            policy = {**picked, "objective": objective, "algorithm": algorithm,
                       "objective_options": objective_options(objective, cfg.policy)}
             plan[f"policy/{objective}/{algorithm}"] = policy
             if "evaluate" in stages:
@@ -120,6 +125,8 @@ class Context:
             raise
         self.metrics = MetricsWriter(self.run.root, tensorboard=cfg.tensorboard, enabled=is_primary())
         self.sampling: SamplingConfig = cfg.sampling
+        self.cache: dict = {}
+        """What stages share within this process (the reference's log-probs of the preference pairs)."""
 
     def stage(self, name: str) -> Stage:
         return self.run.stage(name, self.plan[name])
@@ -170,6 +177,8 @@ def _check(cfg: RunConfig, *, fit: bool, prompts: bool, out: str | Path | None =
             raise ConfigError("preferences: required to fit reward models (or set rewards.source: load)")
         if "single" in cfg.policy.objectives and not cfg.rewards.single_reward_steps and prompts:
             raise ConfigError("policy.objectives: 'single' needs rewards.single_reward_steps > 0")
+    if prompts and set(OFFLINE) & set(cfg.policy.algorithms) and cfg.preferences is None:
+        raise ConfigError("policy.algorithms: dpo / ipo train on the run's preference pairs: set preferences")
     if prompts and cfg.prompts is None and not world:
         raise ConfigError("prompts: required unless preferences.source is 'world' (which supplies its own)")
 
@@ -197,7 +206,7 @@ def run(cfg: RunConfig, out: str | Path, *, progress: bool = True, overwrite: bo
         policies, samples = [], {}
         for objective, algorithm in cfg.policy.runs():
             evaluation = ctx.stage(f"evaluate/{objective}/{algorithm}")
-            trained = train_policy(ctx, objective, algorithm, models, rewards, standardizers, prompts,
+            trained = train_policy(ctx, objective, algorithm, models, rewards, standardizers, prompts, prefs=prefs,
                                    needed=not evaluated(evaluation, cfg.policy.iterations))
             samples[trained.name] = evaluate(ctx, evaluation.name, trained.lm, models, rewards, prompts,
                                              iterations=trained.iterations)
@@ -238,7 +247,8 @@ def train_policy(cfg: RunConfig, out: str | Path, *, progress: bool = True, over
 
     _check(cfg, fit=True, prompts=True, out=out)
     with Context(cfg, out, stages=("rewards", "standardize", "policy"), progress=progress, overwrite=overwrite) as ctx:
-        fit = cfg.preferences is not None and not isinstance(cfg.rewards, LoadRewards)
+        offline = bool(set(OFFLINE) & set(cfg.policy.algorithms))
+        fit = cfg.preferences is not None and (offline or not isinstance(cfg.rewards, LoadRewards))
         rows = read_preference_rows(cfg) if fit else None
         models = build_models(ctx)
         ctx.use_tokenizer(models.tokenizer)
@@ -248,7 +258,8 @@ def train_policy(cfg: RunConfig, out: str | Path, *, progress: bool = True, over
         standardizers = standardize(ctx, models, rewards, prompts)
         curves = {}
         for objective, algorithm in cfg.policy.runs():
-            trained = train(ctx, objective, algorithm, models, rewards, standardizers, prompts, needed=False)
+            trained = train(ctx, objective, algorithm, models, rewards, standardizers, prompts, prefs=prefs,
+                            needed=False)
             curves[trained.name] = trained.curve
     return curves
 

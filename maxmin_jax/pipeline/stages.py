@@ -25,12 +25,11 @@ from maxmin_jax.eval import evaluate_policy
 from maxmin_jax.guards import check_fit_history, first_fault, without_flags
 from maxmin_jax.models.transformer import CausalLM
 from maxmin_jax.pipeline import outdir
-from maxmin_jax.pipeline.config import LoadRewards, LoraSpec, PolicyConfig
+from maxmin_jax.pipeline.config import ALGORITHM_SETTINGS, LoadRewards, LoraSpec, PolicyConfig
 from maxmin_jax.pipeline.rundir import Stage, decode_arrays, encode_arrays, is_primary
 from maxmin_jax.pipeline.sources import Models, Preferences, PromptSource, Stream
 from maxmin_jax.policy.model import PolicyWithValue
-from maxmin_jax.policy.objectives import RewardStandardizer, make_objective
-from maxmin_jax.policy.trainer import PPOTrainer
+from maxmin_jax.policy.objectives import RewardStandardizer
 from maxmin_jax.policy.training import check_step
 from maxmin_jax.rewards.em import EMResult, clustering_metrics, evaluate_pairs, fit_em, fit_single_reward
 from maxmin_jax.trainable import trainable_filter
@@ -71,6 +70,8 @@ class Rewards:
     """A name for each mixture head: the known group most of its users come from, else clusterK."""
     report: dict
     em: EMResult | None = None
+    membership: tuple[tuple[str, ...], np.ndarray] | None = None
+    """(user ids, [U, K] responsibilities) of the EM fit: the groups of the offline algorithms' pairs."""
 
     @property
     def num_groups(self) -> int:
@@ -176,7 +177,7 @@ def reward_models(ctx, models: Models, prefs: Preferences | None) -> Rewards:
               "heldout": heldout if prefs.heldout is not None else None, "users": prefs.train.num_users,
               "single_reward_history": single_fit.history if single_fit is not None else None}
     ctx.log(f"EM: ARI {clustering['ari']}, weights {np.round(em.weights, 3).tolist()}, clusters {clusters}")
-    return Rewards(mixture, em.weights, single, clusters, report, em)
+    return Rewards(mixture, em.weights, single, clusters, report, em, (em.user_ids, em.responsibilities))
 
 
 def load_rewards(ctx, source: LoadRewards) -> Rewards:
@@ -204,7 +205,11 @@ def load_rewards(ctx, source: LoadRewards) -> Rewards:
     clusters = [f"cluster{k}" for k in range(model.num_groups)]
     report = {"ari": history.get("metrics", {}).get("ari"), "weights": weights.tolist(), "cluster_groups": clusters,
               "history": history["history"], "loaded_from": str(path)}
-    return Rewards(model, weights, model if model.num_groups == 1 else None, clusters, report)
+    membership = None
+    if isinstance(history.get("responsibilities"), dict):
+        users = tuple(history["responsibilities"])
+        membership = (users, np.asarray([history["responsibilities"][u] for u in users], np.float32))
+    return Rewards(model, weights, model if model.num_groups == 1 else None, clusters, report, membership=membership)
 
 
 class Scorers(nnx.Module):
@@ -261,21 +266,6 @@ def objective_options(objective: str, policy: PolicyConfig) -> dict[str, Any]:
             "dro": {"step_size": policy.dro_step_size}}.get(objective, {})
 
 
-def make_trainer(ctx, objective: str, algorithm: str, models: Models, rewards: Rewards,
-                 standardizers: dict[str, RewardStandardizer]) -> PPOTrainer:
-    if algorithm != "ppo":
-        raise ConfigError(f"policy.algorithms: unknown algorithm {algorithm!r}")
-    kwargs = objective_options(objective, ctx.cfg.policy)
-    if objective == "utilitarian":
-        kwargs["weights"] = tuple(float(w) for w in rewards.weights)
-    reward_model, which = rewards.for_objective(objective)
-    lora = _lora(ctx, "policy")
-    return PPOTrainer(_placed(ctx, PolicyWithValue(starting_policy(ctx, models))), reward_model,
-                      make_objective(objective, **kwargs), standardizers[which],
-                      reference=None if lora is not None else models.policy, ppo=ctx.cfg.policy.ppo,
-                      sampling=ctx.sampling, trainable=trainable_filter(lora=lora is not None))
-
-
 def iterate(ctx, stage: Stage, trainer, batch: Callable[[int], tuple], *, iterations: int, checkpoint_every: int,
             group_names: list[str] | None = None, learning_rate: str = "policy.ppo.learning_rate"
             ) -> tuple[Any, list[dict]]:
@@ -307,8 +297,11 @@ def iterate(ctx, stage: Stage, trainer, batch: Callable[[int], tuple], *, iterat
             state, metrics = trainer.step(state, *inputs, jax.random.fold_in(key, it))
             metrics = jax.device_get(metrics)  # waits for the iteration: the time below is its wall time
             seconds = time.perf_counter() - began
-            tokens = float(metrics["response_length"]) * inputs[0].shape[0]
-            throughput = {"seconds": seconds, "tokens_per_second": tokens / seconds}
+            throughput = {"seconds": seconds}
+            if "sampled_tokens" in metrics:  # online
+                throughput["tokens_per_second"] = float(metrics["sampled_tokens"]) / seconds
+            else:  # offline: a batch of preference pairs
+                throughput["pairs_per_second"] = inputs[0].num_pairs / seconds
             records.append(ctx.metrics.write(stage.name, it + 1, {**without_flags(metrics), **throughput},
                                              group_names=group_names))
             if first_fault(metrics) is not None:
@@ -321,7 +314,7 @@ def iterate(ctx, stage: Stage, trainer, batch: Callable[[int], tuple], *, iterat
     return state, records
 
 
-TIMING_KEYS = ("stage", "step", "time", "seconds", "tokens_per_second")
+TIMING_KEYS = ("stage", "step", "time", "seconds", "tokens_per_second", "pairs_per_second")
 """Fields of a metrics record that describe the run, not the training (left out of the report's curves)."""
 
 
@@ -338,9 +331,10 @@ class TrainedPolicy:
 
 def train_policy(ctx, objective: str, algorithm: str, models: Models, rewards: Rewards,
                  standardizers: dict[str, RewardStandardizer], prompts: PromptSource, *,
-                 needed: bool = True) -> TrainedPolicy:
-    """Stage `policy/OBJECTIVE/ALGORITHM`: train one policy from the common start (and export it). A finished
-    stage is not touched unless `needed` (its policy is still to be evaluated or exported)."""
+                 prefs: Preferences | None = None, needed: bool = True) -> TrainedPolicy:
+    """Stage `policy/OBJECTIVE/ALGORITHM`: train one policy from the common start (and export it), online on
+    `prompts` or offline on `prefs`' pairs. A finished stage is not touched unless `needed` (its policy is still
+    to be evaluated or exported)."""
     cfg = ctx.cfg.policy
     name = cfg.name(objective, algorithm)
     stage = ctx.stage(f"policy/{objective}/{algorithm}")
@@ -348,39 +342,44 @@ def train_policy(ctx, objective: str, algorithm: str, models: Models, rewards: R
     if finished and not needed:
         curve = ctx.metrics.records(stage.name)[:cfg.iterations]
         return TrainedPolicy(name, objective, algorithm, cfg.iterations, _curve(curve), None)
-    trainer = make_trainer(ctx, objective, algorithm, models, rewards, standardizers)
-    state, records = iterate(ctx, stage, trainer, lambda i: prompts.sample(cfg.prompt_batch, Stream.TRAIN, i),
-                             iterations=cfg.iterations, checkpoint_every=cfg.checkpoint_every,
-                             group_names=rewards.clusters if objective != "single" else ["single"])
+    from maxmin_jax.pipeline.algorithms import make_trainer
+
+    trainer, batch = make_trainer(ctx, objective, algorithm, models, rewards, standardizers, prompts, prefs)
+    state, records = iterate(ctx, stage, trainer, batch, iterations=cfg.iterations,
+                             checkpoint_every=cfg.checkpoint_every,
+                             group_names=rewards.clusters if objective != "single" else ["single"],
+                             learning_rate=f"policy.{ALGORITHM_SETTINGS[algorithm][0]}.learning_rate")
     policy = trainer.policy(state)
+    lm = policy.lm if isinstance(policy, PolicyWithValue) else policy
     if not finished:
         if cfg.export:
-            export_policy(ctx, policy, state.trainable, models, ctx.run.root / "policies" / name)
+            export_policy(ctx, lm, state.trainable, models, ctx.run.root / "policies" / name)
         stage.finish({"iterations": cfg.iterations})
-    return TrainedPolicy(name, objective, algorithm, cfg.iterations, _curve(records), policy.lm)
+    return TrainedPolicy(name, objective, algorithm, cfg.iterations, _curve(records), lm)
 
 
 def _curve(records: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
 
 
-def export_policy(ctx, policy: PolicyWithValue, trainable: nnx.State, models: Models, directory: Path) -> None:
-    """Full fine-tuning: the policy as an HF checkpoint with its tokenizer (loadable with `load_pretrained`).
-    LoRA: the trained adapters and value head as float32 npz (keys are state paths) and adapter_config.json."""
+def export_policy(ctx, lm: CausalLM, trainable: nnx.State, models: Models, directory: Path) -> None:
+    """Full fine-tuning: the policy's LM as an HF checkpoint with its tokenizer (loadable with `load_pretrained`).
+    LoRA: the trained adapters (and PPO's value head) as float32 npz (keys are state paths) and
+    adapter_config.json."""
     if not is_primary():
         return
     with outdir.publishing(directory.parent) as staging:  # appears whole, or not at all
-        _write_policy(ctx, policy, trainable, models, staging / directory.name)
+        _write_policy(ctx, lm, trainable, models, staging / directory.name)
 
 
-def _write_policy(ctx, policy: PolicyWithValue, trainable: nnx.State, models: Models, directory: Path) -> None:
+def _write_policy(ctx, lm: CausalLM, trainable: nnx.State, models: Models, directory: Path) -> None:
     directory.mkdir(parents=True)
     lora = _lora(ctx, "policy")
     base = getattr(ctx.cfg.model, "policy", "sft")
     if lora is None:
         from maxmin_jax.models.hf import save_pretrained
 
-        save_pretrained(policy.lm, directory)
+        save_pretrained(lm, directory)
         models.tokenizer.save_pretrained(directory)
         return
     arrays = {"/".join(map(str, path)): np.asarray(jax.device_get(var.get_value()), dtype=np.float32)
@@ -421,5 +420,4 @@ def evaluate(ctx, stage_name: str, lm: CausalLM | None, models: Models, rewards:
 
 
 __all__ = ["Rewards", "Scorers", "TrainedPolicy", "cluster_names", "evaluate", "evaluated", "export_policy", "iterate",
-           "load_rewards", "make_trainer", "objective_options", "reward_models", "standardize", "starting_policy",
-           "train_policy"]
+           "load_rewards", "objective_options", "reward_models", "standardize", "starting_policy", "train_policy"]
