@@ -1,7 +1,9 @@
 """`maxmin-jax` command line: build a run config from a file and flags, call a pipeline runner, print the result.
 
 Errors in what the user gave (`maxmin_jax.errors.InputError`: a config key, a data row, a flag, a checkpoint, an
-output directory) are printed as one line naming it; anything else is a bug and keeps its traceback.
+output directory) are printed as one line naming it, exit status 2; a training run stopped by a numerical fault
+(`NumericalFault`: a non-finite or exploding loss, gradient or KL) likewise, exit status 3, its last good checkpoint
+kept; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -75,12 +77,17 @@ def _run_config(path: Path | None, overrides: list[str]):
 
 
 # Commands -----------------------------------------------------------------------------------------------------------
+def _algorithms(args) -> list[str]:
+    """`--algorithm` flags as an override placed first, so an explicit --set still wins."""
+    return [f"policy.algorithms=[{', '.join(args.algorithm)}]"] if args.algorithm else []
+
+
 def cmd_demo(args) -> int:
-    return _run(_run_config(args.config, args.set), args)
+    return _run(_run_config(args.config, _algorithms(args) + args.set), args)
 
 
 def cmd_run(args) -> int:
-    return _run(_run_config(Path(args.config), args.set), args)
+    return _run(_run_config(Path(args.config), _algorithms(args) + args.set), args)
 
 
 def _run(cfg, args) -> int:
@@ -92,7 +99,7 @@ def _run(cfg, args) -> int:
         print(dump_yaml(cfg), end="")
         return 0
     out = Path(args.out)
-    report = run(cfg, out)
+    report = run(cfg, out, overwrite=args.overwrite)
     print(format_table(report))
     print(f"({report['group_reward_kind']})")
     if "seeds" in report:  # the aggregate of one run per seed
@@ -133,7 +140,7 @@ def cmd_fit_rewards(args) -> int:
                     preferences=FilePreferences(files=args.data, skip_invalid=args.skip_invalid,
                                                 coerce_user_id=args.coerce_user_id, heldout_fraction=0.0),
                     rewards=FitRewards(em=em, single_reward_steps=0, shared_backbone=not args.separate_backbones))
-    result, prefs = fit_rewards(cfg, args.out)
+    result, prefs = fit_rewards(cfg, args.out, overwrite=args.overwrite)
     summary = {"users": len(result.user_ids), "weights": [round(float(w), 4) for w in result.weights],
                "skipped_rows": prefs.info["skipped_rows"], **result.metrics}
     print(json.dumps(summary, indent=2))
@@ -145,28 +152,33 @@ def cmd_train_policy(args) -> int:
     from maxmin_jax.generate import SamplingConfig
     from maxmin_jax.pipeline import (EvaluationConfig, LoadRewards, LoraConfig, LoraSpec, PolicyConfig,
                                      PretrainedModel, PromptsConfig, RunConfig, train_policy)
+    from maxmin_jax.policy.critic_free import CriticFreeConfig
     from maxmin_jax.policy.ppo import PPOConfig
 
     batch = args.batch_size
     ppo = PPOConfig(learning_rate=args.learning_rate, init_kl_coef=args.kl_coef, minibatches=2 if batch % 2 == 0 else 1)
+    critic_free = CriticFreeConfig(learning_rate=args.learning_rate, kl_coef=args.kl_coef)
     cfg = RunConfig(
         seed=args.seed, preferences=None, model=PretrainedModel(policy=args.model),
         prompts=PromptsConfig(source=args.prompts), rewards=LoadRewards(path=args.rewards),
         lora=LoraConfig(policy=LoraSpec(rank=args.lora_rank)) if args.lora_rank else None,
         sampling=SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                                 top_p=args.top_p),
-        policy=PolicyConfig(objectives=(args.objective,), ppo=ppo, iterations=args.iterations, prompt_batch=batch,
+        policy=PolicyConfig(objectives=(args.objective,), algorithms=(args.algorithm,), ppo=ppo,
+                            critic_free=critic_free, iterations=args.iterations, prompt_batch=batch,
                             checkpoint_every=args.checkpoint_every, softmin_temperature=args.softmin_temperature,
                             dro_step_size=args.dro_step_size),
         evaluation=EvaluationConfig(standardizer_prompts=4 * batch, prompts=batch, batch_size=batch))
-    curves = train_policy(cfg, args.out)
+    curves = train_policy(cfg, args.out, overwrite=args.overwrite)
     last = curves[args.objective][-1]
     exported = Path(args.out) / "policies" / args.objective
-    print(f"final: score {last['score']:.3f}, KL {last['kl']:.3f}; wrote {exported}")
+    kl = f"{last['kl']:.3f}" if "kl" in last else "n/a (kl_coef 0)"
+    print(f"final: score {last['score']:.3f}, KL {kl}; wrote {exported}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from maxmin_jax.pipeline.config import ALGORITHMS
     from maxmin_jax.policy.objectives import OBJECTIVES
     from maxmin_jax.rewards.em import EMConfig
 
@@ -174,11 +186,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def runner(p):
+        p.add_argument("--algorithm", action="append", choices=list(ALGORITHMS), default=[],
+                       help="train with this algorithm (repeatable; default: the config's, ppo for the demo): ppo, "
+                            "grpo / rloo (critic-free), dpo / ipo (offline, on the run's preference pairs)")
         p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
                        help="override one config value (YAML), e.g. --set policy.iterations=10; repeatable")
         p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+        overwrite(p)
 
-    demo = sub.add_parser("demo", help="the review world end to end: SFT, EM, PPO per objective, report")
+    def overwrite(p):
+        p.add_argument("--overwrite", action="store_true",
+                       help="delete what a previous run wrote in --out and start afresh (a rerun of the same command "
+                            "resumes without it; another config or other inputs are refused)")
+
+    demo = sub.add_parser("demo", help="the review world end to end: SFT, EM, a policy per objective, report")
     demo.add_argument("--out", default="out/demo")
     demo.add_argument("--config", type=Path, default=None, help="a config file over the demo defaults")
     runner(demo)
@@ -209,13 +230,17 @@ def build_parser() -> argparse.ArgumentParser:
     for action in fit._actions:
         if action.dest == "em:num_groups":
             action.required = True
+    overwrite(fit)
     fit.set_defaults(func=cmd_fit_rewards)
 
-    train = sub.add_parser("train-policy", help="PPO on a fitted reward mixture with a social-choice objective")
+    train = sub.add_parser("train-policy", help="RL (PPO, GRPO, RLOO) on a fitted reward mixture with a "
+                                                "social-choice objective")
     train.add_argument("--model", required=True, help="policy/reference HF checkpoint directory or hub id")
     train.add_argument("--rewards", required=True, help="fit-rewards output directory")
     train.add_argument("--prompts", required=True, help="text file, one prompt per line, or a table with 'prompt'")
     train.add_argument("--objective", default="maxmin", choices=list(OBJECTIVES))
+    train.add_argument("--algorithm", default="ppo", choices=["ppo", "grpo", "rloo"],
+                       help="ppo, or critic-free grpo / rloo (the learning rate and KL weight apply to each)")
     train.add_argument("--out", required=True)
     train.add_argument("--iterations", type=int, default=20)
     train.add_argument("--batch-size", type=int, default=16)
@@ -230,12 +255,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank (0: full)")
     train.add_argument("--checkpoint-every", type=int, default=1)
     train.add_argument("--seed", type=int, default=0)
+    overwrite(train)
     train.set_defaults(func=cmd_train_policy)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    from maxmin_jax.errors import InputError
+    from maxmin_jax.errors import InputError, NumericalFault
 
     args = build_parser().parse_args(argv)
     from maxmin_jax.distributed import initialize
@@ -246,6 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as e:
         print(f"maxmin-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except NumericalFault as e:
+        print(f"maxmin-jax {args.command}: numerical fault: {e}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

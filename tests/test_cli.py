@@ -47,9 +47,11 @@ def test_fit_rewards_then_train_policy(checkpoint_and_data, capsys, monkeypatch)
     assert history["config"]["method"] == "soft" and history["config"]["steps_per_round"] == 5
     assert len(history["history"]) <= 2
 
+    from maxmin_jax.pipeline import algorithms
+
     built = []
-    real = stages.make_objective
-    monkeypatch.setattr(stages, "make_objective", lambda name, **kw: built.append((name, kw)) or real(name, **kw))
+    real = algorithms.make_objective
+    monkeypatch.setattr(algorithms, "make_objective", lambda name, **kw: built.append((name, kw)) or real(name, **kw))
     assert main(train_policy_args(root, iterations=2)) == 0
     assert built == [("softmin", {"temperature": 0.25})]  # the objective's own arguments reach it
     assert through == ["reward_models", "reward_models", "iterate"]  # train-policy loads rewards through the stage

@@ -64,9 +64,10 @@ def test_shipped_pretrained_configs_say_what_they_are():
     ("model: {source: pretrained}\n", r"model.policy: required key missing"),
     ("preferences:\n  world: {name: review, num_user: 3}\n", r"preferences.world.num_user: unknown key"),
     ("preferences:\n  world: {name: mars}\n", r"preferences.world.name: unknown world 'mars'"),
-    ("sampling: {top_p: 0}\n", r"sampling: top_p must be in \(0, 1\]"),
-    ("sampling: {top_k: 0}\n", r"sampling: top_k must be >= 1"),
-    ("policy: {objectives: [maxmin, fairest]}\n", r"policy: objectives: unknown \['fairest'\]"),
+    ("sampling: {top_p: 0}\n", r"run.yaml:sampling.top_p: expected a number in \(0, 1\] or None, got 0.0"),
+    ("sampling: {top_k: 0}\n", r"run.yaml:sampling.top_k: expected an integer >= 1 or None, got 0"),
+    ("policy: {objectives: [maxmin, fairest]}\n", r"run.yaml:policy.objectives: unknown \['fairest'\]; expected "
+                                                  r"names from single, utilitarian"),
     ("policy: {objectives: maxmin}\n", r"policy.objectives: expected a list of str, got 'maxmin'"),
     ("seed: 1\nseed_: 2\n", r"run.yaml:seed_: unknown key"),
     ("- 1\n- 2\n", r"expected a mapping of config keys"),
@@ -99,11 +100,11 @@ def test_numbers_as_yaml_writes_them(tmp_path):
 
 
 def test_cross_section_rules_are_checked(tmp_path):
-    with pytest.raises(ConfigError, match="'scratch' trains a GPT-2 on the world's texts"):
+    with pytest.raises(ConfigError, match="model.source: 'scratch' trains a GPT-2 on the world's texts"):
         load(tmp_path, "preferences: {source: files, files: x.jsonl}\n")
-    with pytest.raises(ConfigError, match="prompt_batch=64 is not divisible by mesh data \\* fsdp = 3"):
+    with pytest.raises(ConfigError, match="policy.prompt_batch: 64 is not divisible by mesh data \\* fsdp = 3"):
         load(tmp_path, "mesh: {data: 3}\n")
-    with pytest.raises(ConfigError, match="sampling.temperature must be > 0"):
+    with pytest.raises(ConfigError, match="sampling.temperature: expected > 0"):
         load(tmp_path, "sampling: {temperature: 0}\n")
 
 
@@ -170,3 +171,39 @@ def test_every_section_default_is_a_valid_config():
     cfg = RunConfig()
     assert isinstance(cfg.preferences, WorldPreferences) and isinstance(cfg.model, ScratchModel)
     assert isinstance(cfg.rewards, FitRewards) and cfg.rewards.em.num_groups == 2
+
+
+@pytest.mark.parametrize("name", ["gpt2_imdb.yaml", "tulu2_7b_psoups.yaml"])
+@pytest.mark.parametrize("algorithm", ["grpo", "rloo", "dpo", "ipo"])
+def test_shipped_configs_run_every_algorithm(name, algorithm, capsys):
+    """The critic-free and offline variants their headers document (`--algorithm X`) load, validate and plan."""
+    from maxmin_jax.cli import main
+    from maxmin_jax.pipeline import stage_plan
+
+    assert main(["run", str(CONFIGS / name), "--algorithm", algorithm, "--print-config"]) == 0
+    cfg = from_dict(RunConfig, yaml.safe_load(capsys.readouterr().out))
+    assert cfg.policy.algorithms == (algorithm,)
+    plan = stage_plan(cfg)
+    assert set(plan[f"policy/maxmin/{algorithm}"]["policy"]) >= ({"critic_free", "group_size"}
+                                                                  if algorithm in ("grpo", "rloo")
+                                                                  else {"preference", "pair_batch", "membership"})
+    assert "ppo" not in plan[f"policy/maxmin/{algorithm}"]["policy"]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("policy: {algorithms: [ppo, a2c]}\n", r"policy.algorithms\[1\]: expected one of 'ppo', 'grpo', 'rloo', 'dpo'"),
+    ("policy: {algorithms: [grpo], group_size: 1}\n", r"grpo and rloo .* need group_size >= 2"),
+    ("policy: {algorithms: [rloo], prompt_batch: 12, group_size: 3, critic_free: {minibatches: 8}}\n",
+     r"prompt_batch: 12 responses are not divisible by critic_free.minibatches=8"),
+    ("policy: {algorithms: [grpo], prompt_batch: 64, group_size: 3}\n",
+     r"prompt_batch: 64 responses are not divisible by group_size=3"),
+    ("mesh: {fsdp: 8}\npolicy: {algorithms: [grpo], prompt_batch: 64, group_size: 16}\n",
+     r"prompt_batch / group_size \(grpo, rloo prompts\): 4 is not divisible by mesh data \* fsdp = 8"),
+    ("policy: {algorithms: [dpo], objectives: [maxmin_sample]}\n", r"'maxmin_sample' .* no offline meaning"),
+    ("policy: {algorithms: [dpo], membership: fuzzy}\n", r"policy.membership: expected one of 'hard', 'soft'"),
+    ("mesh: {fsdp: 8}\npolicy: {algorithms: [dpo], prompt_batch: 64, pair_batch: 12}\n",
+     r"policy.pair_batch: 12 is not divisible by mesh data \* fsdp = 8"),
+])
+def test_algorithm_settings_are_checked(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message):
+        load(tmp_path, text)

@@ -195,11 +195,11 @@ def fake_runs(monkeypatch):
 
     calls = []
 
-    def run(cfg, out, *, progress=True):
+    def run(cfg, out, *, progress=True, overwrite=False):
         if cfg.seeds is not None:
             from maxmin_jax.pipeline.experiments import run_seeds
 
-            return run_seeds(cfg, out, progress=progress)
+            return run_seeds(cfg, out, progress=progress, overwrite=overwrite)
         calls.append((cfg, Path(out)))
         return fake_run_report(cfg, seed_offset=0.1 * cfg.seed)
 

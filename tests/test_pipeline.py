@@ -22,13 +22,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 import yaml
 
 from conftest import read_tfevents
 from maxmin_jax.cli import main
-from maxmin_jax.errors import RunDirError
+from maxmin_jax.errors import ConfigError, DataError, NumericalFault, RunDirError
 from maxmin_jax.metrics import MetricsWriter, read_records, tag
 from maxmin_jax.pipeline import load_config, run, stage_plan
 from maxmin_jax.pipeline import stages as stages_module
@@ -174,6 +175,38 @@ def test_interrupted_run_resumes_to_the_same_report(uninterrupted, config_file, 
     assert stream(out) == stream(expected_out)
 
 
+def test_diverged_policy_stops_keeping_its_last_good_checkpoint(uninterrupted, config_file, tmp_path, monkeypatch):
+    """Weights gone NaN at iteration 3 (where a too-high learning rate leads) make that iteration's loss, gradient
+    norm and KL non-finite: the run stops with `NumericalFault` before checkpointing it, nothing is exported or
+    reported as trained, and a rerun resumes from the last good checkpoint to the uninterrupted result."""
+    expected_out, expected, _ = uninterrupted
+    out = tmp_path / "diverged"
+    real_step = PPOTrainer.step
+
+    def step(trainer, state, prompts, mask, key):
+        if int(state.step) == 2:
+            state = state._replace(trainable=jax.tree.map(lambda x: x * np.nan, state.trainable))
+        return real_step(trainer, state, prompts, mask, key)
+
+    monkeypatch.setattr(PPOTrainer, "step", step)
+    with pytest.raises(NumericalFault) as err:
+        run(load_config(config_file), out, progress=False)
+    message = str(err.value)
+    assert message.startswith("policy/utilitarian/ppo: ") and " = nan at step 3 (not finite)" in message
+    assert "the last good checkpoint is step 2 (" in message and "policy.ppo.learning_rate" in message
+    stage = out / "policy/utilitarian/ppo"
+    assert sorted(os.listdir(stage / "checkpoints"), key=str) == ["1", "2"]
+    assert json.loads((stage / "stage.json").read_text())["status"] == "running"
+    assert not (out / "policies").exists() and not (out / "report.json").exists()
+    text = (out / "metrics.jsonl").read_text()
+    assert "NaN" not in text  # the stream stays strict JSON: the diverged values are null
+    last = json.loads(text.splitlines()[-1])
+    assert (last["stage"], last["step"], last[err.value.quantity]) == ("policy/utilitarian/ppo", 3, None)
+    monkeypatch.undo()
+    report = run(load_config(config_file), out, progress=False)
+    assert comparable(report) == comparable(expected)
+
+
 def test_rerun_skips_finished_stages(uninterrupted, config_file, monkeypatch):
     out, expected, _ = uninterrupted
 
@@ -245,3 +278,73 @@ def test_metrics_stream_and_tensorboard(uninterrupted):
     np.testing.assert_allclose([v for _, v in scalars["kl"]], [r["kl"] for r in records], rtol=1e-6)
     clusters = report["em"]["cluster_groups"]
     assert {f"group_reward/{tag(c)}" for c in clusters} <= set(scalars) and "tokens_per_second" in scalars
+
+
+def test_every_algorithm_trains_from_the_same_start_through_the_one_loop(uninterrupted, config_file, tmp_path,
+                                                                          monkeypatch):
+    """`run CONFIG --algorithm ppo --algorithm grpo --algorithm dpo` in the finished PPO run's directory: the PPO
+    policy is read back (another algorithm's settings are not in its fingerprint), GRPO and DPO train through
+    `stages.iterate` from the common start (GRPO with PPO's sampling budget, DPO on the run's pairs in the EM groups),
+    and report.json names each policy's objective and algorithm."""
+    from maxmin_jax.policy.critic_free import CriticFreeTrainer
+    from maxmin_jax.policy.offline import PreferenceTrainer
+
+    source, expected, _ = uninterrupted
+    out = tmp_path / "algorithms"
+    shutil.copytree(source, out)
+    seen = {}
+    for cls in (PPOTrainer, CriticFreeTrainer, PreferenceTrainer):
+        def step(trainer, state, *inputs, real=cls.step):
+            seen.setdefault(type(trainer).__name__, []).append(inputs[0])
+            return real(trainer, state, *inputs)
+        monkeypatch.setattr(cls, "step", step)
+    loops = []
+    real_iterate = stages_module.iterate
+    monkeypatch.setattr(stages_module, "iterate", lambda ctx, stage, *a, **k: (loops.append(stage.name),
+                                                                                real_iterate(ctx, stage, *a, **k))[1])
+    args = ["run", str(config_file), "--out", str(out), "--algorithm", "ppo", "--algorithm", "grpo",
+            "--algorithm", "dpo", "--set", "policy.objectives=[maxmin]", "--set", "policy.pair_batch=8"]
+    assert main(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert loops == ["policy/maxmin/grpo", "policy/maxmin/dpo"] and "PPOTrainer" not in seen
+    assert list(report["policies"]) == ["reference", "maxmin-ppo", "maxmin-grpo", "maxmin-dpo"]
+    for name, algorithm in (("maxmin-ppo", "ppo"), ("maxmin-grpo", "grpo"), ("maxmin-dpo", "dpo")):
+        entry = report["policies"][name]
+        assert (entry["objective"], entry["algorithm"], entry["iterations"]) == ("maxmin", algorithm, 4)
+    assert report["policies"]["maxmin-ppo"]["group_reward"] == expected["policies"]["maxmin"]["group_reward"]
+    # PPO's budget of 8 responses per iteration: GRPO samples 8 / 4 new prompts 4 times each.
+    assert [np.asarray(p).shape[0] for p in seen["CriticFreeTrainer"]] == [2] * 4
+    assert not np.array_equal(np.asarray(seen["CriticFreeTrainer"][0]), np.asarray(seen["CriticFreeTrainer"][1]))
+    grpo, dpo = report["curves"]["maxmin-grpo"], report["curves"]["maxmin-dpo"]
+    assert abs(grpo[0]["kl"]) < 1e-4 and "value_loss" not in grpo[0]  # from the reference, no value head
+    assert 0 < grpo[0]["sampled_tokens"] <= TINY["policy.prompt_batch"] * TINY["sampling.max_new_tokens"]
+    assert abs(dpo[0]["margin"]) < 1e-5 and abs(dpo[0]["chosen_reward"]) < 1e-5  # policy = reference
+    assert len(dpo[0]["group_loss"]) == len(dpo[0]["group_weights"]) == 2  # the EM groups
+    batches = seen["PreferenceTrainer"]
+    assert [b.num_pairs for b in batches] == [8] * 4 and batches[0].ref_chosen is not None
+    pairs = [r for r in read_records(out / "metrics.jsonl") if r["stage"] == "policy/maxmin/dpo"]
+    assert len(pairs) == 4 and all(r["pairs_per_second"] > 0 for r in pairs)
+
+
+def test_offline_pairs_take_the_em_groups_and_cover_each_epoch():
+    from maxmin_jax.data.batching import PairBatch
+    from maxmin_jax.pipeline.algorithms import pair_indices, pair_membership
+    from maxmin_jax.pipeline.stages import Rewards
+
+    responsibilities = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]], np.float32)
+    rewards = Rewards(None, np.array([0.5, 0.5]), None, ["a", "b"], {}, membership=(("u0", "u1", "u2"),
+                                                                                   responsibilities))
+    ids = np.ones((4, 3), np.int32)
+    pairs = PairBatch(ids, ids, ids, ids, np.array([0, 1, 1, 0]), ("u2", "u0"))  # users named, in another order
+    np.testing.assert_array_equal(pair_membership(rewards, pairs, soft=False), [[1, 0], [1, 0], [1, 0], [1, 0]])
+    np.testing.assert_allclose(pair_membership(rewards, pairs, soft=True),
+                               responsibilities[[2, 0, 0, 2]])
+    with pytest.raises(ConfigError, match="EM group"):
+        pair_membership(Rewards(None, None, None, [], {}), pairs, soft=False)
+    with pytest.raises(DataError, match=r"users \['u9'\] have no EM group"):
+        pair_membership(rewards, PairBatch(ids, ids, ids, ids, np.zeros(4, int), ("u9",)), soft=False)
+    # Batches of 4 from 10 pairs: every pair once per epoch, the same indices for the same (seed, iteration).
+    first = np.concatenate([pair_indices(10, 4, i, seed=0) for i in range(5)])
+    assert sorted(first[:10]) == list(range(10)) and sorted(first[10:20]) == list(range(10))
+    np.testing.assert_array_equal(pair_indices(10, 4, 3, seed=0), first[12:16])
+    assert not np.array_equal(pair_indices(10, 4, 0, seed=1), first[:4])

@@ -9,7 +9,7 @@ RunConfig
   prompt_template, mesh, lora
   rewards       tagged by `source`: fit (EM mixture + pooled single reward) | load (a `fit-rewards` directory)
   sampling      one SamplingConfig for rollouts, standardisation and evaluation
-  policy        objectives x algorithms to train, PPO, iterations, checkpoints
+  policy        objectives x algorithms (ppo, grpo, rloo, dpo, ipo) to train, their settings, iterations, checkpoints
   evaluation    prompt counts and batch size
 ```
 
@@ -21,17 +21,30 @@ the same tree written out; a test keeps them equal).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Literal
 
+from maxmin_jax import validate
 from maxmin_jax.errors import ConfigError
 from maxmin_jax.generate import SamplingConfig
+from maxmin_jax.policy.critic_free import CriticFreeConfig
 from maxmin_jax.policy.objectives import OBJECTIVES
+from maxmin_jax.policy.offline import PreferenceConfig
 from maxmin_jax.policy.ppo import PPOConfig
 from maxmin_jax.policy.sft import SFTConfig
 from maxmin_jax.pipeline.worlds import WorldSpec
 from maxmin_jax.rewards.em import EMConfig, MStepConfig
 
-ALGORITHMS = ("ppo",)
+Algorithm = Literal["ppo", "grpo", "rloo", "dpo", "ipo"]
+ALGORITHMS: tuple[str, ...] = ("ppo", "grpo", "rloo", "dpo", "ipo")
+CRITIC_FREE = ("grpo", "rloo")
+"""Online without a value head: each prompt sampled `policy.group_size` times, advantages within the prompt."""
+OFFLINE = ("dpo", "ipo")
+"""Offline on the run's preference pairs, each pair weighted by its user's EM group membership."""
+ALGORITHM_SETTINGS = {"ppo": ("ppo",), "grpo": ("critic_free", "group_size", "grpo_variant"),
+                      "rloo": ("critic_free", "group_size"), "dpo": ("preference", "pair_batch", "membership"),
+                      "ipo": ("preference", "pair_batch", "membership")}
+"""The `policy` keys each algorithm reads (a policy's fingerprint leaves out the other algorithms')."""
 DTYPES = ("float32", "bfloat16")
 
 
@@ -49,7 +62,7 @@ class WorldPreferences:
     """Share of each user's pairs held out to score the fitted rewards (0: none)."""
 
     def __post_init__(self):
-        _check_fraction(self.heldout_fraction)
+        validate.proper_fraction(self, "heldout_fraction")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -74,12 +87,10 @@ class FilePreferences:
     """Share of each user's pairs held out to score the fitted rewards (0: none)."""
 
     def __post_init__(self):
-        _check_fraction(self.heldout_fraction)
-        if self.users_per_group is not None:
-            if self.users_per_group < 1:
-                raise ValueError(f"users_per_group must be >= 1, got {self.users_per_group}")
-            if isinstance(self.files, str):
-                raise ValueError("users_per_group needs one source per group (files: {group: path})")
+        validate.proper_fraction(self, "heldout_fraction")
+        validate.positive_int(self, "users_per_group", optional=True)
+        validate.require(self.users_per_group is None or not isinstance(self.files, str), self, "users_per_group",
+                         "needs one source per group (files: {group: path})")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -96,17 +107,11 @@ class PSoupsPreferences:
     heldout_fraction: float = 0.1
 
     def __post_init__(self):
-        _check_fraction(self.heldout_fraction)
-        if self.users_per_group < 1:
-            raise ValueError(f"users_per_group must be >= 1, got {self.users_per_group}")
+        validate.proper_fraction(self, "heldout_fraction")
+        validate.positive_int(self, "users_per_group")
 
 
 PreferencesSource = WorldPreferences | FilePreferences | PSoupsPreferences
-
-
-def _check_fraction(fraction: float) -> None:
-    if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"heldout_fraction must be in [0, 1), got {fraction}")
 
 
 # Models -------------------------------------------------------------------------------------------------------------
@@ -125,9 +130,10 @@ class ScratchModel:
     sft: SFTConfig = SFTConfig(steps=200, batch_size=32, learning_rate=3e-3)
 
     def __post_init__(self):
-        if min(self.hidden_size, self.num_layers, self.num_heads, self.max_position_embeddings,
-               self.sft_examples) < 1:
-            raise ValueError("model sizes and sft_examples must be >= 1")
+        validate.positive_int(self, "hidden_size", "num_layers", "num_heads", "max_position_embeddings",
+                              "sft_examples")
+        validate.require(self.hidden_size % self.num_heads == 0, self, "hidden_size",
+                         f"{self.hidden_size} is not divisible by num_heads={self.num_heads}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -161,8 +167,7 @@ class MeshConfig:
     """Tensor parallel: heads, MLP and vocabulary split."""
 
     def __post_init__(self):
-        if min(self.data, self.fsdp, self.tensor) < 1:
-            raise ValueError(f"mesh axes must be >= 1, got data={self.data}, fsdp={self.fsdp}, tensor={self.tensor}")
+        validate.positive_int(self, "data", "fsdp", "tensor")
 
     @property
     def size(self) -> int:
@@ -200,8 +205,8 @@ class LoraSpec:
     """Adapted weights (e.g. [q, v] for Llama, [qkv] for GPT-2), "all", or None for the family default."""
 
     def __post_init__(self):
-        if self.rank < 1:
-            raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
+        validate.positive_int(self, "rank")
+        validate.positive(self, "alpha", optional=True)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -230,12 +235,12 @@ class PromptsConfig:
     prompts too long for the model next to `sampling.max_new_tokens` are skipped and counted."""
     max_prompts: int | None = None
     """Use only the first N rows of the source (None: all)."""
+    skip_invalid: bool = False
+    """Skip (and count) invalid prompts (empty, not text, too long for the model next to the response budget)
+    instead of stopping at the first; every one is an error naming its file and row otherwise."""
 
     def __post_init__(self):
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if self.max_prompts is not None and self.max_prompts < 1:
-            raise ValueError(f"max_prompts must be >= 1, got {self.max_prompts}")
+        validate.positive_int(self, "max_tokens", "max_prompts", optional=True)
 
 
 # Rewards ------------------------------------------------------------------------------------------------------------
@@ -254,8 +259,10 @@ class FitRewards:
     """K heads on one backbone (one forward pass for all K rewards); False: K backbones, as in the paper."""
 
     def __post_init__(self):
-        if self.single_reward_steps < 0:
-            raise ValueError(f"single_reward_steps must be >= 0, got {self.single_reward_steps}")
+        validate.non_negative_int(self, "single_reward_steps")
+        # EM's optimiser, checked here until MStepConfig checks itself: a bad rate fails now, not after every
+        # M-step of the fit was rejected.
+        validate.check_optimizer(self.em.m_step, within=self, at="em.m_step")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -276,18 +283,37 @@ class PolicyConfig:
     """Policies to train: every (objective, algorithm) pair, each from the same start."""
 
     objectives: tuple[str, ...] = ("single", "utilitarian", "maxmin")
-    """Social-choice objectives; "single" uses the pooled single reward, the others the mixture."""
-    algorithms: tuple[Literal["ppo"], ...] = ("ppo",)
-    """Policy-optimisation algorithms."""
+    """Social-choice objectives; "single" uses the pooled single reward (offline: the pooled pairs), the others
+    the mixture (offline: the EM groups)."""
+    algorithms: tuple[Algorithm, ...] = ("ppo",)
+    """Policy-optimisation algorithms: ppo (with a value head), grpo and rloo (critic-free, online), dpo and ipo
+    (offline, on the run's preference pairs)."""
     softmin_temperature: float = 0.5
     """Temperature of the `softmin` objective."""
     dro_step_size: float = 0.5
-    """Exponentiated-gradient step of the `dro` objective."""
+    """Exponentiated-gradient step of the `dro` objective (offline: group-robust weights by mirror descent)."""
     ppo: PPOConfig = PPOConfig(learning_rate=1e-3, init_kl_coef=0.02, epochs=2, minibatches=2)
+    critic_free: CriticFreeConfig = CriticFreeConfig(learning_rate=1e-3, kl_coef=0.02, epochs=2, minibatches=2)
+    """The update of grpo and rloo (its minibatches divide the prompt_batch responses)."""
+    group_size: int = 4
+    """grpo, rloo: responses sampled per prompt, the group each is compared with (prompt_batch / group_size
+    prompts per iteration)."""
+    grpo_variant: Literal["grpo", "dr_grpo"] = "grpo"
+    """grpo: rewards standardised within the prompt's samples, token losses averaged per response (GRPO), or
+    centred only, token losses summed over a constant (Dr.GRPO)."""
+    preference: PreferenceConfig = PreferenceConfig(beta=0.1, learning_rate=1e-3)
+    """dpo, ipo: beta and the optimiser (its `loss` is the algorithm's)."""
+    pair_batch: int = 64
+    """dpo, ipo: preference pairs per optimiser step (one step per iteration)."""
+    membership: Literal["hard", "soft"] = "hard"
+    """dpo, ipo: a pair's group weights, from its user's EM assignment (one-hot) or responsibilities."""
     iterations: int = 30
-    """Iterations per policy. May grow between reruns: training continues from the last checkpoint."""
+    """Iterations per policy (offline: optimiser steps). May grow between reruns: training continues from the last
+    checkpoint."""
     prompt_batch: int = 64
-    """Prompts per iteration; divisible by ppo.minibatches and by mesh data * fsdp."""
+    """Responses sampled per iteration by the online algorithms, the same budget for each: ppo samples one for each
+    of prompt_batch prompts, grpo and rloo group_size for each of prompt_batch / group_size prompts. Divisible by
+    ppo.minibatches and by mesh data * fsdp (so is prompt_batch / group_size)."""
     checkpoint_every: int = 10
     """Save the full training state every N iterations (and at the end); a rerun resumes from the last one."""
     export: bool = True
@@ -296,19 +322,31 @@ class PolicyConfig:
 
     def __post_init__(self):
         unknown = [o for o in self.objectives if o not in OBJECTIVES]
-        if unknown or not self.objectives:
-            raise ValueError(f"objectives: unknown {unknown}; choose from {list(OBJECTIVES)}")
+        validate.require(not unknown, self, "objectives",
+                         f"unknown {unknown}; expected names from {', '.join(OBJECTIVES)}")
         for name in ("objectives", "algorithms"):
             values = getattr(self, name)
-            if len(set(values)) != len(values) or not values:
-                raise ValueError(f"{name}: expected distinct names, got {list(values)}")
-        if min(self.iterations, self.prompt_batch, self.checkpoint_every) < 1:
-            raise ValueError("iterations, prompt_batch and checkpoint_every must be >= 1")
-        if self.prompt_batch % self.ppo.minibatches:
-            raise ValueError(f"prompt_batch={self.prompt_batch} is not divisible by ppo.minibatches="
-                             f"{self.ppo.minibatches}")
-        if not self.softmin_temperature > 0 or not self.dro_step_size >= 0:
-            raise ValueError("softmin_temperature must be > 0 and dro_step_size >= 0")
+            validate.require(len(set(values)) == len(values) and bool(values), self, name,
+                             f"expected distinct names, got {list(values)}")
+        validate.positive_int(self, "iterations", "prompt_batch", "checkpoint_every", "group_size", "pair_batch")
+        if "ppo" in self.algorithms:
+            validate.require(self.prompt_batch % self.ppo.minibatches == 0, self, "prompt_batch",
+                             f"{self.prompt_batch} is not divisible by ppo.minibatches={self.ppo.minibatches}")
+        if set(CRITIC_FREE) & set(self.algorithms):
+            validate.require(self.group_size >= 2, self, "group_size",
+                             f"{self.group_size}: grpo and rloo compare each response with the other samples of its "
+                             "prompt, so they need group_size >= 2")
+            validate.require(self.prompt_batch % self.group_size == 0, self, "prompt_batch",
+                             f"{self.prompt_batch} responses are not divisible by group_size={self.group_size} (grpo "
+                             "and rloo sample prompt_batch / group_size prompts)")
+            validate.require(self.prompt_batch % self.critic_free.minibatches == 0, self, "prompt_batch",
+                             f"{self.prompt_batch} responses are not divisible by critic_free.minibatches="
+                             f"{self.critic_free.minibatches}")
+        validate.require(not (set(OFFLINE) & set(self.algorithms) and "maxmin_sample" in self.objectives), self,
+                         "objectives", "'maxmin_sample' takes each sample's worst group, which has no offline meaning "
+                         "(a pair belongs to its user's group); train dpo / ipo with maxmin instead")
+        validate.positive(self, "softmin_temperature")
+        validate.non_negative(self, "dro_step_size")
 
     def runs(self) -> list[tuple[str, str]]:
         """(objective, algorithm) of every policy to train, in order."""
@@ -337,14 +375,15 @@ class EvaluationConfig:
     """Level of the report's intervals (bootstrap over prompts; Student t across seeds)."""
 
     def __post_init__(self):
-        if min(self.standardizer_prompts, self.prompts, self.batch_size) < 1 or self.examples < 0:
-            raise ValueError("prompt counts and batch_size must be >= 1, examples >= 0")
-        if self.bootstrap_resamples < 100 or not 0.5 < self.confidence < 1:
-            raise ValueError(f"bootstrap_resamples must be >= 100 and confidence in (0.5, 1), got "
-                             f"{self.bootstrap_resamples} and {self.confidence}")
+        validate.positive_int(self, "standardizer_prompts", "prompts", "batch_size")
+        validate.non_negative_int(self, "examples")
+        validate.require(self.bootstrap_resamples >= 100, self, "bootstrap_resamples",
+                         f"expected an integer >= 100, got {self.bootstrap_resamples}")
+        validate.require(0.5 < self.confidence < 1, self, "confidence",
+                         f"expected a level in (0.5, 1), got {self.confidence}")
         for name in ("standardizer_prompts", "prompts"):
-            if getattr(self, name) % self.batch_size:
-                raise ValueError(f"{name}={getattr(self, name)} is not a multiple of batch_size={self.batch_size}")
+            validate.require(getattr(self, name) % self.batch_size == 0, self, name,
+                             f"{getattr(self, name)} is not a multiple of batch_size={self.batch_size}")
 
 
 # The run ------------------------------------------------------------------------------------------------------------
@@ -379,28 +418,52 @@ class RunConfig:
     """Also write the metrics stream as TensorBoard event files (tensorboard/)."""
 
     def __post_init__(self):
-        if self.seeds is not None and (len(self.seeds) < 2 or len(set(self.seeds)) != len(self.seeds)):
-            raise ValueError(f"seeds: expected at least 2 distinct seeds (or null for one run with `seed`), got "
-                             f"{list(self.seeds)}")
-        if self.prompt_template is not None and "{prompt}" not in self.prompt_template:
-            raise ValueError(f"prompt_template must contain {{prompt}}, got {self.prompt_template!r}")
-        world = isinstance(self.preferences, WorldPreferences)
-        if isinstance(self.model, ScratchModel) and not world:
-            raise ValueError("model.source 'scratch' trains a GPT-2 on the world's texts: it needs "
-                             "preferences.source 'world'")
-        if self.sampling.temperature == 0:
-            raise ValueError("sampling.temperature must be > 0: policies are trained on what they sample")
+        require = functools.partial(validate.require, obj=self)
+        seeds = self.seeds
+        require(seeds is None or (len(seeds) >= 2 and len(set(seeds)) == len(seeds)), key="seeds",
+                detail=f"expected at least 2 distinct seeds (or null for one run with `seed`), got "
+                       f"{None if self.seeds is None else list(self.seeds)}")
+        validate.non_negative_int(self, "seed")
+        require(self.prompt_template is None or "{prompt}" in self.prompt_template, key="prompt_template",
+                detail=f"expected a format string with {{prompt}}, got {self.prompt_template!r}")
+        scratch = isinstance(self.model, ScratchModel)
+        require(not scratch or isinstance(self.preferences, WorldPreferences), key="model.source",
+                detail="'scratch' trains a GPT-2 on the world's texts: it needs preferences.source 'world'")
+        require(self.sampling.temperature > 0, key="sampling.temperature",
+                detail="expected > 0: policies are trained on what they sample")
+        if scratch:
+            positions = self.model.max_position_embeddings
+            require(self.sampling.max_new_tokens < positions, key="sampling.max_new_tokens",
+                    detail=f"{self.sampling.max_new_tokens} leaves no room for a prompt in the model's {positions} "
+                           "positions (model.max_position_embeddings)")
+            self._check_lora_targets("gpt2")
         if self.mesh is not None:
             ways = self.mesh.batch_ways
+            critic_free = set(CRITIC_FREE) & set(self.policy.algorithms)
             for name, value in (("policy.prompt_batch", self.policy.prompt_batch),
+                                ("policy.pair_batch", self.policy.pair_batch),
+                                ("policy.prompt_batch / group_size (grpo, rloo prompts)",
+                                 self.policy.prompt_batch // self.policy.group_size if critic_free else ways),
                                 ("evaluation.batch_size", self.evaluation.batch_size)):
-                if value % ways:
-                    raise ValueError(f"{name}={value} is not divisible by mesh data * fsdp = {ways}")
+                require(value % ways == 0, key=name, detail=f"{value} is not divisible by mesh data * fsdp = {ways}")
+
+    def _check_lora_targets(self, model_type: str) -> None:
+        from maxmin_jax.models.lora import LORA_SPECS
+
+        for which in ("policy", "reward"):
+            spec = getattr(self.lora, which) if self.lora is not None else None
+            targets = spec.targets if spec is not None else None
+            targets = (targets,) if isinstance(targets, str) and targets != "all" else targets
+            if targets not in (None, "all"):
+                unknown = [t for t in targets if t not in LORA_SPECS[model_type]]
+                validate.require(not unknown, self, f"lora.{which}.targets",
+                                 f"unknown {unknown} for {model_type}; expected names from "
+                                 f"{', '.join(LORA_SPECS[model_type])} or 'all'")
 
     def format_prompt(self, prompt: str) -> str:
         return prompt if self.prompt_template is None else self.prompt_template.replace("{prompt}", prompt)
 
 
-__all__ = ["ALGORITHMS", "EvaluationConfig", "FilePreferences", "FitRewards", "LoadRewards", "LoraConfig", "LoraSpec",
+__all__ = ["ALGORITHMS", "ALGORITHM_SETTINGS", "CRITIC_FREE", "OFFLINE", "EvaluationConfig", "FilePreferences", "FitRewards", "LoadRewards", "LoraConfig", "LoraSpec",
            "MeshConfig", "ModelSource", "PSoupsPreferences", "PolicyConfig", "PreferencesSource", "PretrainedModel",
            "PromptsConfig", "RewardsSource", "RunConfig", "ScratchModel", "WorldPreferences", "WorldSpec"]

@@ -44,9 +44,10 @@ def _refuse_single_run(out: Path) -> None:
                           "and the aggregate report: use another output directory")
 
 
-def run_seeds(cfg: RunConfig, out: str | Path, *, progress: bool = True) -> dict:
+def run_seeds(cfg: RunConfig, out: str | Path, *, progress: bool = True, overwrite: bool = False) -> dict:
     """One whole run per seed of `cfg.seeds` (OUT/seed-N), then the report aggregated across seeds in OUT
-    (`maxmin_jax.evaluation.seeds`). Each seed's run resumes like any run; returns the aggregate report."""
+    (`maxmin_jax.evaluation.seeds`). Each seed's run resumes like any run (`overwrite`: each starts afresh);
+    returns the aggregate report."""
     from maxmin_jax.evaluation.seeds import aggregate
     from maxmin_jax.pipeline.runners import run
     from maxmin_jax.report import write_report
@@ -56,7 +57,8 @@ def run_seeds(cfg: RunConfig, out: str | Path, *, progress: bool = True) -> dict
     out.mkdir(parents=True, exist_ok=True)
     if is_primary():
         (out / "config.yaml").write_text(dump_yaml(cfg))
-    reports = {seed: run(seed_config(cfg, seed), out / f"seed-{seed}", progress=progress) for seed in cfg.seeds}
+    reports = {seed: run(seed_config(cfg, seed), out / f"seed-{seed}", progress=progress, overwrite=overwrite)
+               for seed in cfg.seeds}
     report = aggregate(reports, level=cfg.evaluation.confidence)
     report["runs"] = {str(seed): f"seed-{seed}" for seed in cfg.seeds}
     report["config"] = to_dict(cfg)

@@ -8,7 +8,6 @@ recomputed; `iterate` is the one policy-training loop, with checkpoints every N 
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from collections import Counter
 from pathlib import Path
@@ -20,15 +19,18 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from maxmin_jax.errors import ConfigError, RunDirError
+from maxmin_jax import strict_json
+from maxmin_jax.errors import CheckpointError, ConfigError, NumericalFault, RunDirError
 from maxmin_jax.eval import evaluate_policy
+from maxmin_jax.guards import check_fit_history, first_fault, without_flags
 from maxmin_jax.models.transformer import CausalLM
-from maxmin_jax.pipeline.config import LoadRewards, LoraSpec, PolicyConfig
+from maxmin_jax.pipeline import outdir
+from maxmin_jax.pipeline.config import ALGORITHM_SETTINGS, LoadRewards, LoraSpec, PolicyConfig
 from maxmin_jax.pipeline.rundir import Stage, decode_arrays, encode_arrays, is_primary
 from maxmin_jax.pipeline.sources import Models, Preferences, PromptSource, Stream
 from maxmin_jax.policy.model import PolicyWithValue
-from maxmin_jax.policy.objectives import RewardStandardizer, make_objective
-from maxmin_jax.policy.trainer import PPOTrainer
+from maxmin_jax.policy.objectives import RewardStandardizer
+from maxmin_jax.policy.training import check_step
 from maxmin_jax.rewards.em import EMResult, clustering_metrics, evaluate_pairs, fit_em, fit_single_reward
 from maxmin_jax.trainable import trainable_filter
 
@@ -68,6 +70,8 @@ class Rewards:
     """A name for each mixture head: the known group most of its users come from, else clusterK."""
     report: dict
     em: EMResult | None = None
+    membership: tuple[tuple[str, ...], np.ndarray] | None = None
+    """(user ids, [U, K] responsibilities) of the EM fit: the groups of the offline algorithms' pairs."""
 
     @property
     def num_groups(self) -> int:
@@ -111,19 +115,28 @@ def _em_result(fields: dict, model: nnx.Module) -> EMResult:
     return EMResult(model=model, **fields)
 
 
-def _fit_stage(ctx, stage: Stage, model: nnx.Module, fit: Callable[[], EMResult], prefs: Preferences
-               ) -> tuple[EMResult, dict | None]:
-    """Fit `model` with `fit` (or read it back): the EM result and its held-out scores."""
+def _fit_stage(ctx, stage: Stage, model: nnx.Module, fit: Callable[[], EMResult], prefs: Preferences, *,
+               m_steps: int) -> tuple[EMResult, dict | None]:
+    """Fit `model` with `fit` (or read it back): the EM result and its held-out scores. A fit that did not train
+    (every M-step rejected, or a non-finite number: `guards.check_fit_history`) stops the run before anything of
+    it is saved."""
     trainable = trainable_filter(lora=_lora(ctx, "reward") is not None)
     if stage.done:
         nnx.update(model, stage.restore_state(nnx.state(model, trainable)))
         return _em_result(stage.result["em"], model), stage.result["heldout"]
     stage.start()
     result = fit()
-    if prefs.train.groups is not None and result.weights.shape[0] > 1:
-        result.metrics.update(clustering_metrics(result.assignments, prefs.train.groups))
     for row in result.history:
         ctx.metrics.write(stage.name, row["round"], {k: v for k, v in row.items() if k != "round"})
+    check_fit_history(result.history, where=stage.name, m_steps=m_steps,
+                      learning_rate="rewards.em.m_step.learning_rate")
+    for name in ("weights", "responsibilities"):
+        value = np.asarray(getattr(result, name), np.float64)
+        if not np.all(np.isfinite(value)):
+            raise NumericalFault(f"{stage.name}: the fitted {name} are not finite; nothing is written",
+                                 quantity=name, value=value)
+    if prefs.train.groups is not None and result.weights.shape[0] > 1:
+        result.metrics.update(clustering_metrics(result.assignments, prefs.train.groups))
     heldout = (evaluate_pairs(result, prefs.heldout, chunk_size=ctx.cfg.rewards.em.chunk_size)
                if prefs.heldout is not None else None)
     stage.save_state(nnx.state(model, trainable))
@@ -144,7 +157,8 @@ def reward_models(ctx, models: Models, prefs: Preferences | None) -> Rewards:
     mixture = _reward_model(ctx, models.reward, source.em.num_groups, ctx.cfg.seed + 1)
     em, heldout_mixture = _fit_stage(
         ctx, ctx.stage("rewards/mixture"), mixture,
-        lambda: fit_em(mixture, prefs.train, em_cfg, mesh=ctx.mesh, trainable=trainable), prefs)
+        lambda: fit_em(mixture, prefs.train, em_cfg, mesh=ctx.mesh, trainable=trainable), prefs,
+        m_steps=source.em.steps_per_round)
     heldout = {"mixture": heldout_mixture}
     single = single_fit = None
     if source.single_reward_steps:
@@ -153,7 +167,8 @@ def reward_models(ctx, models: Models, prefs: Preferences | None) -> Rewards:
             ctx, ctx.stage("rewards/single"), single,
             lambda: fit_single_reward(single, prefs.train, steps=source.single_reward_steps,
                                       batch_size=source.em.batch_size, m_step_config=source.em.m_step,
-                                      seed=ctx.cfg.seed, progress=ctx.progress, trainable=trainable), prefs)
+                                      seed=ctx.cfg.seed, progress=ctx.progress, trainable=trainable), prefs,
+            m_steps=source.single_reward_steps)
     groups = prefs.train.groups
     clusters = cluster_names(em.assignments, groups, em.weights.shape[0])
     clustering = ({k: em.metrics.get(k) for k in ("ari", "purity")} if groups is not None
@@ -162,7 +177,7 @@ def reward_models(ctx, models: Models, prefs: Preferences | None) -> Rewards:
               "heldout": heldout if prefs.heldout is not None else None, "users": prefs.train.num_users,
               "single_reward_history": single_fit.history if single_fit is not None else None}
     ctx.log(f"EM: ARI {clustering['ari']}, weights {np.round(em.weights, 3).tolist()}, clusters {clusters}")
-    return Rewards(mixture, em.weights, single, clusters, report, em)
+    return Rewards(mixture, em.weights, single, clusters, report, em, (em.user_ids, em.responsibilities))
 
 
 def load_rewards(ctx, source: LoadRewards) -> Rewards:
@@ -170,16 +185,31 @@ def load_rewards(ctx, source: LoadRewards) -> Rewards:
     from maxmin_jax.rewards.fit import load_reward_model
 
     path = Path(source.path)
-    model = load_reward_model(path / "reward_model", mesh=ctx.mesh)
+    if outdir.incomplete(path):
+        raise CheckpointError(f"{path}: the fit-rewards run that wrote it was stopped while publishing its results; "
+                              "run the same fit-rewards command again to complete them", path=path)
     history_path = path / "em_history.json"
     if not history_path.exists():
         raise ConfigError(f"rewards.path: {path} is not a fit-rewards directory (no em_history.json)")
-    history = json.loads(history_path.read_text())
+    try:
+        history = strict_json.read_json(history_path)
+    except ValueError as err:  # NaN tokens (an older fit that diverged) or a damaged file
+        raise CheckpointError(f"{err}; fit the rewards again", path=history_path) from None
+    try:
+        check_fit_history(history["history"], where=str(history_path),
+                          m_steps=(history.get("config") or {}).get("steps_per_round", 1))
+    except NumericalFault as err:
+        raise CheckpointError(f"{path}: this reward model did not train ({err}); fit it again", path=path) from None
+    model = load_reward_model(path / "reward_model", mesh=ctx.mesh)
     weights = np.asarray(history["weights"], np.float32)
     clusters = [f"cluster{k}" for k in range(model.num_groups)]
     report = {"ari": history.get("metrics", {}).get("ari"), "weights": weights.tolist(), "cluster_groups": clusters,
               "history": history["history"], "loaded_from": str(path)}
-    return Rewards(model, weights, model if model.num_groups == 1 else None, clusters, report)
+    membership = None
+    if isinstance(history.get("responsibilities"), dict):
+        users = tuple(history["responsibilities"])
+        membership = (users, np.asarray([history["responsibilities"][u] for u in users], np.float32))
+    return Rewards(model, weights, model if model.num_groups == 1 else None, clusters, report, membership=membership)
 
 
 class Scorers(nnx.Module):
@@ -236,27 +266,17 @@ def objective_options(objective: str, policy: PolicyConfig) -> dict[str, Any]:
             "dro": {"step_size": policy.dro_step_size}}.get(objective, {})
 
 
-def make_trainer(ctx, objective: str, algorithm: str, models: Models, rewards: Rewards,
-                 standardizers: dict[str, RewardStandardizer]) -> PPOTrainer:
-    if algorithm != "ppo":
-        raise ConfigError(f"policy.algorithms: unknown algorithm {algorithm!r}")
-    kwargs = objective_options(objective, ctx.cfg.policy)
-    if objective == "utilitarian":
-        kwargs["weights"] = tuple(float(w) for w in rewards.weights)
-    reward_model, which = rewards.for_objective(objective)
-    lora = _lora(ctx, "policy")
-    return PPOTrainer(_placed(ctx, PolicyWithValue(starting_policy(ctx, models))), reward_model,
-                      make_objective(objective, **kwargs), standardizers[which],
-                      reference=None if lora is not None else models.policy, ppo=ctx.cfg.policy.ppo,
-                      sampling=ctx.sampling, trainable=trainable_filter(lora=lora is not None))
-
-
 def iterate(ctx, stage: Stage, trainer, batch: Callable[[int], tuple], *, iterations: int, checkpoint_every: int,
-            group_names: list[str] | None = None) -> tuple[Any, list[dict]]:
+            group_names: list[str] | None = None, learning_rate: str = "policy.ppo.learning_rate"
+            ) -> tuple[Any, list[dict]]:
     """The training loop of every policy: `trainer.step(state, *batch(i), key_i)` for i < iterations, with the
     metrics of each iteration streamed and the full state checkpointed every `checkpoint_every` iterations.
     Resumes from the stage's last checkpoint; iteration i's batch and key depend on i only, so a resumed run ends
-    exactly where an uninterrupted one does. Returns the final state and every iteration's metrics record."""
+    exactly where an uninterrupted one does. Returns the final state and every iteration's metrics record.
+
+    An iteration whose metrics raise a fault flag (`maxmin_jax.guards`: a non-finite or exploding loss, gradient
+    norm or KL) is recorded and stops the run with `NumericalFault` before it is checkpointed, so the last
+    checkpoint stays the last good state; `learning_rate` is the option its hint names."""
     with stage.checkpoints() as checkpoints:
         state = trainer.init_state()
         restored = checkpoints.restore_latest(state)
@@ -277,16 +297,24 @@ def iterate(ctx, stage: Stage, trainer, batch: Callable[[int], tuple], *, iterat
             state, metrics = trainer.step(state, *inputs, jax.random.fold_in(key, it))
             metrics = jax.device_get(metrics)  # waits for the iteration: the time below is its wall time
             seconds = time.perf_counter() - began
-            tokens = float(metrics["response_length"]) * inputs[0].shape[0]
-            throughput = {"seconds": seconds, "tokens_per_second": tokens / seconds}
-            records.append(ctx.metrics.write(stage.name, it + 1, {**metrics, **throughput}, group_names=group_names))
+            throughput = {"seconds": seconds}
+            if "sampled_tokens" in metrics:  # online
+                throughput["tokens_per_second"] = float(metrics["sampled_tokens"]) / seconds
+            else:  # offline: a batch of preference pairs
+                throughput["pairs_per_second"] = inputs[0].num_pairs / seconds
+            records.append(ctx.metrics.write(stage.name, it + 1, {**without_flags(metrics), **throughput},
+                                             group_names=group_names))
+            if first_fault(metrics) is not None:
+                checkpoints.wait_until_finished()
+                check_step(metrics, where=stage.name, step=it + 1, last_good_step=checkpoints.latest_step(),
+                           checkpoints=str(checkpoints.directory), learning_rate=learning_rate)
             if (it + 1) % checkpoint_every == 0 or it + 1 == iterations:
                 checkpoints.save(it + 1, state)
         checkpoints.wait_until_finished()
     return state, records
 
 
-TIMING_KEYS = ("stage", "step", "time", "seconds", "tokens_per_second")
+TIMING_KEYS = ("stage", "step", "time", "seconds", "tokens_per_second", "pairs_per_second")
 """Fields of a metrics record that describe the run, not the training (left out of the report's curves)."""
 
 
@@ -303,9 +331,10 @@ class TrainedPolicy:
 
 def train_policy(ctx, objective: str, algorithm: str, models: Models, rewards: Rewards,
                  standardizers: dict[str, RewardStandardizer], prompts: PromptSource, *,
-                 needed: bool = True) -> TrainedPolicy:
-    """Stage `policy/OBJECTIVE/ALGORITHM`: train one policy from the common start (and export it). A finished
-    stage is not touched unless `needed` (its policy is still to be evaluated or exported)."""
+                 prefs: Preferences | None = None, needed: bool = True) -> TrainedPolicy:
+    """Stage `policy/OBJECTIVE/ALGORITHM`: train one policy from the common start (and export it), online on
+    `prompts` or offline on `prefs`' pairs. A finished stage is not touched unless `needed` (its policy is still
+    to be evaluated or exported)."""
     cfg = ctx.cfg.policy
     name = cfg.name(objective, algorithm)
     stage = ctx.stage(f"policy/{objective}/{algorithm}")
@@ -313,42 +342,52 @@ def train_policy(ctx, objective: str, algorithm: str, models: Models, rewards: R
     if finished and not needed:
         curve = ctx.metrics.records(stage.name)[:cfg.iterations]
         return TrainedPolicy(name, objective, algorithm, cfg.iterations, _curve(curve), None)
-    trainer = make_trainer(ctx, objective, algorithm, models, rewards, standardizers)
-    state, records = iterate(ctx, stage, trainer, lambda i: prompts.sample(cfg.prompt_batch, Stream.TRAIN, i),
-                             iterations=cfg.iterations, checkpoint_every=cfg.checkpoint_every,
-                             group_names=rewards.clusters if objective != "single" else ["single"])
+    from maxmin_jax.pipeline.algorithms import make_trainer
+
+    trainer, batch = make_trainer(ctx, objective, algorithm, models, rewards, standardizers, prompts, prefs)
+    state, records = iterate(ctx, stage, trainer, batch, iterations=cfg.iterations,
+                             checkpoint_every=cfg.checkpoint_every,
+                             group_names=rewards.clusters if objective != "single" else ["single"],
+                             learning_rate=f"policy.{ALGORITHM_SETTINGS[algorithm][0]}.learning_rate")
     policy = trainer.policy(state)
+    lm = policy.lm if isinstance(policy, PolicyWithValue) else policy
     if not finished:
         if cfg.export:
-            export_policy(ctx, policy, state.trainable, models, ctx.run.root / "policies" / name)
+            export_policy(ctx, lm, state.trainable, models, ctx.run.root / "policies" / name)
         stage.finish({"iterations": cfg.iterations})
-    return TrainedPolicy(name, objective, algorithm, cfg.iterations, _curve(records), policy.lm)
+    return TrainedPolicy(name, objective, algorithm, cfg.iterations, _curve(records), lm)
 
 
 def _curve(records: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
 
 
-def export_policy(ctx, policy: PolicyWithValue, trainable: nnx.State, models: Models, directory: Path) -> None:
-    """Full fine-tuning: the policy as an HF checkpoint with its tokenizer (loadable with `load_pretrained`).
-    LoRA: the trained adapters and value head as float32 npz (keys are state paths) and adapter_config.json."""
+def export_policy(ctx, lm: CausalLM, trainable: nnx.State, models: Models, directory: Path) -> None:
+    """Full fine-tuning: the policy's LM as an HF checkpoint with its tokenizer (loadable with `load_pretrained`).
+    LoRA: the trained adapters (and PPO's value head) as float32 npz (keys are state paths) and
+    adapter_config.json."""
     if not is_primary():
         return
-    directory.mkdir(parents=True, exist_ok=True)
+    with outdir.publishing(directory.parent) as staging:  # appears whole, or not at all
+        _write_policy(ctx, lm, trainable, models, staging / directory.name)
+
+
+def _write_policy(ctx, lm: CausalLM, trainable: nnx.State, models: Models, directory: Path) -> None:
+    directory.mkdir(parents=True)
     lora = _lora(ctx, "policy")
     base = getattr(ctx.cfg.model, "policy", "sft")
     if lora is None:
         from maxmin_jax.models.hf import save_pretrained
 
-        save_pretrained(policy.lm, directory)
+        save_pretrained(lm, directory)
         models.tokenizer.save_pretrained(directory)
         return
     arrays = {"/".join(map(str, path)): np.asarray(jax.device_get(var.get_value()), dtype=np.float32)
               for path, var in nnx.to_flat_state(trainable)}
     np.savez(directory / "trainable.npz", **arrays)
-    (directory / "adapter_config.json").write_text(json.dumps(
-        {"base_model": base, "rank": lora.rank, "alpha": lora.alpha, "targets": lora.targets,
-         "arrays": sorted(arrays)}, indent=2))
+    strict_json.write_json(directory / "adapter_config.json",
+                           {"base_model": base, "rank": lora.rank, "alpha": lora.alpha, "targets": lora.targets,
+                            "arrays": sorted(arrays)})
 
 
 # Evaluation ---------------------------------------------------------------------------------------------------------
@@ -386,5 +425,4 @@ def evaluate(ctx, stage_name: str, lm: CausalLM | None, models: Models, rewards:
 
 
 __all__ = ["Rewards", "Scorers", "TrainedPolicy", "cluster_names", "evaluate", "evaluated", "export_policy", "iterate",
-           "load_rewards", "make_trainer", "objective_options", "reward_models", "standardize", "starting_policy",
-           "train_policy"]
+           "load_rewards", "objective_options", "reward_models", "standardize", "starting_policy", "train_policy"]
