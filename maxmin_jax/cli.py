@@ -102,11 +102,31 @@ def _run(cfg, args) -> int:
     report = run(cfg, out, overwrite=args.overwrite)
     print(format_table(report))
     print(f"({report['group_reward_kind']})")
+    if "seeds" in report:  # the aggregate of one run per seed
+        print(f"\nseeds {report['seeds']}: EM ARI {report['em']['ari']}, clusters {report['em']['cluster_groups']}")
+        print(f"wrote {out / 'report.json'}, {out / 'table.txt'} and plots; each seed's run in {out}/seed-N/")
+        return 0
     ari = report["em"].get("ari")
     print(f"\nEM: ARI {'n/a' if ari is None else f'{ari:.3f}'}, mixing weights "
           f"{[round(w, 3) for w in report['em']['weights']]}, clusters {report['em']['cluster_groups']}")
     print(f"wrote {out / 'report.json'}, {out / 'table.txt'}, plots and metrics.jsonl "
           f"({report['timing']['seconds']:.0f} s)")
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from maxmin_jax.config_io import dump_yaml
+    from maxmin_jax.evaluation.table import format_sweep
+    from maxmin_jax.pipeline.experiments import load_sweep, sweep
+
+    spec = load_sweep(Path(args.config), overrides=args.set)
+    if args.print_config:
+        for name, _, cfg in spec.points:
+            print(f"# setting {name}\n{dump_yaml(cfg)}", end="")
+        return 0
+    result = sweep(spec, Path(args.out))
+    print(format_sweep(result))
+    print(f"wrote {Path(args.out) / 'sweep.json'} and sweep.png; each setting's run in {args.out}/SETTING/")
     return 0
 
 
@@ -190,6 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default="out/run")
     runner(run)
     run.set_defaults(func=cmd_run)
+
+    sweep = sub.add_parser("sweep", help="run a config over a grid of settings (its `sweep:` key): sweep.json, plot")
+    sweep.add_argument("config")
+    sweep.add_argument("--out", default="out/sweep")
+    runner(sweep)
+    sweep.set_defaults(func=cmd_sweep)
 
     fit = sub.add_parser("fit-rewards", help="EM mixture of K reward models from preference rows")
     fit.add_argument("--data", required=True, help="jsonl/json/parquet/csv with user_id, prompt, chosen, rejected")

@@ -60,8 +60,10 @@ def evaluate_policy(policy: CausalLM, reference: CausalLM, reward_model: nnx.Mod
 
 
 def summarize(samples: dict[str, np.ndarray], *, group_names: list[str], reference: dict | None = None) -> dict:
-    """Means per group. With `reference` (the reference policy's samples), rewards are standardised by the
-    reference's mean and std per group, so the reference scores 0 and 1 is one reference standard deviation."""
+    """Means per group: `group_reward_raw` (true rewards, unstandardised) and `learned_reward` of every head. With
+    `reference` (the reference policy's samples), learned rewards are standardised by the reference's mean and std
+    per head, so the reference scores 0 and 1 is one reference standard deviation. (The report's standardised
+    group rewards, with their intervals, come from `maxmin_jax.evaluation.compare`.)"""
     def per_group(values: np.ndarray, ref: np.ndarray | None, names: list[str]):
         mean = values.mean(0)
         if ref is not None:
@@ -70,10 +72,7 @@ def summarize(samples: dict[str, np.ndarray], *, group_names: list[str], referen
 
     summary = {"kl": float(samples["kl"].mean()), "response_length": float(samples["length"].mean())}
     if "true_reward" in samples:
-        ref = reference["true_reward"] if reference else None
-        summary["group_reward"] = per_group(samples["true_reward"], ref, group_names)
         summary["group_reward_raw"] = per_group(samples["true_reward"], None, group_names)
-        summary["worst_group_reward"] = min(summary["group_reward"].values())
     learned_ref = reference["learned_reward"] if reference else None
     heads = [f"head{k}" for k in range(samples["learned_reward"].shape[1])]
     summary["learned_reward"] = per_group(samples["learned_reward"], learned_ref, heads)

@@ -94,4 +94,15 @@ def test_report_files_follow_the_public_schema(report):
         assert set(saved["policies"][name]["group_reward"]) == {"positive", "concise"}
     assert saved["policies"]["maxmin"]["objective"] == "maxmin" and saved["policies"]["maxmin"]["algorithm"] == "ppo"
     assert saved["policies"]["reference"]["group_reward"] == {"positive": 0.0, "concise": 0.0}
-    assert (out / "group_rewards.png").stat().st_size > 0 and (out / "curves.png").stat().st_size > 0
+    for name in ("group_rewards.png", "win_rates.png", "curves.png", "table.txt"):
+        assert (out / name).stat().st_size > 0, name
+    # Win rates of every trained policy, per group, with intervals around them (docs/report.md).
+    maxmin = saved["policies"]["maxmin"]
+    assert saved["policies"]["single"]["win_rate_vs_single"] is None and maxmin["win_rate_vs_single"] is not None
+    for key in ("win_rate_vs_reference", "win_rate_vs_single"):
+        for group, entry in maxmin[key].items():
+            lo, hi = entry["ci"]
+            assert lo <= entry["rate"] <= hi and lo < hi, (key, group, entry)
+    lo, hi = maxmin["group_reward_ci"]["concise"]
+    assert lo <= maxmin["group_reward"]["concise"] <= hi
+    assert saved["win_rates"]["concise"]["maxmin"]["single"] == maxmin["win_rate_vs_single"]["concise"]

@@ -73,8 +73,9 @@ def test_pretrained_run_with_lora_on_a_mesh(local_files, tmp_path, capsys):
     assert saved["group_reward_kind"].startswith("learned")
     assert list(saved["policies"]) == ["reference", "maxmin"]
     for name, policy in saved["policies"].items():
-        assert policy["group_reward"] == {g: policy["learned_reward"][f"head{k}"]
-                                          for k, g in enumerate(saved["groups"])}
+        # the same standardised head means, one summed in float64 for the intervals, one in float32
+        assert policy["group_reward"] == pytest.approx({g: policy["learned_reward"][f"head{k}"]
+                                                        for k, g in enumerate(saved["groups"])}, abs=1e-6)
         assert "single" in policy["learned_reward"] and np.isfinite(policy["kl"])
         assert policy["worst_group_reward"] == min(policy["group_reward"].values())
     assert all(abs(v) < 1e-5 for v in saved["policies"]["reference"]["group_reward"].values())

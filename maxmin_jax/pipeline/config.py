@@ -369,10 +369,18 @@ class EvaluationConfig:
     """Prompts per evaluation pass; divides both counts above."""
     examples: int = 3
     """Decoded responses of each policy shown in the report."""
+    bootstrap_resamples: int = 2000
+    """Resamples of the evaluation prompts behind every interval of the report (paired across policies)."""
+    confidence: float = 0.95
+    """Level of the report's intervals (bootstrap over prompts; Student t across seeds)."""
 
     def __post_init__(self):
         validate.positive_int(self, "standardizer_prompts", "prompts", "batch_size")
         validate.non_negative_int(self, "examples")
+        validate.require(self.bootstrap_resamples >= 100, self, "bootstrap_resamples",
+                         f"expected an integer >= 100, got {self.bootstrap_resamples}")
+        validate.require(0.5 < self.confidence < 1, self, "confidence",
+                         f"expected a level in (0.5, 1), got {self.confidence}")
         for name in ("standardizer_prompts", "prompts"):
             validate.require(getattr(self, name) % self.batch_size == 0, self, name,
                              f"{getattr(self, name)} is not a multiple of batch_size={self.batch_size}")
@@ -386,6 +394,9 @@ class RunConfig:
 
     seed: int = 0
     """Seeds model initialisation, EM, prompt draws and sampling."""
+    seeds: tuple[int, ...] | None = None
+    """Run the whole pipeline once per seed (each its own directory OUT/seed-N, with `seed` and the world's own
+    `seed` set to N) and report means and intervals across seeds; None: one run with `seed`."""
     preferences: PreferencesSource | None = WorldPreferences()
     """Labelled comparisons for the reward models (None: rewards are loaded)."""
     model: ModelSource = ScratchModel()
@@ -408,6 +419,10 @@ class RunConfig:
 
     def __post_init__(self):
         require = functools.partial(validate.require, obj=self)
+        seeds = self.seeds
+        require(seeds is None or (len(seeds) >= 2 and len(set(seeds)) == len(seeds)), key="seeds",
+                detail=f"expected at least 2 distinct seeds (or null for one run with `seed`), got "
+                       f"{None if self.seeds is None else list(self.seeds)}")
         validate.non_negative_int(self, "seed")
         require(self.prompt_template is None or "{prompt}" in self.prompt_template, key="prompt_template",
                 detail=f"expected a format string with {{prompt}}, got {self.prompt_template!r}")

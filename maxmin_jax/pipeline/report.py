@@ -1,14 +1,15 @@
-"""The report of a run, assembled from the stages' results (`maxmin_jax.report` writes and plots it).
+"""The report of a run, assembled from the stages' results (`maxmin_jax.report` writes and plots it; the schema
+is docs/report.md).
 
     groups, group_reward_kind, group_sizes        the groups rewards are reported for, and how
+    win_rates, comparisons, interval_kind, ...    every policy against every other (`maxmin_jax.evaluation`)
     em                                            ARI/purity, mixing weights, cluster names, EM history, held-out scores
-    policies: {reference, NAME: {objective, algorithm, iterations, group_reward, worst_group_reward,
-               learned_reward, kl, response_length, examples}}
+    policies: {reference, NAME: {objective, algorithm, iterations, group_reward(_ci), worst_group_reward(_ci),
+               best_worst_gap, gain_share, win_rate_vs_reference, win_rate_vs_single, learned_reward, kl, ...}}
     curves: {NAME: [per-iteration metrics]}, data, sft_loss, config, mesh, timing, devices
 
 Rewards are on the reference-standardised scale (reference = 0, units of the reference's std). With a synthetic
-world, `group_reward` is each true group's true reward; on real data it is each EM cluster's learned head.
-"""
+world, `group_reward` is each true group's true reward; on real data it is each EM cluster's learned head."""
 
 from __future__ import annotations
 
@@ -26,19 +27,22 @@ TRUE_KIND = ("true: mean true reward of each group of the world, standardised by
 LEARNED_KIND = ("learned: mean reward of each EM cluster's head, standardised by the reference policy's mean and "
                 "std (reference = 0); real data has no true group rewards")
 
+WIN_TRUE = ("true: the share of evaluation prompts on which each group's true reward prefers the policy's response "
+            "(ties count half)")
+WIN_LEARNED = ("learned: the share of evaluation prompts on which each EM cluster's learned reward head prefers the "
+               "policy's response (ties count half); real data has no true group rewards")
+
 
 def policy_summary(samples: dict, reference: dict, *, true_groups: list[str] | None, clusters: list[str]) -> dict:
-    """Per-policy means on the reference-standardised scale: `learned_reward` of each mixture head (headK) and of
-    the single reward ("single"), and `group_reward`: the true groups' rewards, or each cluster's head by name."""
+    """Per-policy means: KL, length, the true groups' unstandardised rewards, and `learned_reward` of each mixture
+    head (headK) and of the single reward ("single") on the reference-standardised scale. The group rewards and
+    everything compared across policies come from `compare_policies`."""
     k = len(clusters)
     summary = summarize(samples, group_names=true_groups or [], reference=reference)
     heads = summary["learned_reward"]
     summary["learned_reward"] = {f"head{i}": heads[f"head{i}"] for i in range(k)}
     if f"head{k}" in heads:
         summary["learned_reward"]["single"] = heads[f"head{k}"]
-    if true_groups is None:
-        summary["group_reward"] = {name: heads[f"head{i}"] for i, name in enumerate(clusters)}
-        summary["worst_group_reward"] = min(summary["group_reward"].values())
     return summary
 
 
@@ -61,10 +65,15 @@ def build_report(ctx, models, prefs, rewards, reference: dict, policies, samples
                                  "iterations": trained.iterations, **summary(result),
                                  "examples": models.tokenizer.batch_decode(result["tokens"][:cfg.evaluation.examples],
                                                                            skip_special_tokens=True)}
+    compared = compare_policies(ctx, {"reference": reference, **samples}, policies, groups,
+                                learned=world is None, num_heads=rewards.num_groups)
+    for name, fields in compared.pop("policies").items():
+        entries[name].update(fields)
     report = {
         "groups": groups,
         "group_reward_kind": kind,
         "group_sizes": sizes,
+        **compared,
         "em": {**rewards.report, **({"pairs": prefs.info["pairs"]} if prefs is not None else {})},
         "policies": entries,
         "curves": {trained.name: trained.curve for trained in policies},
@@ -83,6 +92,24 @@ def build_report(ctx, models, prefs, rewards, reference: dict, policies, samples
         "devices": [str(d) for d in jax.devices()],
     })
     return to_python(report)
+
+
+def compare_policies(ctx, samples: dict, policies, groups: list[str], *, learned: bool, num_heads: int) -> dict:
+    """Intervals, worst group, gain shares, win rates and paired differences of every policy (`maxmin_jax.evaluation
+    .compare`), on the true group rewards of a world, or on each EM head's learned reward on real data."""
+    from maxmin_jax.evaluation.compare import COMPARISON_TEST, compare, single_baselines
+
+    evaluation = ctx.cfg.evaluation
+    scores = {name: s["learned_reward"][:, :num_heads] if learned else s["true_reward"] for name, s in samples.items()}
+    result = compare(scores, groups, single=single_baselines({p.name: (p.objective, p.algorithm) for p in policies}),
+                     resamples=evaluation.bootstrap_resamples, level=evaluation.confidence, seed=ctx.cfg.seed)
+    reference = scores["reference"].astype(np.float64)
+    correlation = np.corrcoef(reference.T) if reference.shape[1] > 1 and reference.std(0).min() > 0 else None
+    return {"win_rate_kind": WIN_LEARNED if learned else WIN_TRUE, **result,
+            "interval_kind": f"paired percentile bootstrap over the {reference.shape[0]} evaluation prompts, "
+                             f"{evaluation.confidence:.0%}",
+            "group_reward_correlation": correlation,
+            "comparison_test": COMPARISON_TEST.format(level=evaluation.confidence)}
 
 
 def to_python(tree):

@@ -40,9 +40,10 @@ from maxmin_jax.pipeline.sources import (Stream, build_models, load_preference_p
                                          read_preference_rows)
 
 # Config keys that do not change any stage's result (progress bars, bookkeeping, placement).
-NOT_FINGERPRINTED = ("rewards.em.progress", "policy.objectives", "policy.algorithms", "policy.iterations",
-                     "policy.checkpoint_every", "policy.export", "policy.softmin_temperature",
-                     "policy.dro_step_size", "evaluation.examples", "mesh", "tensorboard")
+NOT_FINGERPRINTED = ("seeds", "rewards.em.progress", "policy.objectives", "policy.algorithms",
+                     "policy.iterations", "policy.checkpoint_every", "policy.export", "policy.softmin_temperature",
+                     "policy.dro_step_size", "evaluation.examples", "evaluation.bootstrap_resamples",
+                     "evaluation.confidence", "mesh", "tensorboard")
 
 
 def _pick(config: dict, paths: list[str]) -> dict:
@@ -192,6 +193,10 @@ def run(cfg: RunConfig, out: str | Path, *, progress: bool = True, overwrite: bo
                                             train_policy)
     from maxmin_jax.report import write_report
 
+    if cfg.seeds is not None:  # one run per seed, then the aggregate report
+        from maxmin_jax.pipeline.experiments import run_seeds
+
+        return run_seeds(cfg, out, progress=progress, overwrite=overwrite)
     _check(cfg, fit=True, prompts=True, out=out)
     with Context(cfg, out, stages=("rewards", "standardize", "policy", "evaluate"), progress=progress,
                  overwrite=overwrite) as ctx:

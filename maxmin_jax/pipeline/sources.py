@@ -77,7 +77,7 @@ def build_models(ctx) -> Models:
         raise ConfigError(f"model.reward_backbone: {reward_path} has vocabulary {reward.config.vocab_size}, the "
                           f"policy {spec.policy} {policy.config.vocab_size}; reward models score the policy's tokens")
     true_reward_fn = None
-    if world is not None:  # true rewards are read from token ids: only with the world's own tokenizer
+    if world is not None and world.true_rewards_ids is not None:  # read from token ids: the world's tokenizer only
         if tokenizer.get_vocab() != world.tokenizer().get_vocab():
             raise ConfigError("preferences.source 'world' with a pretrained model needs a model that uses the "
                               "world's tokenizer (its true rewards are read from token ids); use model.source "

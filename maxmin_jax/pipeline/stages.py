@@ -408,10 +408,15 @@ def evaluate(ctx, stage_name: str, lm: CausalLM | None, models: Models, rewards:
             return {k: data[k] for k in data.files}
     stage.start()
     evaluation = ctx.cfg.evaluation
-    samples = evaluate_policy(lm, models.policy, scorers(rewards), *prompts.sample(evaluation.prompts,
-                                                                                    Stream.EVALUATE),
-                              sampling=ctx.sampling, key=ctx.key(Stream.EVALUATE), batch_size=evaluation.batch_size,
+    batch = prompts.sample(evaluation.prompts, Stream.EVALUATE)
+    samples = evaluate_policy(lm, models.policy, scorers(rewards), *batch, sampling=ctx.sampling,
+                              key=ctx.key(Stream.EVALUATE), batch_size=evaluation.batch_size,
                               true_reward_fn=models.true_reward_fn)
+    if models.world is not None and models.true_reward_fn is None:  # a world that scores text, not token ids
+        from maxmin_jax.pipeline.user_world import text_true_rewards
+
+        samples["true_reward"] = text_true_rewards(models.world, models.tokenizer, *batch, samples["tokens"],
+                                                   samples["mask"])
     if is_primary():
         stage.path.mkdir(parents=True, exist_ok=True)
         np.savez(path, **samples)
