@@ -44,20 +44,54 @@ def _run_experiment(config, out: Path) -> int:
     return 0
 
 
+def _num_groups(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        k = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}") from None
+    if k < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {k}")
+    return k
+
+
+# fit-rewards flags that map one to one onto EMConfig fields; unset flags keep EMConfig's defaults.
+_EM_FLAGS = {"method": "method", "init": "init", "assign_by": "assign_by", "restarts": "restarts",
+             "rounds": "rounds", "steps": "steps_per_round", "epochs_per_round": "epochs_per_round",
+             "batch_size": "batch_size", "seed": "seed", "k_range": "k_range"}
+
+
 def cmd_fit_rewards(args) -> int:
+    import warnings
+
     from maxmin_jax.data.loaders import load_preferences
+    from maxmin_jax.rewards.em import EMConfig
     from maxmin_jax.rewards.fit import fit_rewards
+    from maxmin_jax.rewards.mstep import MStepConfig
 
     rows = load_preferences(args.data, skip_invalid=args.skip_invalid, coerce_user_id=args.coerce_user_id)
-    result = fit_rewards(rows.rows, model_path_or_config=args.model, num_groups=args.num_groups,
-                         method=args.method, init=args.init, restarts=args.restarts, seed=args.seed,
-                         rounds=args.rounds, steps_per_round=args.steps, batch_size=args.batch_size,
-                         learning_rate=args.learning_rate, shared_backbone=not args.separate_backbones,
-                         out_dir=args.out)
-    summary = {"users": len(result.user_ids), "weights": [round(float(w), 4) for w in result.weights],
-               "skipped_rows": len(rows.skipped), **{k: v for k, v in result.metrics.items()}}
+    options = {field: getattr(args, flag) for flag, field in _EM_FLAGS.items() if getattr(args, flag) is not None}
+    if options.get("k_range") is not None:
+        options["k_range"] = tuple(options["k_range"])
+    m_step = MStepConfig() if args.learning_rate is None else MStepConfig(learning_rate=args.learning_rate)
+    if args.paper:
+        if args.num_groups == "auto":
+            raise ValueError("--paper fixes K as the paper does: give --num-groups an integer")
+        config = EMConfig.paper(args.num_groups, m_step=m_step, **options)
+    else:
+        config = EMConfig(num_groups=args.num_groups, m_step=m_step, **options)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = fit_rewards(rows.rows, model_path_or_config=args.model, config=config,
+                             shared_backbone=not args.separate_backbones, out_dir=args.out)
+    for w in caught:
+        print(f"maxmin-jax fit-rewards: warning: {w.message}", file=sys.stderr)
+    summary = {"users": len(result.user_ids), "num_groups": result.num_groups,
+               "weights": [round(float(w), 4) for w in result.weights], "skipped_rows": len(rows.skipped),
+               **{k: v for k, v in result.metrics.items()}}
     print(json.dumps(summary, indent=2))
-    print(f"wrote {Path(args.out) / 'assignments.json'}, em_history.json and reward_model/")
+    print(f"wrote {Path(args.out) / 'assignments.json'}, em_history.json, em_history.png and reward_model/")
     return 0
 
 
@@ -88,16 +122,21 @@ def build_parser() -> argparse.ArgumentParser:
     fit = sub.add_parser("fit-rewards", help="EM mixture of K reward models from preference rows")
     fit.add_argument("--data", required=True, help="jsonl/json/parquet/csv with user_id, prompt, chosen, rejected")
     fit.add_argument("--model", required=True, help="HF checkpoint directory or hub id (backbone + tokenizer)")
-    fit.add_argument("--num-groups", type=int, required=True)
+    fit.add_argument("--num-groups", type=_num_groups, required=True, help="K, or 'auto' to choose it")
     fit.add_argument("--out", required=True)
-    fit.add_argument("--method", choices=["hard", "soft"], default="hard")
-    fit.add_argument("--init", choices=["round_robin", "random"], default="round_robin")
-    fit.add_argument("--restarts", type=int, default=1)
-    fit.add_argument("--rounds", type=int, default=10)
-    fit.add_argument("--steps", type=int, default=50, help="optimiser steps per M-step")
-    fit.add_argument("--batch-size", type=int, default=32)
-    fit.add_argument("--learning-rate", type=float, default=1e-4)
-    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--k-range", type=int, nargs=2, metavar=("LO", "HI"), help="K tried by --num-groups auto")
+    fit.add_argument("--paper", action="store_true",
+                     help="the paper's setting: hard EM from a round-robin start, fixed rounds and steps")
+    fit.add_argument("--method", choices=["hard", "soft"])
+    fit.add_argument("--init", choices=["features", "round_robin", "random"])
+    fit.add_argument("--assign-by", choices=["heldout", "reward_model"])
+    fit.add_argument("--restarts", type=int)
+    fit.add_argument("--rounds", type=int)
+    fit.add_argument("--steps", type=int, help="optimiser steps per M-step (default: --epochs-per-round)")
+    fit.add_argument("--epochs-per-round", type=float, help="M-step length in passes over the pairs")
+    fit.add_argument("--batch-size", type=int)
+    fit.add_argument("--learning-rate", type=float)
+    fit.add_argument("--seed", type=int)
     fit.add_argument("--separate-backbones", action="store_true", help="K backbones (the paper) instead of K heads")
     fit.add_argument("--skip-invalid", action="store_true", help="skip bad rows (counted and reported)")
     fit.add_argument("--coerce-user-id", action="store_true", help="accept numeric user ids as strings")
