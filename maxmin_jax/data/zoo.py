@@ -28,6 +28,7 @@ the worlds never tuned on ("heldout"), and the small worlds of the test suite ("
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import re
 from collections.abc import Sequence
@@ -80,29 +81,31 @@ def _response(rng: np.random.Generator, prompt: str) -> str:
     mix = rng.dirichlet(np.full(len(TOPICS), 0.6))
     if topic is not None:
         mix = 0.5 * mix + 0.5 * np.eye(len(TOPICS))[TOPIC_NAMES.index(topic)]
+    cumulative = np.cumsum(mix)
     polite, hedge = rng.uniform(0, 0.25, size=2)
-    ends = rng.dirichlet(np.ones(3))  # this response's taste for ".", "!" and "?"
+    ends = np.cumsum(rng.dirichlet(np.ones(3)))  # this response's taste for ".", "!" and "?"
     sentences = int(rng.integers(1, 5)) if sign == 0 else int(np.clip(rng.integers(1, 5) + sign, 1, 4))
     as_list = rng.random() < 0.25
     out = []
     for _ in range(sentences):
         words = []
         for _ in range(int(rng.integers(2, 7))):
-            u = rng.random()
+            u, v = rng.random(2)
             if u < polite:
                 words.append(_pick(rng, POLITE))
             elif u < polite + hedge:
                 words.append(_pick(rng, HEDGES))
-            elif rng.random() < 0.35:
+            elif v < 0.35:
                 words.append(_pick(rng, FILLERS))
             else:
-                words.append(_pick(rng, TOPICS[TOPIC_NAMES[int(rng.choice(len(TOPICS), p=mix))]]))
+                topic_words = TOPICS[TOPIC_NAMES[min(int(np.searchsorted(cumulative, rng.random())), 4)]]
+                words.append(_pick(rng, topic_words))
             if rng.random() < 0.08:
                 words.append(",")
         if as_list:
             out.append("- " + " ".join(words))
         else:
-            out.append(" ".join(words) + " " + ("." if (e := rng.choice(3, p=ends)) == 0 else "!" if e == 1 else "?"))
+            out.append(" ".join(words) + " " + ".!?"[min(int(np.searchsorted(ends, rng.random())), 2)])
     return " ".join(out)
 
 
@@ -284,6 +287,7 @@ def _mixed_terms(num_groups: int, rng: np.random.Generator, candidates: int = 32
 _PROBE_WORLD = ZooWorld(family="probe", names=("p",), terms=((("length", 1.0),),), scale=(1.0,), group_sizes=(1,))
 
 
+@functools.lru_cache(maxsize=256)
 def _gap_scale(terms, prompt_style: str, seed: int) -> tuple[float, ...]:
     """Mean |r_g(a) - r_g(b)| over 512 random pairs, per group."""
     probe = dataclasses.replace(_PROBE_WORLD, prompt_style=prompt_style)
