@@ -15,13 +15,19 @@ any difference raises `CheckpointMismatchError` naming every mismatched field an
 
 Typed PRNG keys are stored as `jax.random.key_data` and re-wrapped with the implementation recorded in the
 manifest; Python scalars in the template (a data position, a round counter) come back as Python scalars.
+
+A step whose files cannot be read (truncated, corrupt, missing) does not block a resume: `restore_latest` reports
+it, sets it aside under `<directory>/unrestorable/` (nothing is deleted) and restores the newest step that reads.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
+import shutil
+import sys
 from typing import Any, Mapping, NamedTuple
 
 import jax
@@ -29,17 +35,31 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from maxmin_jax.errors import CheckpointError
+
 FORMAT_VERSION = 1
+UNRESTORABLE_DIR = "unrestorable"  # where steps that cannot be read are set aside, inside the checkpoint directory
+
+logger = logging.getLogger(__name__)
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(CheckpointError):
     """A checkpoint was written by a different run configuration or for a differently shaped state.
 
     `mismatches` holds one line per differing fingerprint field or state leaf (the message shows the first 30)."""
 
-    def __init__(self, message: str, mismatches: list[str] | None = None):
-        super().__init__(message)
+    def __init__(self, message: str, mismatches: list[str] | None = None, *, path: str | None = None):
+        super().__init__(message, path=path)
         self.mismatches = list(mismatches or [])
+
+
+class UnrestorableCheckpointError(CheckpointError):
+    """Checkpoint files that cannot be read (truncated, corrupt, missing). `failures` maps each step tried to
+    its error."""
+
+    def __init__(self, message: str, failures: Mapping[int, str], *, path: str | None = None):
+        super().__init__(message, path=path)
+        self.failures = dict(failures)
 
 
 class TrainState(NamedTuple):
@@ -252,7 +272,51 @@ def manifest_diff(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[
 def _mismatch(kind: str, directory, step: int, lines: list[str], limit: int = 30) -> CheckpointMismatchError:
     shown = "\n  ".join(lines[:limit]) + (f"\n  ... and {len(lines) - limit} more" if len(lines) > limit else "")
     return CheckpointMismatchError(f"refusing to restore checkpoint {os.fspath(directory)} step {step}: "
-                                   f"{kind} differ{'s' if kind == 'fingerprint' else ''}:\n  {shown}", lines)
+                                   f"{kind} differ{'s' if kind == 'fingerprint' else ''}:\n  {shown}", lines,
+                                   path=os.fspath(directory))
+
+
+def _read_error(err: BaseException, limit: int = 300) -> str:
+    """One line for an Orbax/TensorStore read failure: their messages nest the cause at the end ("DATA_LOSS:
+    Error opening ...: Error reading ...: <what is wrong>") and append whole JSON specs."""
+    text = " ".join(str(err).split()).split(" [tensorstore_spec")[0]
+    text = text if len(text) <= limit else f"{text[:80]} ... {text[-(limit - 85):]}"
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def _is_closed_loop_noise(unraisable) -> bool:
+    """A TensorStore read finishing after Orbax closed the event loop of a failed restore: it tries to wake the
+    closed loop and prints "RuntimeError: Event loop is closed". Harmless; the restore's own error is raised."""
+    if not (type(unraisable.exc_value) is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"):
+        return False
+    tb = unraisable.exc_traceback
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_code.co_name == "_check_closed"
+
+
+def _silence_closed_loop_noise() -> None:
+    """Drops (only) those late wake-ups from `sys.unraisablehook`; installed once a restore has failed, as reads
+    of that restore can still finish at any later time. Every other unraisable exception is passed on."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_drops_closed_loop_noise", False):
+        return
+
+    def hook(unraisable):
+        if not _is_closed_loop_noise(unraisable):
+            previous(unraisable)
+
+    hook._drops_closed_loop_noise = True
+    sys.unraisablehook = hook
+
+
+def _agree_failed(failed: bool) -> bool:
+    """Whether any process failed: a step is usable only if every process could read its part of it."""
+    if jax.process_count() == 1:
+        return failed
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.array([failed]))))
 
 
 # -- the manager ----------------------------------------------------------------------------------------------------
@@ -280,6 +344,8 @@ class CheckpointManager:
         self._manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=("state", "meta"),
             item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
+        self.unrestorable: dict[int, str] = {}
+        """Steps `restore_latest` set aside in this session: step -> why it could not be read."""
 
     # Saving
     def save(self, step: int, state: Any, *, force: bool = False) -> bool:
@@ -317,31 +383,93 @@ class CheckpointManager:
 
     # Restoring
     def restore_latest(self, template: Any) -> Any | None:
-        """The latest checkpoint restored into `template`'s structure, shapes and shardings; None if there is none."""
-        step = self.latest_step()
-        return None if step is None else self.restore(step, template)
+        """The newest restorable checkpoint, restored into `template`'s structure, shapes and shardings; None if
+        there is no checkpoint.
+
+        A step whose files cannot be read is reported (a warning naming the step and the error) and the next older
+        step is tried. When an older step restores, the newer unreadable ones are moved into
+        `<directory>/unrestorable/` (kept for inspection, never deleted), so the resumed run saves those step
+        numbers afresh and `max_to_keep` counts only good steps; `self.unrestorable` records them. A
+        `CheckpointMismatchError` (another run's checkpoint) is raised at once: it is not damage. If no step
+        restores, `UnrestorableCheckpointError` lists every step's error and nothing is moved.
+        """
+        failures: dict[int, str] = {}
+        for step in reversed(self.all_steps()):
+            try:
+                restored = self.restore(step, template)
+            except UnrestorableCheckpointError as err:
+                failures[step] = err.failures[step]
+                logger.warning("checkpoint %s step %d cannot be restored (%s); trying the previous step",
+                               self.directory, step, failures[step])
+                continue
+            if failures:
+                self._set_aside(failures)
+                logger.warning("resumed from checkpoint %s step %d; unrestorable steps %s moved to %s",
+                               self.directory, step, sorted(failures), os.path.join(self.directory, UNRESTORABLE_DIR))
+            return restored
+        if failures:
+            listed = "\n  ".join(f"step {s}: {e}" for s, e in failures.items())
+            raise UnrestorableCheckpointError(
+                f"no checkpoint in {self.directory} can be restored:\n  {listed}\n(move the directory aside to "
+                "start afresh, or restore it from a backup)", failures, path=self.directory)
+        return None
 
     def restore(self, step: int, template: Any) -> Any:
         """Restore `step` into `template` (concrete or abstract). Refuses, with `CheckpointMismatchError`, a
-        checkpoint whose fingerprint differs from this manager's or whose leaves differ from the template's."""
+        checkpoint whose fingerprint differs from this manager's or whose leaves differ from the template's;
+        raises `UnrestorableCheckpointError` if the step's files cannot be read."""
         step = self._resolve(step)
-        meta = self.read_meta(step)
+        flat = _flat_leaves(template)  # template problems are the caller's: raised before any file is read
+        current = {name: _leaf_info(leaf) for name, leaf in flat}
+        abstract = _nest({name: _abstract(leaf) for name, leaf in flat})
+        meta = self._read(step, lambda: self.read_meta(step))
         if meta.get("format") != FORMAT_VERSION:
             raise _mismatch("format", self.directory, step,
                             [f"checkpoint format {meta.get('format')!r} != supported {FORMAT_VERSION}"])
         lines = fingerprint_diff(meta["fingerprint"], self.fingerprint)
         if lines:
             raise _mismatch("fingerprint", self.directory, step, lines)
-        flat = _flat_leaves(template)
-        current = {name: _leaf_info(leaf) for name, leaf in flat}
         lines = manifest_diff(meta["manifest"], current)
         if lines:
             raise _mismatch("state structure/shapes", self.directory, step, lines)
-        abstract = _nest({name: _abstract(leaf) for name, leaf in flat})
-        restored = self._manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+        restored = self._read(step, lambda: self._manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"])
         leaves = [_from_restored(leaf, _get(restored, name), current[name]) for name, leaf in flat]
         return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(template), leaves)
+
+    def _read(self, step: int, read):
+        """`read()`, with any failure to read the step's files (Orbax and TensorStore raise ValueError, OSError,
+        JSON errors, ...) turned into `UnrestorableCheckpointError`; agreed across processes."""
+        error = None
+        try:
+            result = read()
+        except Exception as err:  # noqa: BLE001 - everything below this call is file reading
+            _silence_closed_loop_noise()
+            error = err
+        if _agree_failed(error is not None):
+            reason = _read_error(error) if error is not None else "another process could not read its part"
+            message = f"checkpoint {self.directory} step {step} cannot be read: {reason}"
+            path = os.path.join(self.directory, str(step))
+            raise UnrestorableCheckpointError(message, {step: reason}, path=path) from error
+        return result
+
+    def _set_aside(self, steps) -> None:
+        """Moves unreadable steps into `<directory>/unrestorable/<step>` (a fresh name if that exists)."""
+        self._manager.wait_until_finished()
+        if jax.process_index() == 0:
+            aside = os.path.join(self.directory, UNRESTORABLE_DIR)
+            os.makedirs(aside, exist_ok=True)
+            for step in steps:
+                target, n = os.path.join(aside, str(step)), 1
+                while os.path.exists(target):
+                    target, n = os.path.join(aside, f"{step}.{n}"), n + 1
+                shutil.move(os.path.join(self.directory, str(step)), target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("maxmin_jax.checkpoint.set_aside")
+        self._manager.reload()
+        self.unrestorable.update({int(s): e for s, e in steps.items()})
 
     def _resolve(self, step: int | None) -> int:
         if step is None:
@@ -352,5 +480,5 @@ class CheckpointManager:
         return int(step)
 
 
-__all__ = ["CheckpointManager", "CheckpointMismatchError", "TrainState", "fingerprint_diff", "manifest",
-           "manifest_diff", "to_json", "with_param_shardings"]
+__all__ = ["CheckpointManager", "CheckpointMismatchError", "TrainState", "UnrestorableCheckpointError",
+           "fingerprint_diff", "manifest", "manifest_diff", "to_json", "with_param_shardings"]

@@ -11,29 +11,30 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from maxmin_jax.generate import eos_array, sample_continuations
+from maxmin_jax.generate import SamplingConfig, reference_sampling_logits, sample_responses, sampling_logits
 from maxmin_jax.models.transformer import CausalLM
 from maxmin_jax.policy.ppo import token_logprobs
-from maxmin_jax.policy.trainer import RolloutConfig
 
 TrueRewardFn = Callable[[jax.Array, jax.Array], jax.Array]  # (response ids [B,N], mask [B,N]) -> [B, G]
 
 
-@partial(jax.jit, static_argnames=("graphdefs", "rollout", "true_reward_fn"))
-def _evaluate_batch(graphdefs, states, prompts, prompt_mask, key, *, rollout: RolloutConfig, true_reward_fn):
+@partial(jax.jit, static_argnames=("graphdefs", "sampling", "true_reward_fn"))
+def _evaluate_batch(graphdefs, states, prompts, prompt_mask, key, *, sampling: SamplingConfig, true_reward_fn):
     policy_def, reference_def, reward_def = graphdefs
     policy: CausalLM = nnx.merge(policy_def, states[0])
     reference: CausalLM = nnx.merge(reference_def, states[1])
     t = prompts.shape[1]
-    out = sample_continuations(policy, prompts, prompt_mask, key, max_new_tokens=rollout.max_new_tokens,
-                               cfg=rollout.sampling, temperature=rollout.temperature or 1.0,
-                               top_p=rollout.top_p or 1.0, eos_ids=eos_array(rollout.eos_token_id),
-                               pad_token_id=rollout.pad_token_id)
+    out = sample_responses(policy, prompts, prompt_mask, key, sampling)
     seq = jnp.concatenate([prompts, out.tokens], axis=1)
     seq_mask = jnp.concatenate([prompt_mask, out.mask], axis=1)
     mask = out.mask.astype(jnp.float32)
-    logprobs = token_logprobs(policy(seq, seq_mask)[:, t - 1:-1], out.tokens)
-    ref_logprobs = token_logprobs(reference(seq, seq_mask)[:, t - 1:-1], out.tokens)
+    # KL to the reference as the PPO penalty measures it (`reference_sampling_logits`); greedy decoding samples
+    # from no distribution, so then the KL of the models' own distributions.
+    logits, ref_logits = policy(seq, seq_mask)[:, t - 1:-1], reference(seq, seq_mask)[:, t - 1:-1]
+    if sampling.temperature > 0:
+        logits = sampling_logits(logits, sampling)
+        ref_logits = reference_sampling_logits(ref_logits, logits, sampling)
+    logprobs, ref_logprobs = token_logprobs(logits, out.tokens), token_logprobs(ref_logits, out.tokens)
     result = {"tokens": out.tokens, "mask": out.mask, "kl": jnp.sum((logprobs - ref_logprobs) * mask, axis=1),
               "length": mask.sum(1),
               "learned_reward": nnx.merge(reward_def, states[2])(seq, seq_mask).astype(jnp.float32)}
@@ -43,7 +44,7 @@ def _evaluate_batch(graphdefs, states, prompts, prompt_mask, key, *, rollout: Ro
 
 
 def evaluate_policy(policy: CausalLM, reference: CausalLM, reward_model: nnx.Module, prompts: np.ndarray,
-                    prompt_mask: np.ndarray, *, rollout: RolloutConfig, key: jax.Array, batch_size: int = 64,
+                    prompt_mask: np.ndarray, *, sampling: SamplingConfig, key: jax.Array, batch_size: int = 64,
                     true_reward_fn: TrueRewardFn | None = None) -> dict[str, np.ndarray]:
     """Sample one response per prompt and score it. Returns per-sample arrays: learned_reward [N, K],
     true_reward [N, G] (if known), kl [N] (sampled estimate of KL(policy || reference)), length [N], tokens."""
@@ -53,7 +54,7 @@ def evaluate_policy(policy: CausalLM, reference: CausalLM, reward_model: nnx.Mod
         raise ValueError(f"{n} evaluation prompts are not a multiple of the batch size {batch_size}")
     parts = [
         _evaluate_batch(graphdefs, states, prompts[i:i + batch_size], prompt_mask[i:i + batch_size],
-                        jax.random.fold_in(key, i), rollout=rollout, true_reward_fn=true_reward_fn)
+                        jax.random.fold_in(key, i), sampling=sampling, true_reward_fn=true_reward_fn)
         for i in range(0, n, batch_size)]
     return {k: np.concatenate([np.asarray(p[k]) for p in parts]) for k in parts[0]}
 

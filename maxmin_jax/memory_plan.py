@@ -12,7 +12,7 @@ partitioned program then gives the bytes one device needs. Three steps are plann
 - `rollout`: the whole sampling program of a PPO iteration, `maxmin_jax.generate.sample_continuations` (prefill
   of the prompts into a KV cache created inside the program, then the `lax.while_loop` decode of the response);
 - `decode`: one token of sampling for the whole batch with the preallocated KV cache (cache donated), the body of
-  that loop on its own;
+  that loop on its own (slicing the block weights per layer itself, which the rollout does once per call);
 - `reward`: one Bradley-Terry update of the K-head reward model on chosen/rejected pairs, as in the EM M-step.
 
 Next to the compiled figures, `state` counts exactly (from shapes and shardings) the bytes per device of every
@@ -50,12 +50,13 @@ from maxmin_jax.generate import sample_continuations, sampling_config
 from maxmin_jax.models.layers import KVCache
 from maxmin_jax.models.lora import add_lora
 from maxmin_jax.models.transformer import KV_CACHE_AXES, kv_cache_shape
-from maxmin_jax.policy.model import PolicyWithValue, ValueParam
+from maxmin_jax.policy.model import PolicyWithValue
 from maxmin_jax.policy.ppo import PPOConfig, policy_loss, token_logprobs, value_loss
 from maxmin_jax.rewards.bt import bt_loss
 from maxmin_jax.rewards.model import RewardModel, score_pairs
-from maxmin_jax.sharding import (LOGICAL_RULES, batch_sharding, logical_to_spec, make_mesh, replicated,
-                                set_activation_mesh, state_shardings)
+from maxmin_jax.sharding import (LOGICAL_RULES, batch_sharding, logical_to_spec, make_mesh, replicated, use_mesh,
+                                state_shardings)
+from maxmin_jax.trainable import trainable_filter
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -121,22 +122,21 @@ def _backbone(setup: PlanSetup, lora: tuple[int, float] | None, rngs: nnx.Rngs):
 
 def abstract_policy(setup: PlanSetup, mesh=None) -> PolicyWithValue:
     policy = nnx.eval_shape(lambda: PolicyWithValue(_backbone(setup, setup.policy_lora, nnx.Rngs(0))))
-    return set_activation_mesh(policy, mesh)
+    return use_mesh(policy, mesh)
 
 
 def abstract_reward(setup: PlanSetup, mesh=None) -> RewardModel:
     reward = nnx.eval_shape(lambda: RewardModel(_backbone(setup, setup.reward_lora, nnx.Rngs(1)),
                                                 setup.num_groups, rngs=nnx.Rngs(2)))
-    return set_activation_mesh(reward, mesh)
+    return use_mesh(reward, mesh)
 
 
 def _policy_trainable(setup: PlanSetup):
-    return nnx.Any(nnx.LoRAParam, ValueParam) if setup.policy_lora else nnx.Param
+    return trainable_filter(lora=setup.policy_lora is not None)
 
 
 def _reward_trainable(setup: PlanSetup):
-    heads = nnx.Any(nnx.PathContains("head"), nnx.PathContains("head_bias"))
-    return nnx.Any(nnx.LoRAParam, heads) if setup.reward_lora else nnx.Param
+    return trainable_filter(lora=setup.reward_lora is not None)
 
 
 # Shardings and byte counts ----------------------------------------------------------------------------------------
@@ -227,8 +227,7 @@ def _train_step(setup: PlanSetup, mesh, pin: bool = True) -> Planned:
 
 
 def _decode_step(setup: PlanSetup, mesh, pin: bool = True) -> Planned:
-    lm = set_activation_mesh(nnx.eval_shape(lambda: _backbone(setup, setup.policy_lora, nnx.Rngs(0))),
-                             mesh if pin else None)
+    lm = use_mesh(nnx.eval_shape(lambda: _backbone(setup, setup.policy_lora, nnx.Rngs(0))), mesh if pin else None)
     graphdef, state = nnx.split(lm)
     state = _abstract_state(state, mesh)
     b, s = setup.batch, setup.seq_length
@@ -239,7 +238,8 @@ def _decode_step(setup: PlanSetup, mesh, pin: bool = True) -> Planned:
     def step(state, cache, token, position, cache_index, key_valid):
         model = nnx.merge(graphdef, state)
         hidden, cache = model.forward(token[:, None], positions=position[:, None], cache=cache,
-                                      cache_index=cache_index, key_valid=key_valid)
+                                      cache_index=cache_index, key_valid=key_valid,
+                                      layer_params=model.unstack_layers())
         return jnp.argmax(model.logits(hidden)[:, 0], axis=-1).astype(jnp.int32), cache
 
     rows = _batch_spec(mesh)
@@ -249,12 +249,11 @@ def _decode_step(setup: PlanSetup, mesh, pin: bool = True) -> Planned:
 
 
 def _rollout_step(setup: PlanSetup, mesh, pin: bool = True) -> Planned:
-    lm = set_activation_mesh(nnx.eval_shape(lambda: _backbone(setup, setup.policy_lora, nnx.Rngs(0))),
-                             mesh if pin else None)
+    lm = use_mesh(nnx.eval_shape(lambda: _backbone(setup, setup.policy_lora, nnx.Rngs(0))), mesh if pin else None)
     graphdef, state = nnx.split(lm)
     rows = _batch_spec(mesh, None)
     prompts = _sds((setup.batch, setup.prompt_length), jnp.int32, rows)
-    cfg = sampling_config(1.0, None, None, unroll_layers=False)  # what accelerators run (no copy of the blocks)
+    cfg = sampling_config(1.0, None, None)
 
     def step(state, prompts, prompt_mask, key):
         return sample_continuations(nnx.merge(graphdef, state), prompts, prompt_mask, key,
@@ -310,8 +309,9 @@ def _temp_estimate(setup: PlanSetup, mesh, step: str, planned: Planned) -> int:
     - gradients of the trainable parameters, as large as the (sharded) trainable parameters;
     - under FSDP, one layer's weights gathered whole, twice (the current and the next layer), and for decode
       and rollout the gathered LM head plus one token's float32 logits per row;
-    - rollout: the KV cache it creates, and one layer's prefill activations (no backward: layers run one after
-      the other) with its float32 attention scores over all cache slots.
+    - rollout: the KV cache it creates, the per-layer copy of the block weights in the compute dtype that the
+      decode loop reads (`CausalLM.unstack_layers`), and one layer's prefill activations (no backward: layers run
+      one after the other) with its float32 attention scores.
     A cross-check of the compiled figures, not a substitute.
     """
     c = setup.model
@@ -331,6 +331,8 @@ def _temp_estimate(setup: PlanSetup, mesh, step: str, planned: Planned) -> int:
         if step == "rollout":
             kv_split = tensor if c.num_kv_heads % tensor == 0 else 1
             out += 2 * c.num_layers * rows * t * c.num_kv_heads * c.dim_per_head * itemsize // kv_split
+            out += sum(math.prod(v.sharding.shard_shape(v.shape)) * itemsize for v in jax.tree.leaves(weights)
+                       if v.ndim > 2 and v.shape[0] == c.num_layers)
             out += rows * setup.prompt_length * (width + 2 * c.num_heads * t * 4) // tensor
         return out
     per_token = width + 2 * c.num_heads * t * 4
@@ -383,8 +385,8 @@ def memory_plan(config_name: str, mesh_shape: tuple[int, int, int] | None = None
     mesh of the first prod(mesh_shape) devices. `method`: "compile" (XLA memory analysis of each compiled step)
     or "estimate" (shardings + `_temp_estimate`, nothing compiled). Returns a JSON-able dict: `state`
     (exact resident bytes per device) and one entry per step with argument / output / alias / temp / total
-    bytes per device. `pin_activations=False` plans the models without `set_activation_mesh` (XLA then infers
-    activation shardings from the weights alone), to show what pinning saves."""
+    bytes per device. `pin_activations=False` plans the models without giving them the mesh (`use_mesh`; XLA then
+    infers activation shardings from the weights alone), to show what pinning saves."""
     if config_name not in SETUPS:
         raise KeyError(f"unknown setup {config_name!r}; known: {sorted(SETUPS)}")
     if method not in ("compile", "estimate"):

@@ -1,7 +1,9 @@
-"""Device mesh, the one table mapping logical axis names to mesh axes, and placement of parameters and batches.
+"""Device mesh and placement of parameters and batches on it.
 
-Parameters carry logical axis names (`logical_axes` metadata, set where they are created). This module is the only
-place those names meet mesh axes, so changing a parallelism strategy is an edit to `LOGICAL_RULES`.
+Parameters carry logical axis names (`logical_axes` metadata, set where they are created); the one table mapping
+them to mesh axes is `maxmin_jax.partitioning.LOGICAL_RULES` (re-exported here). Placing a module also hands the
+mesh to the modules inside it that take one (`partitioning.TakesMesh`: the causal LMs, which pin their activations
+to it).
 """
 
 from __future__ import annotations
@@ -14,27 +16,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "tensor")
-
-# logical axis -> mesh axes. Batch is split over data and FSDP; parameters are FSDP-sharded on the embedding
-# axis and tensor-parallel on heads, MLP and vocabulary.
-LOGICAL_RULES: dict[str, tuple[str, ...]] = {
-    "batch": ("data", "fsdp"),
-    "embed": ("fsdp",),
-    "heads": ("tensor",),
-    "kv_heads": ("tensor",),
-    "mlp": ("tensor",),
-    "vocab": ("tensor",),
-    "layers": (),
-    "groups": (),
-}
-# Axes replicated instead of refused when their size does not divide: GPT-2's 50257-token vocabulary and MQA's
-# single key/value head are common and small, and replicating them is what serving stacks do.
-REPLICATE_IF_INDIVISIBLE = frozenset({"vocab", "kv_heads"})
-
-
-class ShardingError(ValueError):
-    """A tensor dimension cannot be split evenly over the mesh axes its logical axis maps to."""
+from maxmin_jax.partitioning import LOGICAL_RULES, MESH_AXES, ShardingError, TakesMesh, logical_to_spec
 
 
 def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, *, devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -45,22 +27,6 @@ def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, *, devices: Sequenc
         raise ShardingError(f"mesh data={data} x fsdp={fsdp} x tensor={tensor} = {math.prod(shape)} devices, "
                             f"but {len(devices)} are available")
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
-
-
-def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, *, name: str = "tensor") -> P:
-    """PartitionSpec for a tensor with these logical axes, checking divisibility up front."""
-    spec = []
-    for axis, size in zip(axes, shape):
-        mesh_axes = tuple(a for a in LOGICAL_RULES.get(axis, ()) if mesh.shape[a] > 1) if axis else ()
-        ways = math.prod(mesh.shape[a] for a in mesh_axes)
-        if ways > 1 and size % ways:
-            if axis in REPLICATE_IF_INDIVISIBLE:
-                mesh_axes = ()
-            else:
-                raise ShardingError(f"{name}: logical axis {axis!r} has size {size}, not divisible by mesh "
-                                    f"axes {mesh_axes} of total size {ways} (mesh {dict(mesh.shape)})")
-        spec.append(None if not mesh_axes else mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
-    return P(*spec)
 
 
 def variable_sharding(var: nnx.Variable, mesh: Mesh, *, name: str = "param") -> NamedSharding:
@@ -75,41 +41,29 @@ def state_shardings(state: nnx.State, mesh: Mesh) -> Any:
                                 for path, var in nnx.to_flat_state(state)])
 
 
+def place_variable(var: nnx.Variable, value: Any, mesh: Mesh, *, name: str) -> nnx.Variable:
+    """`var` holding `value` placed in its sharding on `mesh` (a new Variable)."""
+    return var.replace(jax.device_put(value, variable_sharding(var, mesh, name=name)))
+
+
 def shard_module(module: nnx.Module, mesh: Mesh) -> nnx.Module:
-    """Place every variable of a module in its sharding (in place) and return it; its causal LMs then keep their
-    activations split over the batch (`set_activation_mesh`)."""
-    graphdef, state = nnx.split(module)
-    flat = nnx.to_flat_state(state)
-    placed = []
-    for path, var in flat:
-        sharding = variable_sharding(var, mesh, name="/".join(map(str, path)))
-        placed.append((path, var.replace(jax.device_put(var[...], sharding))))
+    """Place every variable of a module in its sharding (in place), give the mesh to the modules inside it that take
+    one (`use_mesh`), and return it."""
+    _, state = nnx.split(module)
+    placed = [(path, place_variable(var, var.get_value(), mesh, name="/".join(map(str, path))))
+              for path, var in nnx.to_flat_state(state)]
     nnx.update(module, nnx.from_flat_state(placed))
-    return set_activation_mesh(module, mesh)
+    return use_mesh(module, mesh)
 
 
-def set_activation_mesh(module: nnx.Module, mesh: Mesh | None) -> nnx.Module:
-    """Tell every causal LM inside `module` (in place) which mesh its activations live on. Without it XLA infers
-    activation shardings from the FSDP-split weights and may split hidden states along the embedding instead of
-    the batch, so each device holds activations of the whole batch (see docs/memory_plan.md)."""
-    from maxmin_jax.models.transformer import CausalLM
-
+def use_mesh(module: nnx.Module, mesh: Mesh | None) -> nnx.Module:
+    """Give `mesh` to every module inside `module` that takes one (in place), without moving any variable: for a
+    module whose weights were placed by other means, or an abstract one (`nnx.eval_shape`) planned for a mesh.
+    None takes it away (activations are then left to XLA)."""
     for _, sub in nnx.iter_modules(module):
-        if isinstance(sub, CausalLM):
-            sub.activation_mesh = mesh
+        if isinstance(sub, TakesMesh):
+            sub.use_mesh(mesh)
     return module
-
-
-def constrain(x: jax.Array, mesh: Mesh | None, axes: Sequence[str | None]) -> jax.Array:
-    """Inside jit: pin an activation to the sharding of its logical axes. A no-op without a mesh, and where a
-    dimension does not divide (e.g. a batch of 3 on 8 devices), which is then left to XLA."""
-    if mesh is None:
-        return x
-    try:
-        spec = logical_to_spec(axes, x.shape, mesh, name="activation")
-    except ShardingError:
-        return x
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
 def replicate_on_mesh_of(tree: Any, reference: Any) -> Any:
@@ -123,6 +77,26 @@ def replicate_on_mesh_of(tree: Any, reference: Any) -> Any:
     target = replicated(meshes[0])
     return jax.tree.map(lambda x: x if isinstance(getattr(x, "sharding", None), NamedSharding)
                         else jax.device_put(x, target), tree)
+
+
+def canonical_shardings(tree: Any) -> Any:
+    """Every array of `tree` with its NamedSharding spelled as a jitted program spells its outputs' (trailing
+    unsplit dimensions dropped: `P(None, None)` becomes `P()`, `P("fsdp", None)` becomes `P("fsdp")`). Equivalent
+    shardings spelled differently are different jit cache keys, so a state built eagerly and donated to a jitted
+    step would otherwise compile the step a second time when its output comes back. Moves no data."""
+
+    def canonical(x):
+        sharding = getattr(x, "sharding", None)
+        if not isinstance(sharding, NamedSharding):
+            return x
+        spec = list(sharding.spec)
+        while spec and spec[-1] is None:
+            spec.pop()
+        if len(spec) == len(sharding.spec):
+            return x
+        return jax.device_put(x, NamedSharding(sharding.mesh, P(*spec), memory_kind=sharding.memory_kind))
+
+    return jax.tree.map(canonical, tree)
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
@@ -147,3 +121,8 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
+
+
+__all__ = ["LOGICAL_RULES", "MESH_AXES", "ShardingError", "batch_sharding", "canonical_shardings", "logical_to_spec",
+           "make_mesh", "place_variable", "replicate_on_mesh_of", "replicated", "shard_batch", "shard_module",
+           "state_shardings", "use_mesh", "variable_sharding"]

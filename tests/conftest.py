@@ -1,13 +1,38 @@
 """Shared fixtures. Eight simulated CPU devices so sharding tests really shard; tiny checkpoints built with
-transformers' save_pretrained once per session."""
+transformers' save_pretrained once per session.
+
+Compiled programs are shared through JAX's persistent compilation cache, one directory per test session: the xdist
+workers and the subprocesses tests start (which inherit the environment) compile each program once between them.
+A fresh session starts with an empty cache, so every program is still compiled in every run of the suite.
+"""
 
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# Tests compile hundreds of small programs and run each a few times: XLA's backend optimisations cost more compile
+# time than they save at run time (the suite takes about half as long without them). Set explicitly to override.
+_FLAGS = os.environ.get("XLA_FLAGS", "")
+for _flag in ("--xla_force_host_platform_device_count=8", "--xla_backend_optimization_level=0"):
+    if _flag.split("=")[0] not in _FLAGS:
+        _FLAGS = f"{_FLAGS} {_flag}".strip()
+os.environ["XLA_FLAGS"] = _FLAGS
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Set by the first process of the session (the xdist controller, loading this file before it starts the workers),
+# inherited by the workers and the subprocesses, removed by that process at the end.
+_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+_CACHE = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                               os.path.join(tempfile.gettempdir(), f"maxmin-jax-test-jit-{os.getpid()}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import pytest  # noqa: E402
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _OWN_CACHE:
+        shutil.rmtree(_CACHE, ignore_errors=True)
 
 
 def _save_tiny(path, hf_config_cls, model_cls, **kwargs):
@@ -57,3 +82,22 @@ def tiny_llama_dirs(tmp_path_factory):
         "mqa": llama_dir(tmp_path_factory, num_kv_heads=1, tie=False, name="llama_mqa"),
         "gqa_tied": llama_dir(tmp_path_factory, num_kv_heads=2, tie=True, name="llama_tied"),
     }
+
+
+def read_tfevents(directory: Path) -> dict[str, list[tuple[int, float]]]:
+    """Scalars of TensorBoard event files, read with tensorboardX's protobufs (TFRecord framing by hand)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    scalars: dict[str, list] = {}
+    for path in sorted(directory.glob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        i = 0
+        while i < len(data):
+            (length,) = struct.unpack("<Q", data[i:i + 8])
+            event = event_pb2.Event.FromString(data[i + 12:i + 12 + length])
+            i += 12 + length + 4
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars

@@ -74,8 +74,8 @@ def _run_suite(tmp_path, suite, capsys, only=()):
     status = run.main(["--suite", suite, "--quick", "--repeats", "1", "--warmup", "0", "--out", str(out),
                        "--only", ",".join(only)])
     printed = capsys.readouterr().out
-    assert status == 0
     doc = json.loads(out.read_text())
+    assert status == 0, doc["errors"]
     for b in doc["benchmarks"]:
         assert b["name"] in printed
     return doc
@@ -99,20 +99,33 @@ def test_cpu_suite_quick(tmp_path, capsys):
         assert by_name[name]["ratios"][0]["target"] == 1.5
         assert by_name[name]["config"]["hf_generate"]["min_new_tokens"] == by_name[name]["config"]["new_tokens"]
     assert 0.0 <= by_name["sample_gpt2_greedy"]["extra"]["greedy_token_agreement_vs_hf"] <= 1.0
+    memory = by_name["critic_free_iteration"]["extra"]["memory_mib"]  # PPO and GRPO compiled, memory read
+    assert set(memory) == {"PPO", "GRPO"} and all(m["total"] > 0 for m in memory.values())
+    assert [r["name"] for r in by_name["critic_free_iteration"]["ratios"]][0].startswith("GRPO vs PPO")
+    assert by_name["dpo_step"]["extra"]["memory_mib"]["total"] > 0
 
 
 def test_gpu_suite_quick_runs_on_cpu(tmp_path, capsys):
     names = _suite_names("gpu")[::-1]  # every benchmark, named with --only in another order than registered
-    assert {"train_gpt2_medium", "train_llama7b_lora", "decode_llama7b"} <= set(names)
+    assert {"train_gpt2_medium", "train_llama7b_lora", "decode_llama7b", "ppo_iteration_gpt2_medium",
+            "grpo_iteration_gpt2_medium"} <= set(names)
     doc = _run_suite(tmp_path, "gpu", capsys, only=names)
     _check_document(doc, "gpu", names)
     by_name = {b["name"]: b for b in doc["benchmarks"]}
     for name in ("train_gpt2_medium", "train_llama7b_lora"):
         extra = by_name[name]["extra"]
         assert 0 < extra["mfu"] and math.isfinite(extra["final_loss"])
+        assert by_name[name]["config"]["attention"] == "xla"  # what the CPU backend selects (cuDNN on a GPU)
+    assert by_name["train_gpt2_medium"]["config"]["param_dtype"] == "float32"  # the mixed-precision policy
     lora = by_name["train_llama7b_lora"]
     assert lora["extra"]["lora_params"] > 0 or any("full-weight" in n for n in lora["notes"])
     assert by_name["decode_llama7b"]["extra"]["bytes_per_step_required"] > 0
+    for name in ("ppo_iteration_gpt2_medium", "grpo_iteration_gpt2_medium"):
+        iteration = by_name[name]
+        assert iteration["config"]["dtype"] == "bfloat16"
+        assert iteration["extra"]["iteration_s"] > iteration["extra"]["rollout_s"] > 0
+    assert by_name["grpo_iteration_gpt2_medium"]["config"]["batch"] == by_name["ppo_iteration_gpt2_medium"]["config"][
+        "batch"] and by_name["grpo_iteration_gpt2_medium"]["config"]["samples_per_prompt"] == 2
 
 
 def test_gpu_full_size_lora_step_traces_abstractly():

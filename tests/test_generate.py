@@ -40,19 +40,6 @@ def test_sampling_is_reproducible_and_key_dependent(gpt2):
     np.testing.assert_array_equal(a[:, :ids.shape[1]], ids)
 
 
-@pytest.mark.parametrize("which", ["gpt2", "gqa"])
-def test_unrolled_and_scanned_decode_agree(tiny_gpt2_dir, tiny_llama_dirs, which):
-    """The per-layer (hoisted) decode and the scan over stacked weights are the same computation."""
-    model = load_pretrained(tiny_gpt2_dir if which == "gpt2" else tiny_llama_dirs[which])
-    ids, mask = left_padded_batch()
-    for temperature in (0.0, 1.0):
-        kwargs = dict(max_new_tokens=8, rng=jax.random.key(5), temperature=temperature, return_logprobs=True)
-        unrolled, lp_unrolled = generate(model, ids, mask, unroll_layers=True, **kwargs)
-        scanned, lp_scanned = generate(model, ids, mask, unroll_layers=False, **kwargs)
-        np.testing.assert_array_equal(unrolled, scanned)
-        np.testing.assert_allclose(lp_unrolled, lp_scanned, rtol=1e-5, atol=1e-5)
-
-
 def test_top_k_one_is_greedy(gpt2):
     ids, mask = left_padded_batch()
     greedy = generate(gpt2, ids, mask, max_new_tokens=8, rng=jax.random.key(0), temperature=0)
@@ -101,3 +88,29 @@ def test_bad_arguments_are_refused(gpt2):
         generate(gpt2, ids, mask, max_new_tokens=100, rng=jax.random.key(0))
     with pytest.raises(ValueError, match="top_k"):
         generate(gpt2, ids, mask, max_new_tokens=4, rng=jax.random.key(0), top_k=0)
+
+
+@pytest.mark.parametrize("top_k, top_p", [(5, None), (None, 0.9), (None, 0.3), (20, 0.8), (1, 0.5), (None, 1.0)])
+def test_top_k_top_p_keep_the_tokens_transformers_keeps(top_k, top_p):
+    """The same kept set as transformers' TopKLogitsWarper then TopPLogitsWarper, row by row."""
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    from maxmin_jax.generate import filter_logits
+
+    logits = np.random.default_rng(top_k or 0).normal(size=(16, 50)).astype(np.float32) * 3
+    scores = torch.tensor(logits)
+    if top_k is not None:
+        scores = TopKLogitsWarper(top_k)(None, scores)
+    if top_p is not None:
+        scores = TopPLogitsWarper(top_p)(None, scores)
+    ours = np.asarray(filter_logits(jnp.asarray(logits), top_k, None if top_p is None else jnp.float32(top_p)))
+    np.testing.assert_array_equal(ours > np.finfo(np.float32).min, np.isfinite(scores.numpy()))
+
+
+def test_top_p_and_top_k_outside_their_range_are_refused(gpt2):
+    """top_p <= 0 used to mask every token and sample uniformly; top_k < 1 has no meaning."""
+    ids, mask = left_padded_batch()
+    for bad in (dict(top_p=0.0), dict(top_p=-0.1), dict(top_p=1.2), dict(top_k=0), dict(top_k=-3),
+                dict(top_k=gpt2.config.vocab_size + 1)):
+        with pytest.raises(ValueError, match="top_[kp] must be"):
+            generate(gpt2, ids, mask, max_new_tokens=4, rng=jax.random.key(0), **bad)

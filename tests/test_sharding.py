@@ -8,8 +8,10 @@ refused up front, naming the axis, the size and the mesh dimension. The memory p
 with FSDP and count LoRA adapters as the only trainable weights.
 """
 
+import ast
 import functools
 import math
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -19,17 +21,18 @@ import pytest
 from flax import nnx
 
 from maxmin_jax.data.batching import PairBatch
-from maxmin_jax.generate import generate
+from maxmin_jax.generate import SamplingConfig, generate
 from maxmin_jax.memory_plan import memory_plan
 from maxmin_jax.models import GPT2Config, build_model
 from maxmin_jax.models.hf import load_pretrained
 from maxmin_jax.policy.model import PolicyWithValue
 from maxmin_jax.policy.objectives import RewardStandardizer, make_objective
 from maxmin_jax.policy.ppo import PPOConfig
-from maxmin_jax.policy.trainer import PPOTrainer, RolloutConfig
+from maxmin_jax.policy.trainer import PPOTrainer, _iteration
 from maxmin_jax.rewards.bt import bt_loss
 from maxmin_jax.rewards.em import EMConfig, MStepConfig, fit_em
 from maxmin_jax.rewards.model import RewardModel, score_pairs
+from maxmin_jax.partitioning import constrain, logical_to_spec
 from maxmin_jax.sharding import ShardingError, make_mesh, shard_batch, shard_module, state_shardings
 
 MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2)]
@@ -215,11 +218,14 @@ def run_ppo(mesh, iterations: int = 2):
         prompts, prompt_mask = shard_batch((prompts, prompt_mask), mesh)
     trainer = PPOTrainer(policy, reward, make_objective("maxmin"), RewardStandardizer.identity(2),
                          reference=reference, ppo=PPOConfig(learning_rate=1e-3, minibatches=2, epochs=1),
-                         rollout=RolloutConfig(max_new_tokens=8))
+                         sampling=SamplingConfig(max_new_tokens=8))
     state, metrics = trainer.init_state(), []
     for it in range(iterations):
         state, m = trainer.step(state, prompts, prompt_mask, jax.random.key(it))
         metrics.append(jax.tree.map(np.asarray, m))
+        compiled = _iteration._cache_size() if it == 0 else compiled
+    # The state the iteration returns has the shardings it started with, spelled alike: no second compile.
+    assert _iteration._cache_size() == compiled
     return trainer.policy(state), metrics
 
 
@@ -261,7 +267,8 @@ def test_sharded_lm_keeps_hidden_states_split_over_the_batch(tiny_gpt2_dir):
     mesh = make_mesh(1, 8, 1)
     policy = shard_module(PolicyWithValue(build_model(CONFIG, rngs=nnx.Rngs(0))), mesh)
     loaded = load_pretrained(tiny_gpt2_dir, mesh=mesh)
-    assert policy.lm.activation_mesh is mesh and loaded.activation_mesh is mesh
+    assert policy.lm.mesh == mesh and loaded.mesh == mesh  # recorded on the weights by the placement
+    assert build_model(CONFIG, rngs=nnx.Rngs(0)).mesh is None
     ids = shard_batch(np.ones((8, 8), np.int32), mesh)
     hidden = nnx.jit(lambda lm, ids: lm.hidden_states(ids))(policy.lm, ids)
     assert {s.data.shape for s in hidden.addressable_shards} == {(1, 8, CONFIG.hidden_size)}
@@ -291,6 +298,29 @@ def test_indivisible_batch_is_refused():
 def test_make_mesh_refuses_a_product_other_than_the_device_count(shape):
     with pytest.raises(ShardingError, match=rf"= {math.prod(shape)} devices, but 8 are available"):
         make_mesh(*shape)
+
+
+def test_unknown_logical_axis_is_refused_not_replicated():
+    mesh = make_mesh(2, 2, 2)
+    with pytest.raises(ShardingError, match=r"w: unknown logical axis 'embedding'.*LOGICAL_RULES"):
+        logical_to_spec(("layers", "embedding"), (2, 32), mesh, name="w")
+    with pytest.raises(ShardingError, match="unknown logical axis 'seq'"):
+        jax.jit(lambda x: constrain(x, mesh, ("batch", "seq")))(jnp.ones((8, 4)))
+
+
+def test_rules_and_placement_modules_import_no_model():
+    """The logical-axis rules, the constraint helper and placement sit below the models: neither module imports
+    model code anywhere (not even inside a function), so the models import them without a cycle."""
+    import maxmin_jax.partitioning as partitioning
+    import maxmin_jax.sharding as sharding
+
+    for module in (partitioning, sharding):
+        tree = ast.parse(Path(module.__file__).read_text())
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        # errors.py imports nothing of the library
+        allowed = {"maxmin_jax.partitioning", "maxmin_jax.errors"}
+        assert {m for m in imported if m and m.startswith("maxmin_jax")} <= allowed, module
 
 
 def test_unsharded_axes_stay_replicated():

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from maxmin_jax.data.schema import DataError, PreferenceRow
+from maxmin_jax.data.schema import DataError, PreferenceRow, ValidatedRows, settle_problems
 
 
 def bucket_length(n: int, *, multiple: int = 16, minimum: int = 16) -> int:
@@ -88,6 +88,58 @@ def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
     return int(tokenizer.pad_token_id)
 
 
+def encode(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each text, without special tokens: how every sequence here is tokenised (and measured)."""
+    return tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+
+
+def _encode_pairs(tokenizer, rows: Sequence[PreferenceRow], eos: int) -> dict[str, list[list[int]]]:
+    """prompt + " " + response, then EOS, for both responses of every row."""
+    return {field: [ids + [eos] for ids in encode(tokenizer, [f"{row.prompt} {getattr(row, field)}" for row in rows])]
+            for field in ("chosen", "rejected")}
+
+
+def _eos_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    if tokenizer.eos_token_id is None:
+        raise DataError("the tokenizer has no eos token; sequences must end with EOS for the reward to read it")
+    return int(tokenizer.eos_token_id)
+
+
+def check_pair_lengths(
+    rows: ValidatedRows, tokenizer: PreTrainedTokenizerBase, *, max_length: int, skip_invalid: bool = False
+) -> ValidatedRows:
+    """The rows whose sequences fit the model: prompt + response + EOS of at most ``max_length`` tokens (the
+    model's positions), tokenised as ``tokenize_pairs`` does, so it will accept what this keeps.
+
+    Run it after loading (and after any prompt template). A row too long is an error naming its file and row, or,
+    with ``skip_invalid``, is skipped, logged and added to ``skipped`` like the loaders' invalid rows.
+    """
+    rows_list = list(rows.rows)
+    if not rows_list:
+        raise DataError(f"{rows.source}: no rows", source=rows.source)
+    lengths = _encode_pairs(tokenizer, rows_list, _eos_id(tokenizer))
+    kept: list[PreferenceRow] = []
+    by_source: dict[str, tuple[list[tuple[int, str]], list[int]]] = {}  # source -> (problems, [total, kept])
+    for i, row in enumerate(rows_list):
+        source = row.source or rows.source
+        problems, counts = by_source.setdefault(source, ([], [0, 0]))
+        counts[0] += 1
+        too_long = [(f, len(lengths[f][i])) for f in ("chosen", "rejected") if len(lengths[f][i]) > max_length]
+        if too_long:
+            field, n = too_long[0]
+            problems.append((row.row if row.row is not None else i + 1,
+                             f"field 'prompt' + '{field}': {n} tokens with EOS; expected at most max_length="
+                             f"{max_length} (the model's positions)"))
+        else:
+            counts[1] += 1
+            kept.append(row)
+    skipped = list(rows.skipped)
+    for source, (problems, (total, n_kept)) in by_source.items():
+        settle_problems(problems, total=total, kept=n_kept, source=source, skip_invalid=skip_invalid)
+        skipped.extend((n, reason if source == rows.source else f"{source}: {reason}") for n, reason in problems)
+    return ValidatedRows(rows=kept, skipped=skipped, source=rows.source)
+
+
 def tokenize_pairs(
     tokenizer: PreTrainedTokenizerBase,
     rows: Sequence[PreferenceRow],
@@ -107,9 +159,7 @@ def tokenize_pairs(
     rows = list(rows)
     if not rows:
         raise DataError("tokenize_pairs: no rows")
-    if tokenizer.eos_token_id is None:
-        raise DataError("the tokenizer has no eos token; sequences must end with EOS for the reward to read it")
-    eos, pad = int(tokenizer.eos_token_id), _pad_id(tokenizer)
+    eos, pad = _eos_id(tokenizer), _pad_id(tokenizer)
 
     user_pos: dict[str, int] = {}
     user_group: dict[str, str | None] = {}
@@ -123,19 +173,18 @@ def tokenize_pairs(
         missing = next(u for u, g in user_group.items() if g is None)
         raise DataError(f"only some rows carry a group (user {missing!r} has none); expected all or none")
 
-    def encode(field: str) -> list[list[int]]:
-        texts = [f"{row.prompt} {getattr(row, field)}" for row in rows]
-        return [ids + [eos] for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
-
-    chosen, rejected = encode("chosen"), encode("rejected")
+    chosen, rejected = _encode_pairs(tokenizer, rows, eos).values()
     if max_length is not None:
         for field, seqs in (("chosen", chosen), ("rejected", rejected)):
             for n, seq in enumerate(seqs, start=1):
                 if len(seq) > max_length:
+                    row = rows[n - 1]
+                    where = f"{row.source}: row {row.row}" if row.source and row.row is not None else f"row {n}"
                     raise DataError(
-                        f"row {n} (user {rows[n - 1].user_id!r}): prompt + {field} is {len(seq)} tokens with EOS; "
-                        f"expected at most max_length={max_length}"
-                    )
+                        f"{where} (user {row.user_id!r}): prompt + {field} is {len(seq)} tokens with EOS; "
+                        f"expected at most max_length={max_length} (check_pair_lengths(..., skip_invalid=True) "
+                        "skips such rows)", source=row.source, row=row.row if row.row is not None else n,
+                        field="prompt")
     length = _padded_length(max(map(len, chosen + rejected)), max_length, multiple)
     chosen_ids, chosen_mask = _left_pad(chosen, length, pad)
     rejected_ids, rejected_mask = _left_pad(rejected, length, pad)
@@ -160,7 +209,7 @@ def tokenize_prompts(
     """Tokenises prompts (no EOS) into left-padded, bucketed ``(ids, mask)`` int32 ``[B, T]`` for generation."""
     if not prompts:
         raise DataError("tokenize_prompts: no prompts")
-    seqs = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    seqs = encode(tokenizer, prompts)
     for n, seq in enumerate(seqs, start=1):
         if not seq:
             raise DataError(f"prompt {n}: tokenised to nothing; expected non-empty text")

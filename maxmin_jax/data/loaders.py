@@ -15,12 +15,14 @@ from typing import Any, Union
 
 import datasets
 
+from maxmin_jax.data.files import diagnose, non_blank_line_numbers, root_cause
 from maxmin_jax.data.schema import ALL_FIELDS, REQUIRED_FIELDS, DataError, ValidatedRows, validate_rows
 
 # Extension -> `datasets` packaged builder.
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 # Names that are clearly files we cannot read, so they are not mistaken for hub ids.
 _FILE_SUFFIXES = {".txt", ".tsv", ".xlsx", ".xls", ".pkl", ".pickle", ".arrow", ".yaml", ".yml", ".xml", ".gz", ".zip"}
+_PANDAS_INDEX = "__index_level_0__"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 # P-Soups files: one file per preference; `completion_a` is the preferred completion.
@@ -29,7 +31,7 @@ PSOUPS_COLUMNS = {"prompt": "user_input", "chosen": "completion_a", "rejected": 
 Source = Union[str, os.PathLike, datasets.Dataset, Sequence[Mapping[str, Any]]]
 
 
-def _read_table(path_or_id: str | os.PathLike, split: str) -> tuple[datasets.Dataset, str]:
+def read_table(path_or_id: str | os.PathLike, split: str) -> tuple[datasets.Dataset, str]:
     """Returns (table, source name). Local files are chosen by extension; anything hub-shaped goes to the hub."""
     name = os.fspath(path_or_id)
     path = Path(name)
@@ -37,35 +39,55 @@ def _read_table(path_or_id: str | os.PathLike, split: str) -> tuple[datasets.Dat
     supported = ", ".join(sorted(_BUILDERS))
     if path.is_file() or suffix in _BUILDERS or suffix in _FILE_SUFFIXES:
         if suffix not in _BUILDERS:
-            raise DataError(f"{name}: unsupported file extension {suffix or '(none)'!r}; expected one of {supported}")
+            raise DataError(f"{name}: unsupported file extension {suffix or '(none)'!r}; expected one of {supported}",
+                            source=name)
         if not path.is_file():
-            raise DataError(f"{name}: no such file")
+            raise DataError(f"{name}: no such file", source=name)
         try:
             # A local file is a single table: `datasets` names its only split "train" whatever `split` says.
             table = datasets.load_dataset(_BUILDERS[suffix], data_files=str(path), split="train")
-        except Exception as err:  # noqa: BLE001 - re-raised with the file named; the cause stays attached
-            raise DataError(f"{name}: could not be read as {suffix[1:]}: {err}") from err
+        except Exception as err:  # noqa: BLE001 - re-raised with the file (and line) named; the cause stays attached
+            raise _unreadable(path, name, suffix, err) from err
+        if _PANDAS_INDEX in table.column_names:  # rows with one cell more than the header: pandas took the first
+            raise _unreadable(path, name, suffix, None)  # as an index and shifted the rest; never read that
         return table, name
     if path.is_dir() or _HUB_ID.match(name):
         try:
             table = datasets.load_dataset(name, split=split)
         except Exception as err:  # noqa: BLE001
-            raise DataError(f"{name}: could not load split {split!r} (local folder or hub dataset): {err}") from err
+            raise DataError(f"{name}: could not load split {split!r} (local folder or hub dataset): {root_cause(err)}",
+                            source=name) from err
         return table, f"{name}[{split}]"
-    raise DataError(f"{name}: no such file, and not a hub dataset id; expected a file ending in {supported}")
+    raise DataError(f"{name}: no such file, and not a hub dataset id; expected a file ending in {supported}",
+                    source=name)
 
 
-def _as_table(source: Source, split: str, label: str) -> tuple[datasets.Dataset, str]:
+def _unreadable(path: Path, name: str, suffix: str, err: BaseException | None) -> DataError:
+    """The first problem a rescan of the file finds (naming its line), else the failure's root cause."""
+    fmt = suffix[1:]
+    found = diagnose(path, fmt) if fmt in ("jsonl", "json", "csv") else None
+    detail = found.detail if found is not None else (root_cause(err) if err is not None else "malformed rows")
+    return DataError(f"{name}: could not be read as {fmt}: {detail}", source=name, row=found and found.row)
+
+
+def _as_table(source: Source, split: str, label: str) -> tuple[datasets.Dataset, str, list[int] | None]:
+    """(table, source name, row numbers or None for 1, 2, ...). A JSON-lines file's rows are numbered by their
+    lines: blank lines are not rows for `datasets`, but they are lines in the user's editor."""
     if isinstance(source, datasets.Dataset):
-        return source, label
+        return source, label, None
     if isinstance(source, (str, os.PathLike)):
-        return _read_table(source, split)
+        table, name = read_table(source, split)
+        path = Path(source)
+        lines = non_blank_line_numbers(path) if path.suffix.lower() == ".jsonl" and path.is_file() else None
+        return table, name, lines
     if isinstance(source, Sequence):
         try:
-            return datasets.Dataset.from_list(list(source)), label
+            return datasets.Dataset.from_list(list(source)), label, None
         except Exception as err:  # noqa: BLE001 - e.g. one column holding both ints and strings
-            raise DataError(f"{label}: records could not be made into a table: {err}") from err
-    raise DataError(f"{label}: expected a path, hub id, datasets.Dataset or list of records, got {type(source).__name__}")
+            raise DataError(f"{label}: records could not be made into a table: {root_cause(err)}",
+                            source=label) from err
+    raise DataError(f"{label}: expected a path, hub id, datasets.Dataset or list of records, got "
+                    f"{type(source).__name__}", source=label)
 
 
 def _select_columns(
@@ -85,7 +107,12 @@ def _select_columns(
             "Map your column names with columns={our_field: your_column}."
         )
     present = {field: col for field, col in mapping.items() if col in available}
-    data = table.select_columns(sorted(set(present.values()))).to_dict()
+    try:
+        data = table.select_columns(sorted(set(present.values()))).to_dict()
+    except UnicodeDecodeError as err:  # Arrow stores text unchecked; bad bytes surface only when read back
+        found = diagnose(Path(name), Path(name).suffix.lower()[1:]) if Path(name).is_file() else None
+        detail = found.detail if found is not None else f"text that is not valid UTF-8 ({err}); expected UTF-8"
+        raise DataError(f"{name}: could not be read: {detail}", source=name, row=found and found.row) from err
     return {field: data[col] for field, col in present.items()}
 
 
@@ -112,11 +139,12 @@ def load_preferences(
       columns: our field -> the source's column name, for sources with other names.
       split, skip_invalid, coerce_user_id, max_prompt_tokens, count_tokens: see ``validate_rows``.
     """
-    table, name = _as_table(path_or_id, split, "<records>")
+    table, name, row_numbers = _as_table(path_or_id, split, "<records>")
     data = _select_columns(table, columns, name, REQUIRED_FIELDS)
     return validate_rows(
         _records(data, table.num_rows),
         source=name,
+        row_numbers=row_numbers,
         skip_invalid=skip_invalid,
         coerce_user_id=coerce_user_id,
         max_prompt_tokens=max_prompt_tokens,
@@ -151,7 +179,7 @@ def load_grouped(
     rows, skipped, names = [], [], []
     user_group: dict[str, tuple[str, str]] = {}  # user id -> (group, source) for the cross-group check
     for group, source in sources.items():
-        table, name = _as_table(source, split, f"<group {group!r}>")
+        table, name, row_numbers = _as_table(source, split, f"<group {group!r}>")
         data = _select_columns(table, columns, name, required)
         if users_per_group:
             data["user_id"] = [f"{group}-{j % users_per_group}" for j in range(table.num_rows)]
@@ -159,6 +187,7 @@ def load_grouped(
         result = validate_rows(
             _records(data, table.num_rows),
             source=name,
+            row_numbers=row_numbers,
             skip_invalid=skip_invalid,
             coerce_user_id=coerce_user_id,
             max_prompt_tokens=max_prompt_tokens,

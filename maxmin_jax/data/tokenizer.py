@@ -36,3 +36,20 @@ def build_word_tokenizer(words: Iterable[str]) -> PreTrainedTokenizerFast:
         unk_token=UNK,
         padding_side="left",
     )
+
+
+def load_tokenizer(name_or_path: str, *, vocab_size: int | None = None):
+    """`AutoTokenizer` (hub id or directory) set up as generation with a KV cache needs: left padding, and a pad
+    token (EOS when it has none, as GPT-2, or when its pad id lies outside the model's `vocab_size` embeddings;
+    pads are masked, so any id in range works). A tokenizer without EOS is refused: responses must end with one."""
+    from transformers import AutoTokenizer
+
+    from maxmin_jax.data.schema import DataError
+
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    if tokenizer.eos_token_id is None:
+        raise DataError(f"{name_or_path}: the tokenizer has no EOS token; responses must end with one")
+    if tokenizer.pad_token is None or (vocab_size is not None and tokenizer.pad_token_id >= vocab_size):
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer

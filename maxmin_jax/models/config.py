@@ -10,9 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar
 
-
-class ConfigError(ValueError):
-    """A Hugging Face config asks for something these modules do not implement."""
+from maxmin_jax.errors import ConfigError  # also raised when a Hugging Face config asks for what we lack
 
 
 # Fields any HF config may carry that do not change the forward pass of a causal LM.

@@ -1,17 +1,20 @@
 """Pure building blocks shared by the model families: parameters with logical axes, norms, RoPE, attention.
 
 Blocks are pure functions of a dict of one layer's arrays, so the same code runs under `lax.scan` over stacked
-layers and in a plain Python loop (the unrolled debugging path).
+layers and in a plain Python loop over per-layer arrays (the decode loop, and `scan_layers=False`).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
+
+from maxmin_jax.models.attention import self_attention
 
 Initializer = Callable[..., jax.Array]
 normal_init = nnx.initializers.normal(0.02)
@@ -44,12 +47,16 @@ class KVCache(NamedTuple):
 
 
 class AttentionContext(NamedTuple):
-    """What attention needs besides the block's weights, shared by all layers of one forward pass."""
+    """What attention needs besides the block's weights, shared by all layers of one forward pass.
+
+    Two modes. `key_valid` None: each token attends causally to the tokens of this call (training, scoring, and the
+    prefill that starts a sequence in an empty cache), through a fused kernel. `key_valid` given: the call's tokens
+    are written into the cache at `cache_index` and attend to every slot it marks, causally by slot (decoding)."""
 
     positions: Int[Array, "b t"]  # token positions, counted from each row's first real token
-    key_valid: Bool[Array, "b s"]  # which key slots hold real tokens
-    query_slots: Int[Array, "t"]  # slot index of each query token (causality is by slot)
-    cache_index: Int[Array, ""] | None  # where this call's tokens are written in the cache; None: no cache
+    valid: Bool[Array, "b t"] | None  # which of this call's tokens are real (None: all)
+    key_valid: Bool[Array, "b s"] | None  # decoding: which cache slots hold real tokens
+    cache_index: Int[Array, ""] | int | None  # where this call's tokens are written in the cache; None: no cache
 
 
 def positions_from_mask(mask: Int[Array, "b t"]) -> Int[Array, "b t"]:
@@ -85,10 +92,12 @@ def apply_rope(x: Float[Array, "b t h d"], positions: Int[Array, "b t"], theta: 
 
 
 def attention(q: Float[Array, "b t h d"], k: Float[Array, "b kv s d"], v: Float[Array, "b kv s d"],
-              ctx: AttentionContext) -> Float[Array, "b t h d"]:
-    """Causal grouped-query attention; MHA and MQA are the cases kv == h and kv == 1.
+              query_slots: Int[Array, "t"], key_valid: Bool[Array, "b s"]) -> Float[Array, "b t h d"]:
+    """Grouped-query attention over a KV cache layer stored [b, kv, s, d], causal by slot; the decoding path.
 
-    Queries are grouped per key/value head instead of repeating k and v, so GQA reads each key once.
+    Hand-written because the fused kernels take keys as [b, s, kv, d]: handing them this layout would transpose the
+    layer's whole cache on every step. Queries are grouped per key/value head instead of repeating k and v, so GQA
+    reads each key once; MHA and MQA are the cases kv == h and kv == 1. Scores and softmax in float32.
     """
     b, t, h, d = q.shape
     kv = k.shape[1]
@@ -96,7 +105,7 @@ def attention(q: Float[Array, "b t h d"], k: Float[Array, "b kv s d"], v: Float[
     scores = jnp.einsum("btkgd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32) / jnp.sqrt(d).astype(
         jnp.float32)
     key_slots = jnp.arange(k.shape[2])
-    allowed = (key_slots[None, :] <= ctx.query_slots[:, None])[None] & ctx.key_valid[:, None, :]  # [b, t, s]
+    allowed = (key_slots[None, :] <= query_slots[:, None])[None] & key_valid[:, None, :]  # [b, t, s]
     scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     # Output in the dot's natural [b, kv, g, t, d] order, transposed after: asked for [b, t, kv, g, d] directly,
@@ -106,18 +115,49 @@ def attention(q: Float[Array, "b t h d"], k: Float[Array, "b kv s d"], v: Float[
 
 
 def attend_with_cache(q, k_new: Float[Array, "b t kv d"], v_new: Float[Array, "b t kv d"], ctx: AttentionContext,
-                      cache: KVCache | None, layer):
-    """Attend over this call's keys, or write them into the cache at `ctx.cache_index` and attend over it."""
-    k_new, v_new = k_new.swapaxes(1, 2), v_new.swapaxes(1, 2)  # [b, kv, t, d], the cache's layout
-    if cache is None:
-        return attention(q, k_new, v_new, ctx), None
+                      cache: KVCache | None, layer, *, implementation: str = "auto", mesh=None):
+    """Self-attention of this call's tokens through a fused kernel (`implementation`, `mesh`: see
+    `self_attention`), also writing their keys into `cache` at `ctx.cache_index` when there is one; or, when
+    `ctx.key_valid` is given, attention over every marked cache slot after writing them."""
+    if ctx.key_valid is None:
+        out = self_attention(q, k_new, v_new, ctx.valid, implementation, mesh=mesh)
+        if cache is None:
+            return out, None
+    k_t, v_t = k_new.swapaxes(1, 2), v_new.swapaxes(1, 2)  # [b, kv, t, d], the cache's layout
     index = (layer, 0, 0, ctx.cache_index, 0)
-    k_all = jax.lax.dynamic_update_slice(cache.k, k_new[None].astype(cache.k.dtype), index)
-    v_all = jax.lax.dynamic_update_slice(cache.v, v_new[None].astype(cache.v.dtype), index)
-    out = attention(q, k_all[layer], v_all[layer], ctx)
+    k_all = jax.lax.dynamic_update_slice(cache.k, k_t[None].astype(cache.k.dtype), index)
+    v_all = jax.lax.dynamic_update_slice(cache.v, v_t[None].astype(cache.v.dtype), index)
+    if ctx.key_valid is not None:
+        out = attention(q, k_all[layer], v_all[layer], ctx.cache_index + jnp.arange(q.shape[1]), ctx.key_valid)
     return out, KVCache(k_all, v_all)
 
 
-def dense(x, kernel, bias=None, *, contract: str = "...d,df->...f"):
-    y = jnp.einsum(contract, x, kernel.astype(x.dtype))
-    return y if bias is None else y + bias.astype(y.dtype)
+def float32_logits(spec: str, hidden: jax.Array, table: jax.Array) -> Float[Array, "..."]:
+    """`einsum(spec, hidden, table)` with a float32 output (what log-probabilities are computed from) whose backward
+    runs in the inputs' dtype. Plain autodiff of a bf16 x bf16 -> f32 dot would take the float32 cotangent into
+    float32 x bf16 dots, the vocabulary-sized matmuls of the backward at float32 speed; here the cotangent is
+    rounded to the compute dtype first, the usual mixed-precision backward."""
+    table = table.astype(hidden.dtype)
+    if hidden.dtype == jnp.float32:
+        return jnp.einsum(spec, hidden, table)
+    return _low_precision_backward_einsum(spec, hidden, table)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _low_precision_backward_einsum(spec, x, w):
+    return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32)
+
+
+def _lpb_fwd(spec, x, w):
+    return _low_precision_backward_einsum(spec, x, w), (x, w)
+
+
+def _lpb_bwd(spec, residuals, g):
+    x, w = residuals
+    g = g.astype(x.dtype)
+    (dx,) = jax.linear_transpose(lambda x_: jnp.einsum(spec, x_, w), x)(g)
+    (dw,) = jax.linear_transpose(lambda w_: jnp.einsum(spec, x, w_), w)(g)
+    return dx, dw
+
+
+_low_precision_backward_einsum.defvjp(_lpb_fwd, _lpb_bwd)

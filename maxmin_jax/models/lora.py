@@ -8,9 +8,11 @@ variables to `model.layers`:
 
 `in...` are the weight axes the einsum contracts with the input, `out...` those it produces (read from the spec
 below, which must match what `_block` passes to `CausalLM.lora_project`). The block adds
-`lora_scale * (x @ A) @ B` with `model.lora_scale = alpha / rank`. Train only the adapters with
+`lora_scale * (x @ A) @ B`, `lora_scale = alpha / rank` being recorded on the adapters themselves (variable
+metadata), so it travels with them. Adapters are stored in float32 whatever the base dtype (the optimiser updates
+float32 values; the block casts them to the compute dtype). Train only the adapters with
 `nnx.Optimizer(model, tx, wrt=lora_filter)` and gradients taken `wrt` the same filter; `merge_lora` folds them into
-the base weights for export or fast inference.
+the base weights for export or fast inference (`save_pretrained` exports the merged weights).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from maxmin_jax.models.transformer import CausalLM
+from maxmin_jax.sharding import place_variable
 
 lora_filter = nnx.LoRAParam
 """Filter selecting the adapters (for `nnx.Optimizer(..., wrt=lora_filter)`, `nnx.DiffState`, `nnx.state`)."""
@@ -70,16 +73,19 @@ def resolve_targets(model: CausalLM, targets: Sequence[str] | str | None) -> tup
 
 
 def add_lora(model: CausalLM, *, rank: int, alpha: float | None = None, targets: Sequence[str] | str | None = None,
-             rngs: nnx.Rngs, mesh: jax.sharding.Mesh | None = None) -> CausalLM:
+             rngs: nnx.Rngs, mesh: jax.sharding.Mesh | None = None, dtype=jnp.float32) -> CausalLM:
     """Add zero-initialised adapters to `targets` (in place) and return the model.
 
-    `alpha` defaults to `rank` (scale 1). With `mesh`, adapters are placed in the sharding their logical axes give
-    (the weight's own in/out axes; the rank axis is replicated), matching a model placed with `shard_module`.
+    `alpha` defaults to `rank` (scale 1). Adapters are placed in the sharding their logical axes give (the weight's
+    own in/out axes; the rank axis is replicated) on `mesh`, by default the mesh the model was placed on (none for
+    an unplaced model). `dtype` is the adapters' storage dtype (float32: see the module docstring).
     """
     if rank < 1:
         raise ValueError(f"LoRA rank must be >= 1, got {rank}")
     specs = _specs_for(model)
     layers = model.layers
+    scale = float(alpha if alpha is not None else rank) / rank
+    mesh = mesh if mesh is not None else model.mesh
     for name in resolve_targets(model, targets):
         if hasattr(layers, f"{name}_lora_a"):
             raise ValueError(f"{name!r} already has LoRA adapters; merge_lora or remove them first")
@@ -90,24 +96,21 @@ def add_lora(model: CausalLM, *, rank: int, alpha: float | None = None, targets:
             raise ValueError(f"{name}: weight shape {shape} does not match einsum subscripts {w!r} (+ layer axis)")
         axes = axes or (None,) * len(shape)
         dim = {c: (shape[1 + i], axes[1 + i]) for i, c in enumerate(w)}
-        num_layers, dtype = shape[0], base.get_value().dtype
+        num_layers = shape[0]
         fan_in = math.prod(dim[c][0] for c in contracted)
         a_shape = (num_layers, *(dim[c][0] for c in contracted), rank)
         b_shape = (num_layers, rank, *(dim[c][0] for c in produced))
         a = jax.random.normal(rngs.params(), a_shape, jnp.float32) / math.sqrt(fan_in)
-        a_var = nnx.LoRAParam(a.astype(dtype),
-                              logical_axes=(axes[0], *(dim[c][1] for c in contracted), "lora_rank"))
-        b_var = nnx.LoRAParam(jnp.zeros(b_shape, dtype),
-                              logical_axes=(axes[0], "lora_rank", *(dim[c][1] for c in produced)))
-        if mesh is not None:
-            from maxmin_jax.sharding import variable_sharding
-
-            for suffix, var in (("a", a_var), ("b", b_var)):
-                var.set_value(jax.device_put(var.get_value(),
-                                             variable_sharding(var, mesh, name=f"layers/{name}_lora_{suffix}")))
-        setattr(layers, f"{name}_lora_a", a_var)
-        setattr(layers, f"{name}_lora_b", b_var)
-    model.lora_scale = float(alpha if alpha is not None else rank) / rank
+        adapters = {
+            "a": nnx.LoRAParam(a.astype(dtype), logical_axes=(axes[0], *(dim[c][1] for c in contracted), "lora_rank"),
+                               lora_scale=scale),
+            "b": nnx.LoRAParam(jnp.zeros(b_shape, dtype), logical_axes=(axes[0], "lora_rank",
+                                                                       *(dim[c][1] for c in produced)),
+                               lora_scale=scale)}
+        for suffix, var in adapters.items():
+            if mesh is not None:
+                var = place_variable(var, var.get_value(), mesh, name=f"layers/{name}_lora_{suffix}")
+            setattr(layers, f"{name}_lora_{suffix}", var)
     return model
 
 
@@ -117,27 +120,39 @@ def lora_targets(model: CausalLM) -> tuple[str, ...]:
                  if isinstance(var, nnx.LoRAParam) and name.endswith("_lora_a"))
 
 
-def merge_lora(model: CausalLM) -> CausalLM:
-    """Fold every adapter into its base weight (`W += scale * A @ B`, in float32), remove the adapters and reset
-    `lora_scale`; in place, returning the model. Sharding of the base weights is kept."""
+def lora_scale(model: CausalLM, name: str) -> float:
+    """The `alpha / rank` scale recorded on the adapters of weight `name`."""
+    return getattr(model.layers, f"{name}_lora_b").get_metadata()["lora_scale"]
+
+
+def merged_weights(model: CausalLM) -> dict[str, jax.Array]:
+    """`W + lora_scale * A @ B` (computed in float32, returned in W's dtype and sharding) for every adapted weight
+    `W`, by name; the model is left as it is."""
     specs = _specs_for(model)
     layers = model.layers
+    merged = {}
     for name in lora_targets(model):
         w, contracted, produced = _split(specs[name])
-        base = getattr(layers, name)
         a = getattr(layers, f"{name}_lora_a").get_value().astype(jnp.float32)
         b = getattr(layers, f"{name}_lora_b").get_value().astype(jnp.float32)
         delta = jnp.einsum(f"l{contracted}r,lr{produced}->l{w}", a, b)
-        old = base.get_value()
-        merged = (old.astype(jnp.float32) + model.lora_scale * delta).astype(old.dtype)
+        old = getattr(layers, name).get_value()
+        value = (old.astype(jnp.float32) + lora_scale(model, name) * delta).astype(old.dtype)
         if isinstance(old, jax.Array) and hasattr(old, "sharding"):
-            merged = jax.device_put(merged, old.sharding)
-        base.set_value(merged)
-        delattr(layers, f"{name}_lora_a")
-        delattr(layers, f"{name}_lora_b")
-    model.lora_scale = 0.0
+            value = jax.device_put(value, old.sharding)
+        merged[name] = value
+    return merged
+
+
+def merge_lora(model: CausalLM) -> CausalLM:
+    """Fold every adapter into its base weight (`merged_weights`) and remove the adapters; in place, returning the
+    model. Sharding of the base weights is kept."""
+    for name, value in merged_weights(model).items():
+        getattr(model.layers, name).set_value(value)
+        delattr(model.layers, f"{name}_lora_a")
+        delattr(model.layers, f"{name}_lora_b")
     return model
 
 
-__all__ = ["DEFAULT_TARGETS", "LORA_SPECS", "add_lora", "base_filter", "lora_filter", "lora_targets", "merge_lora",
-           "resolve_targets"]
+__all__ = ["DEFAULT_TARGETS", "LORA_SPECS", "add_lora", "base_filter", "lora_filter", "lora_scale", "lora_targets",
+           "merge_lora", "merged_weights", "resolve_targets"]

@@ -4,7 +4,10 @@ against exact optima.
 The policy is a softmax over R responses (logits theta [R]); group k's utility is U_k(pi) = sum_r pi_r R[k, r],
 computed exactly (no sampling noise). `optimise_bandit` feeds U to the same objective code the PPO trainer uses
 (as a batch of one row) and ascends `stop_gradient(weights) . U(pi)`: the objective's weights are the
-(sub)gradient direction, e.g. grad U_{k*} for maxmin. The exact optima come independently from linear programs.
+(sub)gradient direction, e.g. grad U_{k*} for maxmin. `optimise_bandit_sampled` learns from sampled responses
+instead, as the critic-free trainers do: G samples per "prompt", the objective on their [B, K] rewards, a
+critic-free advantage estimator, and the clipped policy-gradient loss. The exact optima come independently from
+linear programs.
 """
 
 from __future__ import annotations
@@ -16,12 +19,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from maxmin_jax.policy.advantages import make_estimator, policy_gradient_loss
 from maxmin_jax.policy.objectives import make_objective
+from maxmin_jax.policy.ppo import terminal_rewards
 
 if TYPE_CHECKING:  # shape annotations only; jaxtyping is not a runtime dependency
     from jaxtyping import Array, Float
 
-__all__ = ["BanditResult", "LPSolution", "egalitarian_optimum", "optimise_bandit", "utilitarian_optimum"]
+__all__ = ["BanditResult", "LPSolution", "egalitarian_optimum", "optimise_bandit", "optimise_bandit_sampled",
+           "utilitarian_optimum"]
 
 
 class BanditResult(NamedTuple):
@@ -84,6 +90,64 @@ def optimise_bandit(
 
     theta, weights, trace = run(theta)
     return BanditResult(jax.nn.softmax(theta), utilities(theta), weights, trace)
+
+
+def optimise_bandit_sampled(
+    objective_name: str,
+    estimator_name: str,
+    group_rewards: Float[Array, "k r"],
+    *,
+    prompts: int = 16,
+    group_size: int = 8,
+    steps: int = 2000,
+    lr: float = 0.1,
+    seeds: Sequence[int] = (0,),
+    objective_kwargs: dict | None = None,
+) -> BanditResult:
+    """Policy-gradient ascent from sampled responses: the critic-free trainers' update on the bandit.
+
+    Each step draws `prompts` x `group_size` responses from the policy (row p * G + g is sample g of prompt p; the
+    bandit has one context, so the prompts are alike), scores each by the K groups, lets the objective turn the
+    [B, K] rewards into one reward per response, the estimator into advantages, and takes one Adam step
+    (cosine-decayed) on `policy_gradient_loss` with the sampling policy as the old one (ratio 1: the REINFORCE
+    gradient of that estimator). Starts from the uniform policy. One independent run per seed, vmapped into one
+    program: every field of the result has a leading axis of len(seeds); `utility_trace` holds the exact U_k
+    before each step.
+    """
+    rewards = jnp.asarray(_check_matrix(group_rewards), jnp.float32)
+    num_groups, num_responses = rewards.shape
+    objective = make_objective(objective_name, **(objective_kwargs or {}))
+    estimator = make_estimator(estimator_name, group_size=group_size)
+    if estimator.uses_critic:
+        raise ValueError(f"estimator {estimator_name!r} needs a critic; the sampled bandit is critic-free")
+    optimiser = optax.adam(optax.cosine_decay_schedule(lr, steps))
+    batch = prompts * group_size
+    mask = jnp.ones((batch, 1), jnp.float32)  # a response is one token
+
+    def step(carry, key):
+        theta, opt_state, obj_state = carry
+        responses = jax.random.categorical(key, theta, shape=(batch,))
+        reward, _, obj_state = objective.update(rewards[:, responses].T, obj_state)
+        advantages, _ = estimator.estimate(terminal_rewards(reward, mask), mask)
+
+        def loss(t):
+            logprobs = jax.nn.log_softmax(t)[responses][:, None]
+            value, _ = policy_gradient_loss(logprobs, jax.lax.stop_gradient(logprobs), advantages, mask,
+                                            normalization=estimator.loss_normalization, clip_eps=0.2)
+            return value
+
+        updates, opt_state = optimiser.update(jax.grad(loss)(theta), opt_state)
+        return (optax.apply_updates(theta, updates), opt_state, obj_state), rewards @ jax.nn.softmax(theta)
+
+    def run(key):
+        theta = jnp.zeros((num_responses,), jnp.float32)
+        init = (theta, optimiser.init(theta), objective.init(num_groups))
+        (theta, _, obj_state), trace = jax.lax.scan(step, init, jax.random.split(key, steps))
+        probs = jax.nn.softmax(theta)
+        return BanditResult(probs, rewards @ probs, obj_state.weights, trace)
+
+    keys = jnp.stack([jax.random.key(s) for s in seeds])
+    return jax.jit(jax.vmap(run))(keys)
 
 
 def _linprog(c, **kwargs):

@@ -7,10 +7,7 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from maxmin_jax.models.transformer import CausalLM
-
-
-class ValueParam(nnx.Param):
-    """Value-head weights: trainable even when the backbone is frozen under LoRA."""
+from maxmin_jax.trainable import HeadParam
 
 
 class PolicyWithValue(nnx.Module):
@@ -19,11 +16,14 @@ class PolicyWithValue(nnx.Module):
 
     def __init__(self, lm: CausalLM):
         self.lm = lm
-        self.value_head = ValueParam(jnp.zeros((lm.config.hidden_size,), jnp.float32), logical_axes=("embed",))
-        self.value_bias = ValueParam(jnp.zeros((), jnp.float32), logical_axes=())
+        self.value_head = HeadParam(jnp.zeros((lm.config.hidden_size,), jnp.float32), logical_axes=("embed",))
+        self.value_bias = HeadParam(jnp.zeros((), jnp.float32), logical_axes=())
 
     def __call__(self, input_ids: Int[Array, "b t"], attention_mask: Int[Array, "b t"] | None = None, *,
                  use_lora: bool = True) -> tuple[Float[Array, "b t v"], Float[Array, "b t"]]:
         hidden = self.lm.hidden_states(input_ids, attention_mask, use_lora=use_lora)
-        values = jnp.einsum("btd,d->bt", hidden.astype(jnp.float32), self.value_head[...]) + self.value_bias[...]
-        return self.lm.logits(hidden), values
+        return self.lm.logits(hidden), self.values(hidden)
+
+    def values(self, hidden: Float[Array, "b t d"]) -> Float[Array, "b t"]:
+        """The value head on final hidden states (e.g. only the response positions'), in float32."""
+        return jnp.einsum("btd,d->bt", hidden.astype(jnp.float32), self.value_head[...]) + self.value_bias[...]

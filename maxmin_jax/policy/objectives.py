@@ -1,6 +1,6 @@
 """Social-choice aggregators: how K group rewards become the one reward PPO maximises.
 
-Each objective is an optax-style pair of pure functions (STYLE rule 8):
+Each objective is an optax-style pair of pure functions:
 
     obj = make_objective("maxmin")
     state = obj.init(num_groups)
@@ -11,10 +11,18 @@ always `group_rewards @ weights`, except `maxmin_sample`, whose weights differ p
 static (closed over), so `update` is jittable and has no Python control flow on traced values.
 
 Group rewards must be on one scale before they are compared: see `RewardStandardizer`.
+
+`make_objective(name, lagged=True)` weighs each batch with the weights the previous batches chose (the state),
+then updates them on this batch. By default maxmin, softmin and dro choose their weights on the very samples they
+weigh, so a response that helps some groups and hurts another makes that group look worst in the batch it is in
+and is penalised for it: the update then prefers responses every group rates alike over the egalitarian optimum
+(on the sampled bandit it settles on the flat compromise, see docs/algorithms.md). Lagged weights do not depend
+on the samples they weigh, at the price of one batch of staleness (the first batch is weighed uniformly).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Callable, NamedTuple, Sequence
 
 import jax
@@ -50,6 +58,7 @@ class Objective(NamedTuple):
         [Float[Array, "b k"], ObjectiveState],
         tuple[Float[Array, "b"], Float[Array, "k"], ObjectiveState],
     ]
+    name: str = ""  # the registry name `make_objective` built it under (for error messages and dispatch)
 
 
 def _init(num_groups: int) -> ObjectiveState:
@@ -205,15 +214,51 @@ _REGISTRY: dict[str, Callable[..., Objective]] = {
 OBJECTIVES: tuple[str, ...] = tuple(_REGISTRY)
 
 
-def make_objective(name: str, **kwargs) -> Objective:
+def _lagged(objective: Objective) -> Objective:
+    """The same objective, but each batch is weighed by the weights chosen on the batches before it."""
+
+    def update(group_rewards, state):
+        _, _, new_state = objective.update(group_rewards, state)
+        ws = state.weights.astype(group_rewards.dtype)
+        return group_rewards @ ws, ws, new_state
+
+    return Objective(objective.init, update, objective.name)
+
+
+def make_objective(name: str, *, lagged: bool = False, **kwargs) -> Objective:
     """Build an objective by name: single, utilitarian(weights), maxmin, maxmin_sample, softmin(temperature),
-    dro(step_size)."""
+    dro(step_size). `lagged=True`: weights chosen on the previous batches (see the module docstring). The same
+    name and arguments give the same `Objective` object, so jitted steps that take it as a static argument compile
+    once for all trainers built alike."""
     if name not in _REGISTRY:
         raise ValueError(f"unknown objective {name!r}; choose one of {', '.join(OBJECTIVES)}")
+    if lagged and name == "maxmin_sample":
+        raise ValueError("objective 'maxmin_sample' weighs each sample by its own minimum: it cannot be lagged")
+    frozen = tuple(sorted((k, _hashable(v)) for k, v in kwargs.items()))
     try:
-        return _REGISTRY[name](**kwargs)
+        hash(frozen)
+    except TypeError:
+        return _build(name, bool(lagged), kwargs)
+    return _cached(name, bool(lagged), frozen)
+
+
+def _hashable(value):
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return tuple(_hashable(v) for v in np.asarray(value).tolist()) if np.ndim(value) else value
+    return value
+
+
+@functools.lru_cache(maxsize=256)
+def _cached(name: str, lagged: bool, frozen: tuple) -> Objective:
+    return _build(name, lagged, dict(frozen))
+
+
+def _build(name: str, lagged: bool, kwargs: dict) -> Objective:
+    try:
+        objective = _REGISTRY[name](**kwargs)._replace(name=name)
     except TypeError as e:  # unexpected keyword: say which objective
         raise TypeError(f"objective {name!r}: {e}") from None
+    return _lagged(objective) if lagged else objective
 
 
 class RewardStandardizer(NamedTuple):

@@ -21,19 +21,22 @@ __all__ = [
     "FixedKLController",
     "KLControllerState",
     "PPOConfig",
+    "approx_kl",
+    "clipped_surrogate",
     "gae",
     "kl_controller",
     "kl_penalty",
     "masked_entropy",
     "masked_mean",
     "policy_loss",
+    "terminal_rewards",
     "token_logprobs",
     "token_rewards",
     "value_loss",
     "whiten",
 ]
 
-KL_KINDS = ("kl", "mse")
+KL_KINDS = ("kl", "mse", "k3")
 
 
 def masked_mean(x: Float[Array, "..."], mask: Float[Array, "..."], axis=None) -> Float[Array, "..."]:
@@ -43,15 +46,41 @@ def masked_mean(x: Float[Array, "..."], mask: Float[Array, "..."], axis=None) ->
 
 
 def token_logprobs(logits: Float[Array, "b t v"], tokens: Int[Array, "b t"]) -> Float[Array, "b t"]:
-    """log pi(token_t | ...) from logits aligned with the tokens (logits[:, t] predicts tokens[:, t])."""
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
+    """log pi(token_t | ...) from logits aligned with the tokens (logits[:, t] predicts tokens[:, t]), in float32.
+
+    Computed as logit(token) - logsumexp(logits), with a hand-written gradient `(onehot - softmax) * g` that reads
+    the logits once and keeps only the [B, T] logsumexp besides them: a log-softmax would write a float32 [B, T, V]
+    array and read it back in its backward, and autodiff of logsumexp keeps another [B, T, V] of exponentials."""
+    return _token_logprobs(logits.astype(jnp.float32), tokens)
+
+
+@jax.custom_vjp
+def _token_logprobs(logits, tokens):
+    return _token_logprobs_fwd(logits, tokens)[0]
+
+
+def _token_logprobs_fwd(logits, tokens):
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, tokens[..., None], axis=-1)[..., 0]
+    return picked - lse, (logits, tokens, lse)
+
+
+def _token_logprobs_bwd(residuals, g):
+    logits, tokens, lse = residuals
+    onehot = jnp.arange(logits.shape[-1]) == tokens[..., None]
+    return g[..., None] * (onehot - jnp.exp(logits - lse[..., None])), None
+
+
+_token_logprobs.defvjp(_token_logprobs_fwd, _token_logprobs_bwd)
 
 
 def masked_entropy(logits: Float[Array, "b t v"], mask: Float[Array, "b t"]) -> Float[Array, ""]:
-    """Mean per-token entropy of the policy over real tokens (for the entropy bonus and logging)."""
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return masked_mean(-jnp.sum(jnp.exp(logp) * logp, axis=-1), mask)
+    """Mean per-token entropy of the policy over real tokens (for the entropy bonus and logging):
+    logsumexp(z) - sum softmax(z) z, fused reductions in float32 (no log-softmax array)."""
+    logits = logits.astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+    entropy = lse[..., 0] - jnp.sum(jnp.exp(logits - lse) * logits, axis=-1)
+    return masked_mean(entropy, mask)
 
 
 def kl_penalty(
@@ -64,12 +93,15 @@ def kl_penalty(
 
     kind="kl":  logp - ref_logp (k1): unbiased, its sum over a response is the sequence log-ratio; can be < 0.
     kind="mse": 0.5 * (logp - ref_logp)^2 (k2): biased but non-negative and low variance.
+    kind="k3":  (r - 1) - log r with r = pi_ref / pi (GRPO's estimator): unbiased and non-negative.
     """
     log_ratio = logprobs - ref_logprobs
     if kind == "kl":
         per_token = log_ratio
     elif kind == "mse":
         per_token = 0.5 * jnp.square(log_ratio)
+    elif kind == "k3":
+        per_token = jnp.expm1(-log_ratio) + log_ratio
     else:
         raise ValueError(f"unknown kl kind {kind!r}; choose one of {KL_KINDS}")
     return per_token * mask.astype(per_token.dtype)
@@ -83,6 +115,11 @@ def _last_token_one_hot(mask: Float[Array, "b t"]) -> Float[Array, "b t"]:
     return jax.nn.one_hot(last, t, dtype=jnp.float32) * jnp.any(real, axis=1, keepdims=True)
 
 
+def terminal_rewards(score: Float[Array, "b"], mask: Float[Array, "b t"]) -> Float[Array, "b t"]:
+    """Per-token rewards with each response's score on its last real token and 0 elsewhere."""
+    return score[:, None] * _last_token_one_hot(mask)
+
+
 def token_rewards(
     score: Float[Array, "b"],
     logprobs: Float[Array, "b t"],
@@ -93,7 +130,7 @@ def token_rewards(
 ) -> Float[Array, "b t"]:
     """Per-token rewards: -beta * KL estimate on every real token, plus the sequence score on the last one."""
     kl = kl_penalty(logprobs, ref_logprobs, mask, kind)
-    return -beta * kl + score[:, None] * _last_token_one_hot(mask)
+    return -beta * kl + terminal_rewards(score, mask)
 
 
 def gae(
@@ -140,6 +177,29 @@ def whiten(
     return out * mask.astype(out.dtype)
 
 
+def clipped_surrogate(
+    logprobs: Float[Array, "b t"],
+    old_logprobs: Float[Array, "b t"],
+    advantages: Float[Array, "b t"],
+    clip_eps: float,
+) -> tuple[Float[Array, "b t"], Float[Array, "b t"]]:
+    """Per-token clipped surrogate loss max(-A * ratio, -A * clip(ratio, 1 +- eps)), unreduced, and a 0/1 array
+    marking where the clipped term is the active one (for the clip fraction)."""
+    ratio = jnp.exp(logprobs - old_logprobs)
+    unclipped = -advantages * ratio
+    clipped = -advantages * jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
+    return jnp.maximum(unclipped, clipped), (clipped > unclipped).astype(jnp.float32)
+
+
+def approx_kl(log_ratio: Float[Array, "b t"], mask: Float[Array, "b t"]) -> Float[Array, ""]:
+    """k3 estimate of KL(old || new) over real tokens from log(new / old): mean of (ratio - 1) - log ratio
+    (non-negative, low variance; Schulman 2020). Under top-k or top-p sampling a token can leave the new policy's
+    support (log-prob ~ the dtype's minimum, ratio 0, no gradient); its log-ratio counts as -20 so one such token
+    does not make the metric infinite."""
+    bounded = jnp.maximum(log_ratio, -20.0)
+    return masked_mean(jnp.expm1(bounded) - bounded, mask)
+
+
 def policy_loss(
     logprobs: Float[Array, "b t"],
     old_logprobs: Float[Array, "b t"],
@@ -150,18 +210,11 @@ def policy_loss(
     """Clipped surrogate loss: mean over real tokens of max(-A * ratio, -A * clip(ratio, 1 +- eps)).
 
     metrics: clipfrac = fraction of tokens where the clipped term is the active one; approx_kl = k3 estimate
-    of KL(old || new), mean of (ratio - 1) - log ratio (non-negative, low variance; Schulman 2020).
+    of KL(old || new) (`approx_kl`).
     """
-    log_ratio = logprobs - old_logprobs
-    ratio = jnp.exp(log_ratio)
-    unclipped = -advantages * ratio
-    clipped = -advantages * jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
-    loss = masked_mean(jnp.maximum(unclipped, clipped), mask)
-    metrics = {
-        "clipfrac": masked_mean((clipped > unclipped).astype(jnp.float32), mask),
-        "approx_kl": masked_mean((ratio - 1.0) - log_ratio, mask),
-    }
-    return loss, metrics
+    per_token, clipped = clipped_surrogate(logprobs, old_logprobs, advantages, clip_eps)
+    metrics = {"clipfrac": masked_mean(clipped, mask), "approx_kl": approx_kl(logprobs - old_logprobs, mask)}
+    return masked_mean(per_token, mask), metrics
 
 
 def value_loss(
@@ -238,7 +291,7 @@ class PPOConfig:
     init_kl_coef: float = 0.05
     """Initial (or fixed) beta of the per-token KL penalty to the reference policy."""
     kl_kind: str = "kl"
-    """Per-token KL estimator in the reward: "kl" (logp - ref_logp) or "mse" (0.5 * squared log-ratio)."""
+    """Per-token KL estimator in the reward: "kl" (logp - ref_logp), "mse" (0.5 * squared log-ratio) or "k3"."""
     adaptive_kl: bool = False
     """Adapt beta toward target_kl (Ziegler et al. 2019) instead of keeping it fixed."""
     target_kl: float = 6.0

@@ -19,6 +19,7 @@ from jaxtyping import Array, Float, Int
 
 from maxmin_jax.models import ModelConfig, build_model
 from maxmin_jax.models.transformer import CausalLM
+from maxmin_jax.trainable import HeadParam
 
 HEAD_INIT_STD = 0.02
 
@@ -34,15 +35,15 @@ def last_token(hidden: Float[Array, "*k b t d"], mask: Int[Array, "b t"] | None)
     return jnp.einsum("...btd,bt->...bd", hidden, jax.nn.one_hot(last, t, dtype=hidden.dtype))
 
 
-def _heads(num_groups: int, hidden_size: int, rngs: nnx.Rngs) -> tuple[nnx.Param, nnx.Param]:
+def _heads(num_groups: int, hidden_size: int, rngs: nnx.Rngs) -> tuple[HeadParam, HeadParam]:
     kernel = HEAD_INIT_STD * jax.random.normal(rngs.params(), (hidden_size, num_groups), jnp.float32)
-    return (nnx.Param(kernel, logical_axes=("embed", "groups")),
-            nnx.Param(jnp.zeros((num_groups,), jnp.float32), logical_axes=("groups",)))
+    return (HeadParam(kernel, logical_axes=("embed", "groups")),
+            HeadParam(jnp.zeros((num_groups,), jnp.float32), logical_axes=("groups",)))
 
 
 class _HeadsMixin:
-    head: nnx.Param
-    head_bias: nnx.Param
+    head: HeadParam
+    head_bias: HeadParam
 
     @property
     def num_groups(self) -> int:

@@ -1,0 +1,24 @@
+"""The pipeline every runner shares: preferences -> reward fitting -> standardisation -> policy training ->
+evaluation -> report, as stage functions over one config tree (`RunConfig`), with resumable stages.
+
+    import maxmin_jax as mm
+    cfg = mm.load_config("configs/demo.yaml")     # or mm.RunConfig() (the demo)
+    report = mm.run(cfg, "out/demo")              # rerun to resume; a changed config is refused
+"""
+
+from maxmin_jax.pipeline.config import (EvaluationConfig, FilePreferences, FitRewards, LoadRewards, LoraConfig,
+                                        LoraSpec, MeshConfig, PolicyConfig, PretrainedModel, PromptsConfig,
+                                        PSoupsPreferences, RunConfig, ScratchModel, WorldPreferences, WorldSpec)
+from maxmin_jax.pipeline.runners import fit_rewards, run, stage_plan, train_policy
+
+
+def load_config(path=None, *, overrides=()) -> RunConfig:
+    """A RunConfig from a YAML file (None: the demo defaults) with `key.path=value` overrides applied."""
+    from maxmin_jax.config_io import load_yaml
+
+    return load_yaml(RunConfig, path, overrides=overrides)
+
+
+__all__ = ["EvaluationConfig", "FilePreferences", "FitRewards", "LoadRewards", "LoraConfig", "LoraSpec", "MeshConfig",
+           "PSoupsPreferences", "PolicyConfig", "PretrainedModel", "PromptsConfig", "RunConfig", "ScratchModel",
+           "WorldPreferences", "WorldSpec", "fit_rewards", "load_config", "run", "stage_plan", "train_policy"]

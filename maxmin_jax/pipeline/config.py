@@ -1,0 +1,393 @@
+"""The config tree of a run: frozen keyword-only dataclasses, one per section; its defaults are the demo.
+
+```
+RunConfig
+  seed
+  preferences   tagged by `source`: world (a synthetic world with known group rewards) | files | psoups
+  model         tagged by `source`: scratch (a small GPT-2 trained on the world's texts) | pretrained (HF)
+  prompts       where rollout and evaluation prompts come from (None: the world's)
+  prompt_template, mesh, lora
+  rewards       tagged by `source`: fit (EM mixture + pooled single reward) | load (a `fit-rewards` directory)
+  sampling      one SamplingConfig for rollouts, standardisation and evaluation
+  policy        objectives x algorithms to train, PPO, iterations, checkpoints
+  evaluation    prompt counts and batch size
+```
+
+Read from YAML with `maxmin_jax.config_io` (unknown keys and wrong types name their key path);
+`maxmin-jax run CONFIG --print-config` prints the resolved tree. `RunConfig()` is the demo (`configs/demo.yaml` is
+the same tree written out; a test keeps them equal).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from maxmin_jax.errors import ConfigError
+from maxmin_jax.generate import SamplingConfig
+from maxmin_jax.policy.objectives import OBJECTIVES
+from maxmin_jax.policy.ppo import PPOConfig
+from maxmin_jax.policy.sft import SFTConfig
+from maxmin_jax.pipeline.worlds import WorldSpec
+from maxmin_jax.rewards.em import EMConfig, MStepConfig
+
+ALGORITHMS = ("ppo",)
+DTYPES = ("float32", "bfloat16")
+
+
+# Preferences --------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class WorldPreferences:
+    """Preferences labelled by the simulated users of a synthetic world, whose true group rewards are known."""
+
+    source: Literal["world"] = "world"
+    world: WorldSpec = WorldSpec.__config_load__({"name": "review", "num_users": 110, "majority_share": 10 / 11,
+                                                  "pairs_per_user": 16, "bt_temperature": 0.5, "seed": 0},
+                                                 "preferences.world")
+    """The world; its own `seed` fixes who is in which group and the labels."""
+    heldout_fraction: float = 0.2
+    """Share of each user's pairs held out to score the fitted rewards (0: none)."""
+
+    def __post_init__(self):
+        _check_fraction(self.heldout_fraction)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FilePreferences:
+    """Rows user_id, prompt, chosen, rejected from files or hub datasets."""
+
+    source: Literal["files"] = "files"
+    files: dict[str, str] | str
+    """One source (user groups unknown: no ARI), or {group: source} (each user's known group, for the ARI). A source
+    is a .jsonl/.json/.parquet/.csv file, a local dataset folder or a hub dataset id."""
+    columns: dict[str, str] | None = None
+    """Our field -> the source's column name, e.g. {chosen: response_a}."""
+    users_per_group: int | None = None
+    """With {group: source}: synthetic users per group, row j -> user j % users_per_group (None: ids from the data)."""
+    split: str = "train"
+    """Split read from hub datasets and dataset folders."""
+    skip_invalid: bool = False
+    """Skip (and count) invalid rows instead of stopping at the first."""
+    coerce_user_id: bool = False
+    """Accept numeric user ids as strings."""
+    heldout_fraction: float = 0.1
+    """Share of each user's pairs held out to score the fitted rewards (0: none)."""
+
+    def __post_init__(self):
+        _check_fraction(self.heldout_fraction)
+        if self.users_per_group is not None:
+            if self.users_per_group < 1:
+                raise ValueError(f"users_per_group must be >= 1, got {self.users_per_group}")
+            if isinstance(self.files, str):
+                raise ValueError("users_per_group needs one source per group (files: {group: path})")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PSoupsPreferences:
+    """P-Soups files, one per preference: columns user_input, completion_a (preferred), completion_b. The files
+    name no annotators: each gets `users_per_group` synthetic users, and its name is their true group."""
+
+    source: Literal["psoups"] = "psoups"
+    files: dict[str, str]
+    """{preference name: file, dataset folder or hub dataset id}."""
+    users_per_group: int = 10
+    split: str = "train"
+    skip_invalid: bool = False
+    heldout_fraction: float = 0.1
+
+    def __post_init__(self):
+        _check_fraction(self.heldout_fraction)
+        if self.users_per_group < 1:
+            raise ValueError(f"users_per_group must be >= 1, got {self.users_per_group}")
+
+
+PreferencesSource = WorldPreferences | FilePreferences | PSoupsPreferences
+
+
+def _check_fraction(fraction: float) -> None:
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"heldout_fraction must be in [0, 1), got {fraction}")
+
+
+# Models -------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ScratchModel:
+    """A small GPT-2 trained from scratch (SFT) on the world's texts, with the world's tokenizer; the SFT model is
+    the starting policy, the reference and the reward backbone."""
+
+    source: Literal["scratch"] = "scratch"
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    max_position_embeddings: int = 64
+    sft_examples: int = 4096
+    """Texts sampled from the world for SFT."""
+    sft: SFTConfig = SFTConfig(steps=200, batch_size=32, learning_rate=3e-3)
+
+    def __post_init__(self):
+        if min(self.hidden_size, self.num_layers, self.num_heads, self.max_position_embeddings,
+               self.sft_examples) < 1:
+            raise ValueError("model sizes and sft_examples must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PretrainedModel:
+    """Hugging Face checkpoints (hub ids or local directories) for the policy and the reward backbone."""
+
+    source: Literal["pretrained"] = "pretrained"
+    policy: str
+    """Policy (and reference) checkpoint, e.g. gpt2 or allenai/tulu-2-7b."""
+    reward_backbone: str | None = None
+    """Reward-model backbone; None: the policy's. It must share the policy's vocabulary."""
+    tokenizer: str | None = None
+    """Tokenizer; None: the policy's. Pads with EOS when it has no pad token."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Parameter and compute dtype."""
+
+
+ModelSource = ScratchModel | PretrainedModel
+
+
+# Placement and adapters ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MeshConfig:
+    """Device mesh (data, fsdp, tensor); the product must equal the number of devices JAX sees."""
+
+    data: int = 1
+    """Data-parallel replicas (the batch is split over data and fsdp)."""
+    fsdp: int = 1
+    """Fully sharded data parallel: parameters split on the embedding axis, batch split too."""
+    tensor: int = 1
+    """Tensor parallel: heads, MLP and vocabulary split."""
+
+    def __post_init__(self):
+        if min(self.data, self.fsdp, self.tensor) < 1:
+            raise ValueError(f"mesh axes must be >= 1, got data={self.data}, fsdp={self.fsdp}, tensor={self.tensor}")
+
+    @property
+    def size(self) -> int:
+        return self.data * self.fsdp * self.tensor
+
+    @property
+    def batch_ways(self) -> int:
+        return self.data * self.fsdp
+
+    def build(self, devices=None):
+        """The mesh, after checking it uses exactly the available devices (a ConfigError says how to fix it)."""
+        import jax
+
+        from maxmin_jax.sharding import make_mesh
+
+        devices = list(jax.devices() if devices is None else devices)
+        if self.size != len(devices):
+            kinds = sorted({d.platform for d in devices})
+            raise ConfigError(
+                f"mesh: data={self.data} x fsdp={self.fsdp} x tensor={self.tensor} needs {self.size} devices, "
+                f"but JAX sees {len(devices)} ({', '.join(kinds)}); set mesh so that data * fsdp * tensor = "
+                f"{len(devices)} (e.g. mesh: {{fsdp: {len(devices)}}}), or run on a host with {self.size} devices")
+        return make_mesh(data=self.data, fsdp=self.fsdp, tensor=self.tensor, devices=devices)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoraSpec:
+    """Low-rank adapters on one model (`maxmin_jax.models.lora.add_lora`); the base weights stay frozen."""
+
+    rank: int
+    """Adapter rank r."""
+    alpha: float | None = None
+    """Scale numerator: the update is (alpha / r) * x A B; None means alpha = r."""
+    targets: tuple[str, ...] | str | None = None
+    """Adapted weights (e.g. [q, v] for Llama, [qkv] for GPT-2), "all", or None for the family default."""
+
+    def __post_init__(self):
+        if self.rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoraConfig:
+    """LoRA per model; a missing entry means that model is fully fine-tuned."""
+
+    policy: LoraSpec | None = None
+    """Adapters on each trained policy: only they and the value head train, and the reference is the same weights
+    with the adapters off (one copy of the base model)."""
+    reward: LoraSpec | None = None
+    """Adapters on the reward backbone (each reward model gets its own): EM trains them and the reward heads."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PromptsConfig:
+    """Prompts for rollouts, reward standardisation and evaluation."""
+
+    source: str
+    """A .txt file (one prompt per line), a .jsonl/.json/.parquet/.csv file, a local dataset folder, or a hub
+    dataset id (read with `datasets.load_dataset(source, split=split)`)."""
+    split: str = "train"
+    column: str = "prompt"
+    """Column holding the prompt text (tables and datasets; ignored for .txt)."""
+    max_tokens: int | None = None
+    """Keep only the first N tokens of each prompt (the paper uses the first 8 tokens of IMDB reviews). With None,
+    prompts too long for the model next to `sampling.max_new_tokens` are skipped and counted."""
+    max_prompts: int | None = None
+    """Use only the first N rows of the source (None: all)."""
+
+    def __post_init__(self):
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.max_prompts is not None and self.max_prompts < 1:
+            raise ValueError(f"max_prompts must be >= 1, got {self.max_prompts}")
+
+
+# Rewards ------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FitRewards:
+    """Fit the EM mixture of K reward models and the pooled single reward on the preferences."""
+
+    source: Literal["fit"] = "fit"
+    em: EMConfig = EMConfig(num_groups=2, rounds=3, steps_per_round=40, batch_size=64,
+                            m_step=MStepConfig(learning_rate=1e-3))
+    """EM over users (K heads on one backbone, or K backbones)."""
+    single_reward_steps: int = 120
+    """Optimiser steps of the pooled single reward (the standard-RLHF baseline), with em.m_step and em.batch_size;
+    0 fits none (then the `single` objective is unavailable)."""
+    shared_backbone: bool = True
+    """K heads on one backbone (one forward pass for all K rewards); False: K backbones, as in the paper."""
+
+    def __post_init__(self):
+        if self.single_reward_steps < 0:
+            raise ValueError(f"single_reward_steps must be >= 0, got {self.single_reward_steps}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoadRewards:
+    """Reward models written by `maxmin-jax fit-rewards` (reward_model/, em_history.json)."""
+
+    source: Literal["load"] = "load"
+    path: str
+    """The fit-rewards output directory. A K=1 model serves the `single` objective."""
+
+
+RewardsSource = FitRewards | LoadRewards
+
+
+# Policy training and evaluation -------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PolicyConfig:
+    """Policies to train: every (objective, algorithm) pair, each from the same start."""
+
+    objectives: tuple[str, ...] = ("single", "utilitarian", "maxmin")
+    """Social-choice objectives; "single" uses the pooled single reward, the others the mixture."""
+    algorithms: tuple[Literal["ppo"], ...] = ("ppo",)
+    """Policy-optimisation algorithms."""
+    softmin_temperature: float = 0.5
+    """Temperature of the `softmin` objective."""
+    dro_step_size: float = 0.5
+    """Exponentiated-gradient step of the `dro` objective."""
+    ppo: PPOConfig = PPOConfig(learning_rate=1e-3, init_kl_coef=0.02, epochs=2, minibatches=2)
+    iterations: int = 30
+    """Iterations per policy. May grow between reruns: training continues from the last checkpoint."""
+    prompt_batch: int = 64
+    """Prompts per iteration; divisible by ppo.minibatches and by mesh data * fsdp."""
+    checkpoint_every: int = 10
+    """Save the full training state every N iterations (and at the end); a rerun resumes from the last one."""
+    export: bool = True
+    """Write each trained policy to policies/NAME/: an HF checkpoint (with the tokenizer), or under LoRA the
+    adapters and value head (trainable.npz, adapter_config.json)."""
+
+    def __post_init__(self):
+        unknown = [o for o in self.objectives if o not in OBJECTIVES]
+        if unknown or not self.objectives:
+            raise ValueError(f"objectives: unknown {unknown}; choose from {list(OBJECTIVES)}")
+        for name in ("objectives", "algorithms"):
+            values = getattr(self, name)
+            if len(set(values)) != len(values) or not values:
+                raise ValueError(f"{name}: expected distinct names, got {list(values)}")
+        if min(self.iterations, self.prompt_batch, self.checkpoint_every) < 1:
+            raise ValueError("iterations, prompt_batch and checkpoint_every must be >= 1")
+        if self.prompt_batch % self.ppo.minibatches:
+            raise ValueError(f"prompt_batch={self.prompt_batch} is not divisible by ppo.minibatches="
+                             f"{self.ppo.minibatches}")
+        if not self.softmin_temperature > 0 or not self.dro_step_size >= 0:
+            raise ValueError("softmin_temperature must be > 0 and dro_step_size >= 0")
+
+    def runs(self) -> list[tuple[str, str]]:
+        """(objective, algorithm) of every policy to train, in order."""
+        return [(o, a) for a in self.algorithms for o in self.objectives]
+
+    def name(self, objective: str, algorithm: str) -> str:
+        """The policy's name in reports and directories: the objective, with the algorithm when there are several."""
+        return objective if len(self.algorithms) == 1 else f"{objective}-{algorithm}"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EvaluationConfig:
+    """Reward standardisation and evaluation, on the same prompts for every policy."""
+
+    standardizer_prompts: int = 512
+    """Reference samples that standardise each reward head (its mean and std on them: 0 and 1)."""
+    prompts: int = 512
+    """Prompts each policy is evaluated on."""
+    batch_size: int = 64
+    """Prompts per evaluation pass; divides both counts above."""
+    examples: int = 3
+    """Decoded responses of each policy shown in the report."""
+
+    def __post_init__(self):
+        if min(self.standardizer_prompts, self.prompts, self.batch_size) < 1 or self.examples < 0:
+            raise ValueError("prompt counts and batch_size must be >= 1, examples >= 0")
+        for name in ("standardizer_prompts", "prompts"):
+            if getattr(self, name) % self.batch_size:
+                raise ValueError(f"{name}={getattr(self, name)} is not a multiple of batch_size={self.batch_size}")
+
+
+# The run ------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """Everything a run needs. The defaults are the demo: the review world at 10:1, a small GPT-2 trained from
+    scratch, EM with K=2, PPO for single / utilitarian / maxmin from the same start."""
+
+    seed: int = 0
+    """Seeds model initialisation, EM, prompt draws and sampling."""
+    preferences: PreferencesSource | None = WorldPreferences()
+    """Labelled comparisons for the reward models (None: rewards are loaded)."""
+    model: ModelSource = ScratchModel()
+    prompts: PromptsConfig | None = None
+    """Rollout and evaluation prompts; None: the world's."""
+    prompt_template: str | None = None
+    """Format string with one {prompt} (e.g. Tulu's "<|user|>\\n{prompt}\\n<|assistant|>\\n"), applied to rollout
+    prompts and to the prompts of preference rows, so reward models are fitted on what they later score."""
+    mesh: MeshConfig | None = None
+    """Device mesh (it must use every device JAX sees); None: one device, nothing sharded."""
+    lora: LoraConfig | None = None
+    """LoRA adapters per model; None fine-tunes everything."""
+    rewards: RewardsSource = FitRewards()
+    sampling: SamplingConfig = SamplingConfig(max_new_tokens=32)
+    """Sampling in rollouts, standardisation and evaluation; EOS (when unset) and pad come from the tokenizer."""
+    policy: PolicyConfig = PolicyConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    tensorboard: bool = True
+    """Also write the metrics stream as TensorBoard event files (tensorboard/)."""
+
+    def __post_init__(self):
+        if self.prompt_template is not None and "{prompt}" not in self.prompt_template:
+            raise ValueError(f"prompt_template must contain {{prompt}}, got {self.prompt_template!r}")
+        world = isinstance(self.preferences, WorldPreferences)
+        if isinstance(self.model, ScratchModel) and not world:
+            raise ValueError("model.source 'scratch' trains a GPT-2 on the world's texts: it needs "
+                             "preferences.source 'world'")
+        if self.sampling.temperature == 0:
+            raise ValueError("sampling.temperature must be > 0: policies are trained on what they sample")
+        if self.mesh is not None:
+            ways = self.mesh.batch_ways
+            for name, value in (("policy.prompt_batch", self.policy.prompt_batch),
+                                ("evaluation.batch_size", self.evaluation.batch_size)):
+                if value % ways:
+                    raise ValueError(f"{name}={value} is not divisible by mesh data * fsdp = {ways}")
+
+    def format_prompt(self, prompt: str) -> str:
+        return prompt if self.prompt_template is None else self.prompt_template.replace("{prompt}", prompt)
+
+
+__all__ = ["ALGORITHMS", "EvaluationConfig", "FilePreferences", "FitRewards", "LoadRewards", "LoraConfig", "LoraSpec",
+           "MeshConfig", "ModelSource", "PSoupsPreferences", "PolicyConfig", "PreferencesSource", "PretrainedModel",
+           "PromptsConfig", "RewardsSource", "RunConfig", "ScratchModel", "WorldPreferences", "WorldSpec"]

@@ -1,0 +1,145 @@
+"""What the policy trainers share (PPO, critic-free, offline), so each is written once.
+
+- `split_policy`: the graph, the trainable variables (the `trainable` filter's selection) and the rest, with the
+  checks every trainer makes (the filter selects something; a reference that is the policy with its adapters off
+  needs adapters and frozen base weights).
+- `make_optimizer` and `start_state`: Adam behind a global-norm clip, and the starting state placed exactly as the
+  jitted step returns it (one compile).
+- `rollout_and_score`: sample a response per prompt, score it by the K reward heads, standardise, apply the
+  objective.
+- `response_outputs` / `reference_logprobs`: log-probabilities of the sampled tokens under the distribution they
+  were sampled from (`SamplingConfig`: temperature, top-k, top-p), and the reference's at the same temperature on
+  the policy's top-k / top-p set. The LM head is applied to the response positions only: over a 32k-128k vocabulary
+  the logits are the largest activations, and the prompt's are never read.
+- `minibatch_updates`: `epochs x minibatches` optimiser steps over shuffled rows, in one `lax.scan`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from maxmin_jax.errors import ConfigError
+from maxmin_jax.generate import SamplingConfig, reference_sampling_logits, sample_responses, sampling_logits
+from maxmin_jax.models.transformer import CausalLM
+from maxmin_jax.policy.objectives import Objective, ObjectiveState, RewardStandardizer
+from maxmin_jax.policy.ppo import token_logprobs
+from maxmin_jax.sharding import canonical_shardings, replicate_on_mesh_of
+
+
+# Building a trainer ---------------------------------------------------------------------------------------------
+def split_policy(policy: nnx.Module, trainable: nnx.filterlib.Filter, *, adapters_off_reference: bool
+                 ) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+    """(graphdef, trainable variables, the rest) of `policy`, after checking that `trainable` selects something and,
+    when the reference is to be the policy with its adapters off, that there are adapters and the base weights stay
+    out of the selection. `policy` is a causal LM, or a module holding one as `.lm` (the PPO policy)."""
+    if not jax.tree.leaves(nnx.state(policy, trainable)):
+        raise ConfigError(f"the trainable filter {trainable!r} selects no variable of the policy", key="trainable")
+    if adapters_off_reference:
+        lm = getattr(policy, "lm", policy)
+        if not jax.tree.leaves(nnx.state(lm, nnx.LoRAParam)):
+            raise ConfigError("reference=None means the policy with its LoRA adapters off, but the policy has no "
+                              "adapters: pass reference= (a frozen copy of the starting model)", key="reference")
+        if jax.tree.leaves(nnx.state(lm, nnx.All(trainable, nnx.Not(nnx.LoRAParam)))):
+            raise ConfigError("reference=None (the policy with adapters off) needs the base weights frozen, but "
+                              f"the trainable filter {trainable!r} selects some; use "
+                              "maxmin_jax.trainable.trainable_filter(lora=True)", key="trainable")
+    return nnx.split(policy, trainable, ...)
+
+
+def make_optimizer(learning_rate: float, max_grad_norm: float | None) -> optax.GradientTransformation:
+    """Adam after clipping the global gradient norm (None: no clipping)."""
+    clip = optax.identity() if max_grad_norm is None else optax.clip_by_global_norm(max_grad_norm)
+    return optax.chain(clip, optax.adam(learning_rate))
+
+
+def start_state(state: Any, params: Any) -> Any:
+    """A trainer's starting state, placed as its jitted step returns it: the small parts (step, Adam count,
+    objective) replicated over the weights' mesh, every sharding spelled as a compiled program spells its outputs'.
+    Otherwise the second step, called with the first's output, would compile the step again."""
+    return canonical_shardings(replicate_on_mesh_of(state, params))
+
+
+# Inside the jitted steps ------------------------------------------------------------------------------------------
+class ScoredRollout(NamedTuple):
+    seq: jax.Array  # [B, T + N] prompt then response
+    seq_mask: jax.Array  # [B, T + N]
+    tokens: jax.Array  # [B, N] the response tokens
+    mask: jax.Array  # [B, N] float32, 1 up to and including EOS
+    sampler_logprobs: jax.Array  # [B, N] the sampler's own log-probs (for the rounding check)
+    group_rewards: jax.Array  # [B, K] raw
+    standardized: jax.Array  # [B, K]
+    score: jax.Array  # [B] the objective's reward
+    weights: jax.Array  # [K] the objective's group weights
+    objective: ObjectiveState
+
+
+def rollout_and_score(lm: CausalLM, prompts, prompt_mask, key, sampling: SamplingConfig, reward: nnx.Module,
+                      standardizer: RewardStandardizer, objective: Objective, objective_state: ObjectiveState
+                      ) -> ScoredRollout:
+    """One response per left-padded prompt, scored by the K reward heads and turned into one reward per response by
+    the objective. Traceable."""
+    rollout = sample_responses(lm, prompts, prompt_mask, key, sampling)
+    seq = jnp.concatenate([prompts, rollout.tokens], axis=1)
+    seq_mask = jnp.concatenate([prompt_mask, rollout.mask], axis=1)
+    group_rewards = reward(seq, seq_mask).astype(jnp.float32)
+    standardized = standardizer.apply(group_rewards)
+    score, weights, objective_state = objective.update(standardized, objective_state)
+    return ScoredRollout(seq, seq_mask, rollout.tokens, rollout.mask.astype(jnp.float32), rollout.logprobs,
+                         group_rewards, standardized, score, weights, objective_state)
+
+
+class ResponseOutputs(NamedTuple):
+    logprobs: jax.Array  # [B, N] of the response tokens under the sampling distribution
+    logits: jax.Array  # [B, N, V] the sampling distribution's logits (tempered, top-k / top-p restricted)
+    hidden: jax.Array  # [B, N, D] the final hidden states at the positions predicting the response tokens
+
+
+def response_outputs(lm: CausalLM, seq, seq_mask, tokens, sampling: SamplingConfig, *, use_lora: bool = True
+                     ) -> ResponseOutputs:
+    """The policy's log-probs of the response `tokens` (the last N of `seq`) under `sampling`'s distribution, the LM
+    head applied only where it predicts them: position i predicts token i + 1, so positions T - 1 .. T + N - 2."""
+    n = tokens.shape[1]
+    hidden = lm.hidden_states(seq, seq_mask, use_lora=use_lora)[:, -n - 1:-1]
+    logits = sampling_logits(lm.logits(hidden), sampling)
+    return ResponseOutputs(token_logprobs(logits, tokens), logits, hidden)
+
+
+def reference_logprobs(reference: CausalLM | None, policy: CausalLM, seq, seq_mask, tokens, policy_logits,
+                       sampling: SamplingConfig) -> jax.Array:
+    """The reference's log-probs of the response tokens at the sampling temperature, restricted to the tokens the
+    policy can sample (`reference_sampling_logits`; `policy_logits` are `response_outputs(...).logits`, needed only
+    under top-k or top-p sampling), under `stop_gradient`. `reference=None`: the policy with its adapters off."""
+    lm, use_lora = (policy, False) if reference is None else (reference, True)
+    n = tokens.shape[1]
+    hidden = lm.hidden_states(seq, seq_mask, use_lora=use_lora)[:, -n - 1:-1]
+    logits = reference_sampling_logits(lm.logits(hidden), policy_logits, sampling)
+    return jax.lax.stop_gradient(token_logprobs(logits, tokens))
+
+
+def minibatch_updates(loss_fn: Callable[[Any, jax.Array], tuple[jax.Array, dict]],
+                      tx: optax.GradientTransformation, trainable: Any, opt_state: Any, key, *, rows: int,
+                      epochs: int, minibatches: int) -> tuple[Any, Any, dict]:
+    """`epochs` passes over `rows` rows in `minibatches` shuffled minibatches: one optimiser step each on
+    `loss_fn(trainable, row_indices) -> (loss, metrics)`, in one `lax.scan`. Returns the trained variables, the
+    optimiser state and each metric's mean over the steps, with `grad_norm` (before clipping) added."""
+
+    def step(carry, idx):
+        trainable, opt_state = carry
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, idx)
+        updates, opt_state = tx.update(grads, opt_state, trainable)
+        metrics["grad_norm"] = optax.tree.norm(grads)
+        return (optax.apply_updates(trainable, updates), opt_state), metrics
+
+    order = jnp.concatenate([jax.random.permutation(jax.random.fold_in(key, e), rows)
+                             for e in range(epochs)]).reshape(epochs * minibatches, rows // minibatches)
+    (trainable, opt_state), metrics = jax.lax.scan(step, (trainable, opt_state), order)
+    return trainable, opt_state, {k: v.mean() for k, v in metrics.items()}
+
+
+__all__ = ["ResponseOutputs", "ScoredRollout", "make_optimizer", "minibatch_updates",
+           "reference_logprobs", "response_outputs", "rollout_and_score", "split_policy", "start_state"]

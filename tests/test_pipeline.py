@@ -1,0 +1,247 @@
+"""The pipeline as its runners use it, on a tiny review-world run (SFT, EM mixture, standardisation, PPO for
+`utilitarian` and `maxmin`, evaluation, report; the single reward and its policy are run by tests/test_experiment.py):
+
+- a run killed mid-way (SIGKILL of `maxmin-jax run` in a subprocess, or an interruption injected in-process) and run
+  again ends with the same report, metrics and exported policies as an uninterrupted run;
+- a rerun skips finished stages (nothing trains), more iterations continue from the last checkpoint, and a changed
+  config is refused before anything runs, listing the differing keys;
+- `demo` and `run CONFIG` train every policy through the one loop (`stages.iterate`), every objective on the same
+  prompts in each iteration (paired);
+- the metrics stream (metrics.jsonl and TensorBoard event files) holds losses, KL, per-group rewards, throughput.
+
+Every run in this file has the same config, so they share compiled programs (in-process, and with the subprocess
+through the session's compilation cache).
+"""
+
+import ast
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from conftest import read_tfevents
+from maxmin_jax.cli import main
+from maxmin_jax.errors import RunDirError
+from maxmin_jax.metrics import MetricsWriter, read_records, tag
+from maxmin_jax.pipeline import load_config, run, stage_plan
+from maxmin_jax.pipeline import stages as stages_module
+from maxmin_jax.policy.trainer import PPOTrainer
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {"preferences.world.num_users": 12, "preferences.world.pairs_per_user": 4,
+        "model.hidden_size": 16, "model.num_layers": 1, "model.num_heads": 2, "model.sft_examples": 64,
+        "model.sft.steps": 4, "model.sft.batch_size": 16, "rewards.em.rounds": 1, "rewards.em.steps_per_round": 3,
+        "rewards.em.batch_size": 16, "rewards.em.chunk_size": 16, "rewards.single_reward_steps": 0,
+        "sampling.max_new_tokens": 6, "policy.objectives": "[utilitarian, maxmin]", "policy.iterations": 4,
+        "policy.prompt_batch": 8, "policy.checkpoint_every": 1, "evaluation.standardizer_prompts": 16,
+        "evaluation.prompts": 16, "evaluation.batch_size": 8}
+OVERRIDES = [f"{k}={v}" for k, v in TINY.items()]
+KILL_AT = ("policy/maxmin/ppo", 2)  # the second policy, half-way
+
+
+def comparable(report: dict) -> dict:
+    """A report without what differs between runs of the same config: wall time."""
+    return {k: v for k, v in report.items() if k != "timing"}
+
+
+def stream(out: Path) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in ("time", "seconds", "tokens_per_second")}
+            for r in read_records(out / "metrics.jsonl")]
+
+
+@pytest.fixture(scope="module")
+def config_file(tmp_path_factory):
+    """The tiny config as a user writes it: nested YAML."""
+    data: dict = {}
+    for key, value in TINY.items():
+        *parents, last = key.split(".")
+        node = data
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = yaml.safe_load(str(value))
+    path = tmp_path_factory.mktemp("config") / "tiny.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    assert load_config(path) == load_config(None, overrides=OVERRIDES)
+    return path
+
+
+class Spy:
+    """Records every call of `stages.iterate` (which stage) and of `PPOTrainer.step` (its prompts)."""
+
+    def __init__(self, monkeypatch):
+        self.loops, self.prompts = [], {}
+        real_iterate, real_step = stages_module.iterate, PPOTrainer.step
+
+        def iterate(ctx, stage, trainer, *args, **kwargs):
+            self.loops.append(stage.name)
+            self.current = stage.name
+            return real_iterate(ctx, stage, trainer, *args, **kwargs)
+
+        def step(trainer, state, prompts, mask, key):
+            self.prompts.setdefault(self.current, []).append(np.asarray(prompts))
+            return real_step(trainer, state, prompts, mask, key)
+
+        monkeypatch.setattr(stages_module, "iterate", iterate)
+        monkeypatch.setattr(PPOTrainer, "step", step)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(config_file, tmp_path_factory):
+    """`maxmin-jax run CONFIG` straight through, with the loop and the prompts of every iteration recorded."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        spy = Spy(monkeypatch)
+        assert main(["run", str(config_file), "--out", str(out)]) == 0
+    return out, json.loads((out / "report.json").read_text()), spy
+
+
+def test_run_config_trains_each_policy_once_on_paired_prompts(uninterrupted):
+    out, report, spy = uninterrupted
+    assert spy.loops == ["policy/utilitarian/ppo", "policy/maxmin/ppo"]
+    utilitarian, maxmin = spy.prompts["policy/utilitarian/ppo"], spy.prompts["policy/maxmin/ppo"]
+    assert len(utilitarian) == len(maxmin) == TINY["policy.iterations"]
+    for a, b in zip(utilitarian, maxmin):  # the same prompts for both objectives in every iteration
+        np.testing.assert_array_equal(a, b)
+    assert not all(np.array_equal(maxmin[0], p) for p in maxmin[1:])  # ... and new prompts each iteration
+    assert list(report["policies"]) == ["reference", "utilitarian", "maxmin"]
+    for name in ("utilitarian", "maxmin"):
+        entry = report["policies"][name]
+        assert entry["objective"] == name and entry["algorithm"] == "ppo" and entry["iterations"] == 4
+        assert set(entry["group_reward"]) == {"positive", "concise"} and len(report["curves"][name]) == 4
+    assert report["policies"]["reference"]["group_reward"] == {"positive": 0.0, "concise": 0.0}
+    assert {p.name for p in out.iterdir()} >= {"report.json", "table.txt", "group_rewards.png", "curves.png",
+                                               "metrics.jsonl", "tensorboard", "config.yaml", "policies"}
+    from maxmin_jax import load_pretrained
+
+    load_pretrained(out / "policies" / "maxmin")  # an exported policy is an HF checkpoint
+
+
+def test_killed_run_resumes_to_the_same_report(uninterrupted, config_file, tmp_path):
+    expected_out, expected, _ = uninterrupted
+    out = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    killed = subprocess.run([sys.executable, str(ROOT / "tests" / "scripts" / "killed_run.py"), str(config_file),
+                             str(out), *map(str, KILL_AT)], env=env, cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout[-2000:] + killed.stderr[-3000:]
+    assert not (out / "report.json").exists()
+    assert json.loads((out / "policy/utilitarian/ppo/stage.json").read_text())["status"] == "done"
+    assert json.loads((out / "policy/maxmin/ppo/stage.json").read_text())["status"] == "running"
+
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        spy = Spy(monkeypatch)
+        report = run(load_config(config_file), out, progress=False)
+    assert spy.loops == ["policy/maxmin/ppo"]  # finished stages are read back; only the killed one trains
+    # Killed after streaming iteration 2, with the checkpoint of iteration 1 on disk: iterations 2-4 run again.
+    assert len(spy.prompts["policy/maxmin/ppo"]) == TINY["policy.iterations"] - 1
+    assert comparable(report) == comparable(expected)
+    assert stream(out) == stream(expected_out)
+    for name in ("utilitarian", "maxmin"):
+        exported, reference = out / "policies" / name, expected_out / "policies" / name
+        assert (exported / "model.safetensors").read_bytes() == (reference / "model.safetensors").read_bytes()
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_interrupted_run_resumes_to_the_same_report(uninterrupted, config_file, tmp_path, monkeypatch):
+    """The same through an interruption injected right after an iteration's metrics are written, before its
+    checkpoint: the rerun repeats that iteration and streams it once."""
+    expected_out, expected, _ = uninterrupted
+    out = tmp_path / "interrupted"
+    real_write = MetricsWriter.write
+
+    def write(self, stage, step, metrics, **kwargs):
+        record = real_write(self, stage, step, metrics, **kwargs)
+        if (stage, step) == KILL_AT:
+            raise Interrupted
+        return record
+
+    monkeypatch.setattr(MetricsWriter, "write", write)
+    with pytest.raises(Interrupted):
+        run(load_config(config_file), out, progress=False)
+    monkeypatch.undo()
+    report = run(load_config(config_file), out, progress=False)
+    assert comparable(report) == comparable(expected)
+    assert stream(out) == stream(expected_out)
+
+
+def test_rerun_skips_finished_stages(uninterrupted, config_file, monkeypatch):
+    out, expected, _ = uninterrupted
+
+    def never(*args, **kwargs):
+        raise AssertionError("a finished stage ran again")
+
+    for name in ("fit_em", "evaluate_policy", "iterate"):
+        monkeypatch.setattr(stages_module, name, never)
+    monkeypatch.setattr("maxmin_jax.policy.sft.train_sft", never)
+    assert comparable(run(load_config(config_file), out, progress=False)) == comparable(expected)
+
+
+def test_changed_config_is_refused_listing_the_keys(uninterrupted, config_file):
+    out, _, _ = uninterrupted
+    records = {p: p.read_text() for p in out.rglob("stage.json")}
+    changed = load_config(config_file, overrides=["rewards.em.rounds=2", "policy.ppo.learning_rate=0.01"])
+    with pytest.raises(RunDirError) as caught:
+        run(changed, out, progress=False)
+    lines = caught.value.differences
+    assert "rewards/mixture: rewards.em.rounds: 1 -> 2" in lines
+    assert "policy/maxmin/ppo: policy.ppo.learning_rate: 0.001 -> 0.01" in lines
+    assert not any(line.startswith("sft:") for line in lines)  # SFT does not depend on either
+    assert {p: p.read_text() for p in out.rglob("stage.json")} == records  # refused before anything ran
+    # Keys that change no result (progress bars, checkpoint cadence, export, placement) are not compared.
+    assert stage_plan(load_config(config_file, overrides=["policy.checkpoint_every=3", "tensorboard=false"])) == \
+        stage_plan(load_config(config_file))
+
+
+def test_more_iterations_continue_from_the_last_checkpoint(uninterrupted, config_file, tmp_path, monkeypatch):
+    source, expected, _ = uninterrupted
+    out = tmp_path / "longer"
+    shutil.copytree(source, out)
+    spy = Spy(monkeypatch)
+    report = run(load_config(config_file, overrides=["policy.iterations=5"]), out, progress=False)
+    assert {k: len(v) for k, v in spy.prompts.items()} == {"policy/utilitarian/ppo": 1, "policy/maxmin/ppo": 1}
+    for name in ("utilitarian", "maxmin"):
+        assert report["curves"][name][:4] == expected["curves"][name] and len(report["curves"][name]) == 5
+        assert report["policies"][name]["iterations"] == 5
+
+
+def test_demo_goes_through_the_same_loop(tmp_path, monkeypatch):
+    spy = Spy(monkeypatch)
+    assert main(["demo", "--out", str(tmp_path / "demo"), *[a for o in OVERRIDES for a in ("--set", o)]]) == 0
+    assert spy.loops == ["policy/utilitarian/ppo", "policy/maxmin/ppo"]
+
+
+def test_one_policy_training_loop_in_the_code_base():
+    """Every trainer step the package takes is taken in `stages.iterate`."""
+    calls = []
+    for path in (ROOT / "maxmin_jax").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "step"
+                    and "trainer" in ast.unparse(node.func.value)):
+                calls.append((path.relative_to(ROOT).as_posix(), ast.unparse(node)))
+    assert calls == [("maxmin_jax/pipeline/stages.py", "trainer.step(state, *inputs, jax.random.fold_in(key, it))")]
+
+
+def test_metrics_stream_and_tensorboard(uninterrupted):
+    out, report, _ = uninterrupted
+    records = [r for r in read_records(out / "metrics.jsonl") if r["stage"] == "policy/maxmin/ppo"]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    for r in records:
+        assert {"policy_loss", "value_loss", "kl", "entropy", "score", "grad_norm"} <= set(r)
+        assert len(r["group_reward"]) == 2 and r["tokens_per_second"] > 0 and r["seconds"] > 0
+    assert report["curves"]["maxmin"][0]["kl"] == records[0]["kl"]
+    assert [r["step"] for r in read_records(out / "metrics.jsonl") if r["stage"] == "rewards/mixture"] == [1]
+    scalars = read_tfevents(out / "tensorboard" / "policy" / "maxmin" / "ppo")
+    assert [s for s, _ in scalars["kl"]] == [1, 2, 3, 4]
+    np.testing.assert_allclose([v for _, v in scalars["kl"]], [r["kl"] for r in records], rtol=1e-6)
+    clusters = report["em"]["cluster_groups"]
+    assert {f"group_reward/{tag(c)}" for c in clusters} <= set(scalars) and "tokens_per_second" in scalars
