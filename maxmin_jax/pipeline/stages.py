@@ -29,6 +29,7 @@ from maxmin_jax.pipeline.sources import Models, Preferences, PromptSource, Strea
 from maxmin_jax.policy.model import PolicyWithValue
 from maxmin_jax.policy.objectives import RewardStandardizer, make_objective
 from maxmin_jax.policy.trainer import PPOTrainer
+from maxmin_jax.rewards.diagnostics import fit_warnings
 from maxmin_jax.rewards.em import EMResult, clustering_metrics, evaluate_pairs, fit_em, fit_single_reward
 from maxmin_jax.trainable import trainable_filter
 
@@ -113,13 +114,15 @@ def _em_result(fields: dict, model: nnx.Module) -> EMResult:
 
 def _fit_stage(ctx, stage: Stage, model: nnx.Module, fit: Callable[[], EMResult], prefs: Preferences
                ) -> tuple[EMResult, dict | None]:
-    """Fit `model` with `fit` (or read it back): the EM result and its held-out scores."""
+    """Fit `model` with `fit` (or read it back): the EM result and its held-out scores. The result's model is the
+    fitted one (`model`, or with num_groups="auto" the same backbone with the chosen K heads)."""
     trainable = trainable_filter(lora=_lora(ctx, "reward") is not None)
     if stage.done:
         nnx.update(model, stage.restore_state(nnx.state(model, trainable)))
         return _em_result(stage.result["em"], model), stage.result["heldout"]
     stage.start()
     result = fit()
+    model = result.model
     if prefs.train.groups is not None and result.weights.shape[0] > 1:
         result.metrics.update(clustering_metrics(result.assignments, prefs.train.groups))
     for row in result.history:
@@ -141,10 +144,14 @@ def reward_models(ctx, models: Models, prefs: Preferences | None) -> Rewards:
         raise ConfigError("preferences: required to fit reward models (or set rewards.source: load)")
     em_cfg = dataclasses.replace(source.em, progress=ctx.progress)
     trainable = trainable_filter(lora=_lora(ctx, "reward") is not None)
-    mixture = _reward_model(ctx, models.reward, source.em.num_groups, ctx.cfg.seed + 1)
+    stage = ctx.stage("rewards/mixture")
+    k = source.em.num_groups
+    if k == "auto":  # fit_em gives the backbone the chosen K's heads; a finished stage recorded K
+        k = int(stage.result["em"]["num_groups"]) if stage.done else 1
+    mixture = _reward_model(ctx, models.reward, k, ctx.cfg.seed + 1)
     em, heldout_mixture = _fit_stage(
-        ctx, ctx.stage("rewards/mixture"), mixture,
-        lambda: fit_em(mixture, prefs.train, em_cfg, mesh=ctx.mesh, trainable=trainable), prefs)
+        ctx, stage, mixture, lambda: fit_em(mixture, prefs.train, em_cfg, mesh=ctx.mesh, trainable=trainable), prefs)
+    mixture = em.model
     heldout = {"mixture": heldout_mixture}
     single = single_fit = None
     if source.single_reward_steps:
@@ -161,7 +168,10 @@ def reward_models(ctx, models: Models, prefs: Preferences | None) -> Rewards:
     report = {**clustering, "weights": em.weights.tolist(), "cluster_groups": clusters, "history": em.history,
               "heldout": heldout if prefs.heldout is not None else None, "users": prefs.train.num_users,
               "single_reward_history": single_fit.history if single_fit is not None else None}
+    report["num_groups"], report["warnings"] = em.num_groups, fit_warnings(em)
     ctx.log(f"EM: ARI {clustering['ari']}, weights {np.round(em.weights, 3).tolist()}, clusters {clusters}")
+    for message in report["warnings"]:
+        ctx.log(f"EM warning: {message}")
     return Rewards(mixture, em.weights, single, clusters, report, em)
 
 

@@ -1,4 +1,4 @@
-"""What a fit tells about itself: em_history.json (strict JSON), warnings worth a person's attention, a PNG.
+"""What a fit tells about itself: em_history.json (strict JSON, `maxmin_jax.strict_json`), warnings worth a person's attention, a PNG.
 
 Warnings: a group with fewer than `MIN_GROUP_USERS` users (collapsed: its reward model rests on one user or none);
 restarts that disagree (mean ARI between the kept partition and the others below `MIN_RESTART_AGREEMENT`: the
@@ -8,40 +8,13 @@ groups found depend on where EM started); the chosen K at the top of the range t
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import os
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 MIN_GROUP_USERS = 2
 MIN_RESTART_AGREEMENT = 0.5
-
-
-def to_strict_json(value: Any) -> Any:
-    """`value` with numpy scalars/arrays as Python values and NaN/inf as None, so `json.dumps(...,
-    allow_nan=False)` writes standard JSON (no NaN/Infinity tokens)."""
-    if isinstance(value, dict):
-        return {str(k): to_strict_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [to_strict_json(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return to_strict_json(value.tolist())
-    if isinstance(value, (np.bool_, bool)):
-        return bool(value)
-    if isinstance(value, (np.integer, int)):
-        return int(value)
-    if isinstance(value, (np.floating, float)):
-        return float(value) if math.isfinite(value) else None
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return to_strict_json(dataclasses.asdict(value))
-    return value
-
-
-def dumps(value: Any) -> str:
-    return json.dumps(to_strict_json(value), indent=2, allow_nan=False)
 
 
 def fit_warnings(result) -> list[str]:
@@ -78,14 +51,15 @@ def history_document(result, config=None) -> dict:
         "k_selection": result.diagnostics.get("k_selection"),
         "warnings": fit_warnings(result),
         "metrics": result.metrics,
-        "config": config,
+        "config": dataclasses.asdict(config) if config is not None else None,
     }
 
 
 def write_history(result, path: str | os.PathLike, config=None) -> Path:
-    path = Path(path)
-    path.write_text(dumps(history_document(result, config)))
-    return path
+    """Strict JSON, written atomically: a NaN or infinity in the fit is an error, never a number in the file."""
+    from maxmin_jax.strict_json import write_json
+
+    return write_json(path, history_document(result, config))
 
 
 def plot_history(result, path: str | os.PathLike) -> Path:
@@ -142,5 +116,5 @@ def plot_history(result, path: str | os.PathLike) -> Path:
     return path
 
 
-__all__ = ["MIN_GROUP_USERS", "MIN_RESTART_AGREEMENT", "dumps", "fit_warnings", "history_document",
-           "plot_history", "to_strict_json", "write_history"]
+__all__ = ["MIN_GROUP_USERS", "MIN_RESTART_AGREEMENT", "fit_warnings", "history_document", "plot_history",
+           "write_history"]

@@ -22,6 +22,7 @@ rounds and steps.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import math
 from typing import Literal
@@ -34,6 +35,8 @@ from jaxtyping import Float
 from tqdm.auto import tqdm
 
 from maxmin_jax.data.batching import PairBatch, minibatches
+from maxmin_jax.errors import ConfigError, DataError, NumericalFault
+from maxmin_jax.guards import raise_on_fault
 from maxmin_jax.rewards.estep import (LOG_FLOOR, PairChunks, chunk_log_likelihoods, e_step_soft,
                                       log_likelihood_matrix, mixing_log_weights, mixture_log_likelihood,
                                       pair_rewards, score_chunks, user_log_likelihoods)
@@ -41,8 +44,9 @@ from maxmin_jax.rewards.init import (FeatureMixture, KSelection, adjusted_rand, 
                                      initial_assignments, select_num_groups)
 from maxmin_jax.rewards.features import pair_features
 from maxmin_jax.rewards.linear_mixture import fit_linear_mixture
-from maxmin_jax.rewards.mstep import MStepConfig, copy_tree, em_update, m_step, make_optimizer, minibatch
+from maxmin_jax.rewards.mstep import M_STEP_LIMITS, MStepConfig, copy_tree, em_update, m_step, make_optimizer, minibatch
 from maxmin_jax.sharding import replicate_on_mesh_of
+from maxmin_jax.validate import check_value
 
 logger = logging.getLogger(__name__)
 
@@ -73,10 +77,13 @@ class EMConfig:
     """Word clusters (by co-occurrence) whose counts are token features (`features.pair_features`)."""
     feature_tokens: int = 16
     """Most frequent tokens that are token features on their own."""
+    feature_seeds: int = 3
+    """Word clusterings (k-means seeds) tried for the token features; the one whose mixture predicts left-out
+    users best is kept (the clustering of a small vocabulary varies with the seed)."""
     prompt_features: Literal["auto", "on", "off"] = "auto"
     """Add prompt-relevance features (does the response use the prompt's word clusters; does the prompt change
     the preferred length)? "auto": only when they raise the leave-one-user-out log-likelihood."""
-    feature_l2: float = 1.0
+    feature_l2: float = 3.0
     """L2 penalty of the token-feature mixture's linear heads."""
     heldout_fraction: float = 0.2
     """Share of each user's pairs held out (users with one pair keep it for training) when assign_by="heldout"
@@ -104,30 +111,29 @@ class EMConfig:
     """tqdm progress bars for rounds and steps."""
 
     def __post_init__(self):
-        if self.num_groups != "auto" and (isinstance(self.num_groups, bool) or not isinstance(self.num_groups, int)):
-            raise ValueError(f"num_groups must be an integer >= 1 or 'auto', got {self.num_groups!r}")
-        if self.num_groups != "auto" and self.num_groups < 1:
-            raise ValueError(f"num_groups must be >= 1, got {self.num_groups}")
-        if len(self.k_range) != 2 or not 1 <= self.k_range[0] <= self.k_range[1]:
-            raise ValueError(f"k_range must be (lo, hi) with 1 <= lo <= hi, got {self.k_range}")
+        if self.num_groups != "auto":
+            check_value(self.num_groups, "positive_int", "EMConfig.num_groups")
+        if len(self.k_range) != 2 or not all(isinstance(k, int) for k in self.k_range) or not (
+                1 <= self.k_range[0] <= self.k_range[1]):
+            raise ConfigError(f"EMConfig.k_range: expected [lo, hi] with 1 <= lo <= hi, got {list(self.k_range)}",
+                              key="k_range")
         for name, allowed in (("method", ("hard", "soft")), ("init", ("features", "round_robin", "random")),
                               ("assign_by", ("heldout", "reward_model")), ("prompt_features", ("auto", "on", "off"))):
             if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+                raise ConfigError(f"EMConfig.{name}: expected one of {allowed}, got {getattr(self, name)!r}", key=name)
         if self.num_groups == "auto" and self.init != "features":
-            raise ValueError("num_groups='auto' chooses K with the token-feature mixture: it needs init='features'")
-        if min(self.restarts, self.init_restarts, self.rounds, self.batch_size, self.chunk_size, self.patience,
-               self.feature_clusters) < 1 or self.feature_tokens < 0:
-            raise ValueError("restarts, init_restarts, rounds, batch_size, chunk_size, patience and "
-                             "feature_clusters must be >= 1, feature_tokens >= 0")
-        if self.steps_per_round is not None and self.steps_per_round < 0:
-            raise ValueError(f"steps_per_round must be >= 0 or None, got {self.steps_per_round}")
-        if not self.epochs_per_round > 0:
-            raise ValueError(f"epochs_per_round must be > 0, got {self.epochs_per_round}")
+            raise ConfigError("EMConfig.init: num_groups='auto' chooses K with the token-feature mixture, so it needs "
+                              f"init='features', got {self.init!r}", key="init")
+        for name in ("restarts", "init_restarts", "rounds", "batch_size", "chunk_size", "patience",
+                     "feature_clusters", "feature_seeds"):
+            check_value(getattr(self, name), "positive_int", f"EMConfig.{name}")
+        check_value(self.feature_tokens, "non_negative_int", "EMConfig.feature_tokens")
+        check_value(self.steps_per_round, "non_negative_int", "EMConfig.steps_per_round", optional=True)
+        check_value(self.epochs_per_round, "positive", "EMConfig.epochs_per_round")
+        check_value(self.feature_l2, "positive", "EMConfig.feature_l2")
         if not 0.0 < self.heldout_fraction < 1.0:
-            raise ValueError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
-        if not self.feature_l2 > 0:
-            raise ValueError(f"feature_l2 must be > 0, got {self.feature_l2}")
+            raise ConfigError(f"EMConfig.heldout_fraction: expected a number in (0, 1), got {self.heldout_fraction!r}",
+                              key="heldout_fraction")
 
     @classmethod
     def paper(cls, num_groups: int, **overrides) -> EMConfig:
@@ -190,21 +196,21 @@ def _check_inputs(model: nnx.Module, batch: PairBatch, config: EMConfig, trainab
     if not jax.tree.leaves(nnx.state(model, trainable)):
         raise ValueError(f"the trainable filter {trainable!r} selects no variable of the reward model")
     if batch.num_pairs == 0 or batch.num_users == 0:
-        raise ValueError("fit_em: no preference pairs")
+        raise DataError("fit_em: no preference pairs")
     counts = np.bincount(batch.user_index, minlength=batch.num_users)
     if np.any(counts == 0):
         missing = [batch.user_ids[u] for u in np.flatnonzero(counts == 0)[:5]]
-        raise ValueError(f"fit_em: users without pairs in the batch, e.g. {missing}: drop them from user_ids")
+        raise DataError(f"fit_em: users without pairs in the batch, e.g. {missing}: drop them from user_ids")
     k = config.num_groups
     if k != "auto":
         if model.num_groups != k:
             raise ValueError(f"model has {model.num_groups} heads but config.num_groups={k}")
         if batch.num_users < k:
-            raise ValueError(f"num_groups={k} is more than the {batch.num_users} users: {batch.num_users} users "
-                             f"cannot fill {k} groups")
+            raise ConfigError(f"EMConfig.num_groups: {k} is more than the {batch.num_users} users, who cannot fill "
+                              f"{k} groups; expected at most {batch.num_users}", key="num_groups")
     if k != 1 and np.all(counts < 2):
-        raise ValueError(f"every one of the {batch.num_users} users has a single pair: EM groups users by the "
-                         "preferences their pairs share, so it needs users with several pairs each")
+        raise DataError(f"fit_em: every one of the {batch.num_users} users has a single pair: EM groups users by "
+                        "the preferences their pairs share, so it needs users with several pairs each")
     warnings = []
     if k != 1 and np.any(counts < 2):
         warnings.append(f"{int(np.sum(counts < 2))} of {batch.num_users} users have a single pair: they are "
@@ -280,7 +286,9 @@ def _fit_once(model: nnx.Module, train: PairBatch, train_chunks: PairChunks, con
         L_new = chunk_log_likelihoods((graphdef, params, rest), train_chunks, k)
         accepted, L, reward_gamma, stats = em_update(jnp.asarray(gamma), L, L_new, method=config.method,
                                                      guard=config.guard)
-        stats, metrics, accepted, reward_gamma = jax.device_get((stats, metrics, accepted, reward_gamma))
+        stats, metrics, accepted, reward_gamma, L_check = jax.device_get((stats, metrics, accepted, reward_gamma,
+                                                                          L_new))
+        _raise_on_fault(metrics, L_check, r, steps, label)
         if not accepted:
             params = saved  # Adam's moments are kept: still a fair estimate of the gradient's scale
         entry = {"round": r + 1, "log_likelihood": float(stats["log_likelihood"]),
@@ -314,8 +322,29 @@ def _fit_once(model: nnx.Module, train: PairBatch, train_chunks: PairChunks, con
             settled = settled + 1 if changed / num_users <= config.tol else 0
         if settled >= config.patience:
             break
+    if config.guard and steps and not any(h["m_step_accepted"] for h in history):
+        raise NumericalFault(
+            f"fit_em ({label}): the guard rejected the M-step of every one of {len(history)} rounds (each lowered "
+            "the training pairs' likelihood), so the reward model never trained; nothing is written. Usual fixes: "
+            "lower m_step.learning_rate (--learning-rate), or check the data.",
+            quantity="m_step_accepted", value=0, step=len(history) * steps)
     nnx.update(model, params)
     return gamma, history
+
+
+_FAULT_HINT = "lower m_step.learning_rate (--learning-rate) or set m_step.max_grad_norm, or check the data"
+
+
+def _raise_on_fault(metrics: list[dict], L_new: np.ndarray, round_index: int, steps: int, label: str) -> None:
+    """NumericalFault at the first M-step whose loss or gradient norm diverged, or when the new rewards give a
+    non-finite log-likelihood: a diverged reward model is never kept, assigned by, or written."""
+    where = f"fit_em ({label}, round {round_index + 1})"
+    for i, m in enumerate(metrics):
+        raise_on_fault(m, where=where, step=round_index * steps + i + 1, limits=M_STEP_LIMITS, hint=_FAULT_HINT)
+    if not np.all(np.isfinite(L_new)):
+        raise NumericalFault(f"{where}: the users' log-likelihoods under the new rewards are not finite; the run is "
+                             f"stopped and nothing is written. Usual fixes: {_FAULT_HINT}.",
+                             quantity="log_likelihood", value=L_new, step=(round_index + 1) * steps)
 
 
 def _starting_points(config: EMConfig, k: int, num_users: int, restart: int, rng: np.random.Generator,
@@ -337,10 +366,13 @@ def _feature_mixture(everything: PairBatch, num_train_pairs: int, user_index: np
     or without the prompt terms, whichever predicts left-out users better.
     Returns (features, mixture, K selection or None, whether prompt terms are used)."""
     options = {"on": [True], "off": [False], "auto": [False, True]}[config.prompt_features]
+    sets = {(p, s): pair_features(everything, clusters=config.feature_clusters, tokens=config.feature_tokens,
+                                  prompt_terms=p, seed=config.seed + s)
+            for p, s in itertools.product(options, range(config.feature_seeds))}
+    width = max(x.shape[1] for x in sets.values())  # one width: every feature set shares one compiled fit
     fits = {}
-    for prompt_terms in options:
-        x = pair_features(everything, clusters=config.feature_clusters, tokens=config.feature_tokens,
-                          prompt_terms=prompt_terms, seed=config.seed)
+    for (prompt_terms, feature_seed), x in sets.items():
+        x = np.pad(x, ((0, 0), (0, width - x.shape[1])))  # zero columns: the same fit
         train = x[:num_train_pairs]
         if config.num_groups == "auto":
             selection = select_num_groups(train, user_index, num_users, config.k_range,
@@ -351,9 +383,9 @@ def _feature_mixture(everything: PairBatch, num_train_pairs: int, user_index: np
             fit = fit_feature_mixture(train, user_index, num_users, config.num_groups,
                                       restarts=config.init_restarts, l2=config.feature_l2, seed=config.seed)
             best = fit.score
-        fits[prompt_terms] = (best, x, fit, selection)
-    prompt_terms = max(fits, key=lambda p: fits[p][0])
-    _, x, fit, selection = fits[prompt_terms]
+        fits[prompt_terms, feature_seed] = (best, x, fit, selection)
+    prompt_terms, feature_seed = max(fits, key=lambda p: fits[p][0])
+    _, x, fit, selection = fits[prompt_terms, feature_seed]
     return x, fit, selection, prompt_terms
 
 
@@ -472,7 +504,9 @@ def fit_single_reward(model: nnx.Module, batch: PairBatch, *, steps: int, batch_
                       m_step_config: MStepConfig = MStepConfig(), seed: int = 0, progress: bool = True,
                       trainable: nnx.filterlib.Filter = nnx.Param) -> EMResult:
     """The standard-RLHF baseline: one BT reward (K = 1) trained on the pooled pairs for `steps` optimiser steps.
-    With one group there is nothing to assign, so every step is kept (no EM guard)."""
+    With one group there is nothing to assign, so every step is kept: EM's guard would judge all `steps` by one
+    comparison of the training likelihood and could silently return the untrained model. Divergence still stops
+    it (NumericalFault), as in `fit_em`."""
     if model.num_groups != 1:
         raise ValueError(f"fit_single_reward trains one reward head; the model has {model.num_groups}")
     cfg = EMConfig(num_groups=1, rounds=1, steps_per_round=steps, batch_size=batch_size, m_step=m_step_config,

@@ -25,6 +25,8 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 
 _STEPS = (1.0, 0.5, 0.25, 0.125, 0.0)  # Newton step sizes tried in parallel (0: keep the old heads)
+FEATURE_BUCKET = 16  # features padded with zero columns to a multiple of this
+PAIR_BUCKET = 8  # pairs per user padded (masked) to a multiple of this
 
 
 class LinearMixtureFit(NamedTuple):
@@ -129,12 +131,18 @@ def fit_linear_mixture(x: Float[Array, "n d"], user_index: Int[Array, "n"], gamm
     """EM from R initial responsibilities at once: `soft_iters` soft rounds (posterior responsibilities) then
     `hard_iters` hard ones (argmax), each an M-step of `newton_steps` Newton steps from the previous heads and a
     leave-one-user-out E-step. `active` [K] (default all): groups with 0 stay empty, so fits of every K up to
-    the array's K share one compiled program (one per shape: users, most pairs per user, features, R, K)."""
-    xu, mask = by_user(np.asarray(x, np.float32), np.asarray(user_index), num_users)
+    the array's K share one compiled program (one per shape: users, R, K, and the most pairs per user and the
+    features rounded up to `PAIR_BUCKET` and `FEATURE_BUCKET`, so feature sets of one run share it too)."""
+    x = np.asarray(x, np.float32)
+    d = x.shape[1]
+    x = np.pad(x, ((0, 0), (0, -x.shape[1] % FEATURE_BUCKET)))  # zero columns keep zero heads: same fit
+    xu, mask = by_user(x, np.asarray(user_index), num_users)
+    xu, mask = (np.pad(a, ((0, 0), (0, -a.shape[1] % PAIR_BUCKET)) + ((0, 0),) * (a.ndim - 2)) for a in (xu, mask))
     k = np.shape(gamma0)[-1]
     active = np.ones(k, np.float32) if active is None else np.asarray(active, np.float32)
-    return _fit(jnp.asarray(xu), jnp.asarray(mask), jnp.asarray(gamma0, jnp.float32), jnp.asarray(active),
-                jnp.float32(l2), soft_iters=soft_iters, hard_iters=hard_iters, newton_steps=newton_steps)
+    fit = _fit(jnp.asarray(xu), jnp.asarray(mask), jnp.asarray(gamma0, jnp.float32), jnp.asarray(active),
+               jnp.float32(l2), soft_iters=soft_iters, hard_iters=hard_iters, newton_steps=newton_steps)
+    return fit._replace(theta=fit.theta[..., :d])
 
 
 # Initial partitions ---------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import optax
 from flax import nnx
 
 from maxmin_jax.data.batching import PairBatch
+from maxmin_jax.guards import GRAD_NORM_LIMIT, LOSS_LIMIT, fault_flags
 from maxmin_jax.rewards.bt import bt_loss, pairwise_accuracy
 from maxmin_jax.rewards.estep import e_step_hard, e_step_soft, mixing_log_weights, mixture_log_likelihood
 from maxmin_jax.rewards.model import score_pairs
@@ -59,9 +60,14 @@ def minibatch(batch: PairBatch, gamma: np.ndarray, idx: np.ndarray, sharding=Non
     return arrays, jax.device_put(np.asarray(gamma, np.float32)[batch.user_index[idx]], sharding)
 
 
+M_STEP_LIMITS = {"loss": LOSS_LIMIT, "grad_norm": GRAD_NORM_LIMIT}
+"""What counts as a diverged M-step (`guards.fault_flags`)."""
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg"), donate_argnames=("params", "opt_state"))
 def m_step(graphdef, cfg: MStepConfig, params, rest, opt_state, pairs, weights):
-    """One optimiser step on `-sum_n sum_k weights[n, k] log sigmoid(margin_nk) / B` -> (params, opt, metrics)."""
+    """One optimiser step on `-sum_n sum_k weights[n, k] log sigmoid(margin_nk) / B` -> (params, opt, metrics);
+    the metrics carry `guards.fault_flags` of the loss and the gradient norm (checked on the host each round)."""
 
     def loss_fn(p):
         rc, rr = score_pairs(nnx.merge(graphdef, p, rest), *pairs)
@@ -69,8 +75,9 @@ def m_step(graphdef, cfg: MStepConfig, params, rest, opt_state, pairs, weights):
 
     (loss, (rc, rr)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     updates, opt_state = make_optimizer(cfg).update(grads, opt_state, params)
+    metrics = {"loss": loss, "accuracy": pairwise_accuracy(rc, rr, weights), "grad_norm": optax.global_norm(grads)}
     return (optax.apply_updates(params, updates), opt_state,
-            {"loss": loss, "accuracy": pairwise_accuracy(rc, rr, weights)})
+            metrics | fault_flags(metrics, M_STEP_LIMITS))
 
 
 @functools.partial(jax.jit, static_argnames=("method", "guard"))
@@ -93,4 +100,4 @@ def em_update(gamma, L_old, L_new, *, method: str, guard: bool):
 copy_tree = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))  # one compiled copy per tree, not one per leaf
 
 
-__all__ = ["MStepConfig", "copy_tree", "em_update", "m_step", "make_optimizer", "minibatch"]
+__all__ = ["M_STEP_LIMITS", "MStepConfig", "copy_tree", "em_update", "m_step", "make_optimizer", "minibatch"]
