@@ -1,13 +1,14 @@
 """EM on zoo worlds it was not tuned on: the defaults recover the groups where the true rewards can (oracle ARI
 >= 0.95), from the library and from the command line; num_groups="auto" finds K through the CLI; bad inputs and
-diverged fits stop with a clear error instead of a silent result. (Lexical worlds with 3 and 4 groups of 6 to 12
-users do not yet reach ARI 0.9 with the defaults: docs/em.md.)
+diverged fits stop with a clear error instead of a silent result. (The zoo's lexical worlds with 3 and 4 groups do not
+yet reach ARI 0.9 with the defaults; the per-world table is in docs/em.md.)
 
 Every reward model is a one-layer GPT-2 (hidden 32) trained from scratch over the zoo's one word vocabulary, so
 all fits share one model config; the test worlds share users and pairs per user, so the token-feature fit and the
 E-/M-steps compile once per K for the whole file.
 """
 
+import dataclasses
 import json
 
 import numpy as np
@@ -25,9 +26,10 @@ from maxmin_jax.rewards.diagnostics import fit_warnings
 USERS, PAIRS = 24, 16
 WORLDS = {  # small worlds of three families; none of them was used to choose the defaults
     "length-2": dict(family="length", num_groups=2, shares=(3, 1)),
-    "polarity-2": dict(family="polarity", num_groups=2),
+    "polarity-2": dict(family="polarity", num_groups=2),  # also the CLI's world
     "mix-2": dict(family="mix", num_groups=2, shares=(2, 1)),
 }
+LIBRARY_WORLDS = ("length-2", "mix-2")  # default fit_em for two seeds; the CLI runs on polarity-2
 
 
 def _world(name):
@@ -58,7 +60,7 @@ def _fit(batch, model_config, config, heads=None):
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-@pytest.mark.parametrize("name", list(WORLDS))
+@pytest.mark.parametrize("name", LIBRARY_WORLDS)
 def test_defaults_recover_the_groups_where_the_oracle_can(worlds, model_config, name, seed):
     world, _, batch, oracle = worlds[name]
     assert oracle >= 0.95, f"{name}: oracle ARI {oracle:.2f}; the test needs a world whose groups are recoverable"
@@ -92,10 +94,11 @@ def test_cli_given_only_num_groups(worlds, tmp_path, capsys):
     capsys.readouterr()
     assert main(["fit-rewards", "--data", str(data), "--model", str(ckpt), "--out", str(tmp_path / "auto"),
                  "--num-groups", "auto", "--k-range", "[1, 3]", "--rounds", "1", "--steps", "2"]) == 0
-    summary = json.loads(capsys.readouterr().out.split("\nwrote")[0])
+    printed = capsys.readouterr().out
     meta = json.loads((tmp_path / "auto" / "reward_model" / "reward_model.json").read_text())
     auto = json.loads((tmp_path / "auto" / "em_history.json").read_text())
-    assert summary["num_groups"] == meta["num_groups"] == auto["k_selection"]["chosen"] == auto["num_groups"] == 2
+    assert meta["num_groups"] == auto["k_selection"]["chosen"] == auto["num_groups"] == 2
+    assert '"num_groups": 2' in printed
     assert auto["k_selection"]["k"] == [1, 2, 3]
 
 
@@ -127,7 +130,7 @@ def test_users_with_one_pair(worlds, model_config):
     # Some users with one pair: fitted, and said so.
     keep = np.sort(np.concatenate([first, np.flatnonzero(batch.user_index >= 3)]))
     few = batch.take(keep)
-    result = _fit(few, model_config, EMConfig(num_groups=2, rounds=1, steps_per_round=2, progress=False))
+    result = _fit(few, model_config, EMConfig.paper(2, rounds=1, steps_per_round=2, progress=False))
     assert any("3 of 24 users have a single pair" in w for w in fit_warnings(result))
 
 
@@ -135,9 +138,9 @@ def test_an_empty_group_is_kept_with_zero_weight_and_a_warning(worlds, model_con
     """EM may leave a group without users (K above what the data support): the fit keeps the head with weight 0
     and says so, rather than dropping it silently."""
     _, _, batch, _ = worlds["polarity-2"]
-    result = _fit(batch, model_config, EMConfig(num_groups=2, rounds=1, steps_per_round=2, progress=False))
-    result.assignments[:] = 0
-    result.responsibilities[:] = [1.0, 0.0]
+    result = _fit(batch, model_config, EMConfig.paper(2, rounds=1, steps_per_round=2, progress=False))
+    result = dataclasses.replace(result, assignments=np.zeros(USERS, int),
+                                 responsibilities=np.tile([1.0, 0.0], (USERS, 1)))
     assert any("group 1 collapsed: 0 users" in w for w in fit_warnings(result))
 
 
@@ -146,7 +149,7 @@ def test_diverged_fits_stop_and_write_nothing(worlds, model_config, tmp_path, mo
     world, rows, batch, _ = worlds["polarity-2"]
     model = RewardModel.from_config(model_config, 1, nnx.Rngs(0))
     model.head.set_value(model.head.get_value() * np.nan)
-    with pytest.raises(NumericalFault, match=r"fit_em .*round 1.*loss = nan at step 1 \(not finite\)"):
+    with pytest.raises(NumericalFault, match=r"fit_em .*round 1.*(loss|grad_norm) = nan at step 1 \(not finite\)"):
         fit_single_reward(model, batch, steps=3, progress=False)
     # A guard that rejects every round's M-step (as after a diverging learning rate) leaves an untrained model:
     # an error, and fit_rewards writes no reward model.

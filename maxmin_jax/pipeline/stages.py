@@ -126,7 +126,8 @@ def _fit_stage(ctx, stage: Stage, model: nnx.Module, fit: Callable[[], EMResult]
     if prefs.train.groups is not None and result.weights.shape[0] > 1:
         result.metrics.update(clustering_metrics(result.assignments, prefs.train.groups))
     for row in result.history:
-        ctx.metrics.write(stage.name, row["round"], {k: v for k, v in row.items() if k != "round"})
+        ctx.metrics.write(stage.name, row["round"], {k: v for k, v in row.items()  # numbers only, not who assigned
+                                                     if k != "round" and v is not None and not isinstance(v, str)})
     heldout = (evaluate_pairs(result, prefs.heldout, chunk_size=ctx.cfg.rewards.em.chunk_size)
                if prefs.heldout is not None else None)
     stage.save_state(nnx.state(model, trainable))

@@ -75,7 +75,7 @@ def m_step(graphdef, cfg: MStepConfig, params, rest, opt_state, pairs, weights):
 
     (loss, (rc, rr)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     updates, opt_state = make_optimizer(cfg).update(grads, opt_state, params)
-    metrics = {"loss": loss, "accuracy": pairwise_accuracy(rc, rr, weights), "grad_norm": optax.global_norm(grads)}
+    metrics = {"loss": loss, "accuracy": pairwise_accuracy(rc, rr, weights), "grad_norm": optax.tree.norm(grads)}
     return (optax.apply_updates(params, updates), opt_state,
             metrics | fault_flags(metrics, M_STEP_LIMITS))
 
