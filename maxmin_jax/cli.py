@@ -1,7 +1,9 @@
 """`maxmin-jax` command line: build a run config from a file and flags, call a pipeline runner, print the result.
 
 Errors in what the user gave (`maxmin_jax.errors.InputError`: a config key, a data row, a flag, a checkpoint, an
-output directory) are printed as one line naming it; anything else is a bug and keeps its traceback.
+output directory) are printed as one line naming it, exit status 2; a training run stopped by a numerical fault
+(`NumericalFault`: a non-finite or exploding loss, gradient or KL) likewise, exit status 3, its last good checkpoint
+kept; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -92,7 +94,7 @@ def _run(cfg, args) -> int:
         print(dump_yaml(cfg), end="")
         return 0
     out = Path(args.out)
-    report = run(cfg, out)
+    report = run(cfg, out, overwrite=args.overwrite)
     print(format_table(report))
     print(f"({report['group_reward_kind']})")
     ari = report["em"].get("ari")
@@ -119,7 +121,7 @@ def cmd_fit_rewards(args) -> int:
                     preferences=FilePreferences(files=args.data, skip_invalid=args.skip_invalid,
                                                 coerce_user_id=args.coerce_user_id, heldout_fraction=0.0),
                     rewards=FitRewards(em=em, single_reward_steps=0, shared_backbone=not args.separate_backbones))
-    result, prefs = fit_rewards(cfg, args.out)
+    result, prefs = fit_rewards(cfg, args.out, overwrite=args.overwrite)
     for message in fit_warnings(result):
         print(f"maxmin-jax fit-rewards: warning: {message}", file=sys.stderr)
     summary = {"users": len(result.user_ids), "num_groups": result.num_groups,
@@ -148,7 +150,7 @@ def cmd_train_policy(args) -> int:
                             checkpoint_every=args.checkpoint_every, softmin_temperature=args.softmin_temperature,
                             dro_step_size=args.dro_step_size),
         evaluation=EvaluationConfig(standardizer_prompts=4 * batch, prompts=batch, batch_size=batch))
-    curves = train_policy(cfg, args.out)
+    curves = train_policy(cfg, args.out, overwrite=args.overwrite)
     last = curves[args.objective][-1]
     exported = Path(args.out) / "policies" / args.objective
     print(f"final: score {last['score']:.3f}, KL {last['kl']:.3f}; wrote {exported}")
@@ -166,6 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
                        help="override one config value (YAML), e.g. --set policy.iterations=10; repeatable")
         p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+        overwrite(p)
+
+    def overwrite(p):
+        p.add_argument("--overwrite", action="store_true",
+                       help="delete what a previous run wrote in --out and start afresh (a rerun of the same command "
+                            "resumes without it; another config or other inputs are refused)")
 
     demo = sub.add_parser("demo", help="the review world end to end: SFT, EM, PPO per objective, report")
     demo.add_argument("--out", default="out/demo")
@@ -195,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     for action in fit._actions:
         if action.dest == "em:num_groups":
             action.required = True
+    overwrite(fit)
     fit.set_defaults(func=cmd_fit_rewards)
 
     train = sub.add_parser("train-policy", help="PPO on a fitted reward mixture with a social-choice objective")
@@ -216,12 +225,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank (0: full)")
     train.add_argument("--checkpoint-every", type=int, default=1)
     train.add_argument("--seed", type=int, default=0)
+    overwrite(train)
     train.set_defaults(func=cmd_train_policy)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    from maxmin_jax.errors import InputError
+    from maxmin_jax.errors import InputError, NumericalFault
 
     args = build_parser().parse_args(argv)
     from maxmin_jax.distributed import initialize
@@ -232,6 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as e:
         print(f"maxmin-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except NumericalFault as e:
+        print(f"maxmin-jax {args.command}: numerical fault: {e}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

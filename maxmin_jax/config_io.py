@@ -59,6 +59,23 @@ def _describe(hint: Any) -> str:
     return getattr(hint, "__name__", str(hint))
 
 
+def _key_path(where: str) -> str:
+    """The key path of a `where` ("run.yaml:policy.ppo" -> "policy.ppo")."""
+    return where.rpartition(":")[2]
+
+
+def _error(where: str, detail: str) -> ConfigError:
+    """A ConfigError at `where` (file and key path): its message, key and detail."""
+    return ConfigError(f"{where}: {detail}", key=_key_path(where) or None, detail=detail)
+
+
+def _within(where: str, err: ConfigError) -> ConfigError:
+    """A config class's own check (keyed by its field, or a path from it) as seen from the tree at `where`."""
+    if err.key is None or err.detail is None:
+        return err
+    return _error(_join(where, err.key), err.detail)
+
+
 def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
@@ -91,10 +108,10 @@ def from_dict(cls: type, data: Any, *, where: str = "", base: Any = None) -> Any
         kwargs[name] = _convert(hints[name], value, _join(where, name), default)
     try:
         return cls(**kwargs)
-    except ConfigError:
-        raise
-    except (TypeError, ValueError) as e:  # the class's own validation (__post_init__)
-        raise ConfigError(f"{where or cls.__name__}: {e}") from e
+    except ConfigError as e:  # the class's own validation (__post_init__), keyed by field: name the key path
+        raise _within(where, e) from None
+    except (TypeError, ValueError) as e:  # ... or a plain error, named by the section
+        raise (_error(where, str(e)) if where else ConfigError(f"{cls.__name__}: {e}")) from e
 
 
 def _convert(hint: Any, value: Any, where: str, default: Any = dataclasses.MISSING) -> Any:
@@ -107,21 +124,21 @@ def _convert(hint: Any, value: Any, where: str, default: Any = dataclasses.MISSI
         for allowed in args:
             if value == allowed and type(value) is type(allowed):
                 return allowed
-        raise ConfigError(f"{where}: expected {_describe(hint)}, got {_show(value)}")
+        raise _error(where, f"expected {_describe(hint)}, got {_show(value)}")
     if isinstance(hint, type) and (dataclasses.is_dataclass(hint) or hasattr(hint, "__config_load__")):
         return from_dict(hint, value, where=where, base=default)
     if origin in (tuple, list, collections.abc.Sequence):
         if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected {_describe(hint)}, got {_show(value)}")
+            raise _error(where, f"expected {_describe(hint)}, got {_show(value)}")
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(value) != len(args):
-                raise ConfigError(f"{where}: expected a list of {len(args)} values, got {len(value)}")
+                raise _error(where, f"expected a list of {len(args)} values, got {len(value)}")
             return tuple(_convert(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
         element = args[0] if args else Any
         return tuple(_convert(element, v, f"{where}[{i}]") for i, v in enumerate(value))
     if origin in (dict, collections.abc.Mapping):
         if not isinstance(value, Mapping):
-            raise ConfigError(f"{where}: expected {_describe(hint)}, got {_show(value)}")
+            raise _error(where, f"expected {_describe(hint)}, got {_show(value)}")
         key_hint, value_hint = args or (Any, Any)
         return {_convert(key_hint, k, where): _convert(value_hint, v, _join(where, k)) for k, v in value.items()}
     if hint is type(None):
@@ -143,7 +160,7 @@ def _convert(hint: Any, value: Any, where: str, default: Any = dataclasses.MISSI
             return value
     else:
         raise TypeError(f"{where}: config fields of type {hint!r} are not supported")
-    raise ConfigError(f"{where}: expected {_describe(hint)}, got {_show(value)}")
+    raise _error(where, f"expected {_describe(hint)}, got {_show(value)}")
 
 
 def _convert_union(hint: Any, value: Any, where: str, default: Any) -> Any:
@@ -151,7 +168,7 @@ def _convert_union(hint: Any, value: Any, where: str, default: Any) -> Any:
     if value is None:
         if type(None) in typing.get_args(hint):
             return None
-        raise ConfigError(f"{where}: expected {_describe(hint)}, got null")
+        raise _error(where, f"expected {_describe(hint)}, got null")
     classes = [m for m in members if isinstance(m, type) and dataclasses.is_dataclass(m)]
     if classes and isinstance(value, Mapping):
         if len(classes) == 1:
@@ -164,7 +181,7 @@ def _convert_union(hint: Any, value: Any, where: str, default: Any) -> Any:
             return _convert(member, value, where)
         except ConfigError:
             continue
-    raise ConfigError(f"{where}: expected {_describe(hint)}, got {_show(value)}")
+    raise _error(where, f"expected {_describe(hint)}, got {_show(value)}")
 
 
 def tag_of(classes: Sequence[type]) -> tuple[str, dict[str, type]]:
@@ -186,10 +203,10 @@ def _convert_tagged(classes: list[type], value: Mapping, where: str, default: An
     kind = value.get(tag)
     if kind is None:
         if type(default) not in classes:
-            raise ConfigError(f"{_join(where, tag)}: required key missing; one of {', '.join(map(repr, kinds))}")
+            raise _error(_join(where, tag), f"required key missing; one of {', '.join(map(repr, kinds))}")
         cls = type(default)
     elif kind not in kinds:
-        raise ConfigError(f"{_join(where, tag)}: expected one of {', '.join(map(repr, kinds))}, got {_show(kind)}")
+        raise _error(_join(where, tag), f"expected one of {', '.join(map(repr, kinds))}, got {_show(kind)}")
     else:
         cls = kinds[kind]
     return from_dict(cls, value, where=where, base=default)

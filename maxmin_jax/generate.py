@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
+from maxmin_jax import validate
 from maxmin_jax.data.batching import bucket_length
 from maxmin_jax.models.layers import positions_from_mask
 from maxmin_jax.models.transformer import CausalLM
@@ -45,14 +46,11 @@ class SamplingConfig:
     """Written after EOS."""
 
     def __post_init__(self):
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1 (or None for no restriction), got {self.top_k}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1] (or None for no restriction), got {self.top_p}")
+        validate.positive_int(self, "max_new_tokens")
+        validate.non_negative(self, "temperature")
+        validate.positive_int(self, "top_k", optional=True)
+        validate.probability(self, "top_p", optional=True)
+        validate.non_negative_int(self, "pad_token_id")
         if isinstance(self.eos_token_id, list):  # keep the config hashable
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
 

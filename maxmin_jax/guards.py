@@ -19,7 +19,7 @@ from collections.abc import Mapping
 import jax.numpy as jnp
 import numpy as np
 
-from maxmin_jax.errors import NumericalFault
+from maxmin_jax.errors import NumericalFault, option
 
 FLAG_PREFIX = "fault/"
 """`fault_flags` names the flag of quantity `q` `"fault/q"`."""
@@ -73,9 +73,10 @@ def _show(value: object) -> str:
 
 def raise_on_fault(metrics: Mapping[str, object], *, where: str, step: int | None = None,
                    last_good_step: int | None = None, limits: Mapping[str, float | None] | None = None,
-                   hint: str | None = None) -> None:
+                   hint: str | None = None, checkpoints: str | None = None) -> None:
     """Raises `NumericalFault` if any `fault/...` flag in `metrics` (host values) is set: which quantity, its
-    value, the limit (if `limits` is given), the step and the last good checkpoint step (or that there is none).
+    value, the limit (if `limits` is given), the step and the last good checkpoint step (or that there is none;
+    `checkpoints`: their directory, named in the message).
 
     Call it before saving the step's checkpoint, so the newest checkpoint stays the last good state.
     """
@@ -88,7 +89,8 @@ def raise_on_fault(metrics: Mapping[str, object], *, where: str, step: int | Non
     why = "not finite" if not finite else (f"|value| above the limit {limit:.3g}" if limit is not None
                                             else "flagged as exploded")
     at = f" at step {step}" if step is not None else ""
-    kept = (f"the last good checkpoint is step {last_good_step}; it is kept" if last_good_step is not None
+    at_dir = f" ({checkpoints}/{last_good_step})" if checkpoints else ""
+    kept = (f"the last good checkpoint is step {last_good_step}{at_dir}; it is kept" if last_good_step is not None
             else "no checkpoint was written before it")
     advice = hint or "lower the learning rate, or check the data and the reward scale"
     raise NumericalFault(f"{where}: {quantity} = {_show(value)}{at} ({why}); the run is stopped, {kept}. "
@@ -96,5 +98,41 @@ def raise_on_fault(metrics: Mapping[str, object], *, where: str, step: int | Non
                          last_good_step=last_good_step)
 
 
-__all__ = ["FLAG_PREFIX", "GRAD_NORM_LIMIT", "KL_LIMIT", "LOSS_LIMIT", "NumericalFault", "fault_flags", "first_fault",
-           "raise_on_fault"]
+def without_flags(metrics: Mapping[str, object]) -> dict[str, object]:
+    """The metrics without their `fault/...` flags (what a metrics stream records)."""
+    return {k: v for k, v in metrics.items() if not k.startswith(FLAG_PREFIX)}
+
+
+_ABSENT_WITHOUT_STEPS = ("m_step_loss", "m_step_accuracy")  # NaN, not None, in older histories of step-less rounds
+
+
+def check_fit_history(history: list[Mapping[str, object]], *, where: str, m_steps: int,
+                      learning_rate: str = "learning_rate") -> None:
+    """Raises `NumericalFault` for a fit that did not train: a non-finite number in its per-round `history` (EM's:
+    rounds with `m_step_accepted`, `m_step_loss`, ...), or, when it took optimiser steps (`m_steps` per round),
+    every M-step rejected by its guard (each made the objective worse: the model is as it started).
+    `learning_rate` is the option the hint names. Call it before the fitted model is saved."""
+    fix = f"lower the learning rate ({option(learning_rate)}), or check the data"
+    for row in history:
+        for key, value in row.items():
+            x = np.asarray(value) if isinstance(value, (int, float, list, tuple, np.ndarray, np.generic)) else None
+            if x is None or x.dtype.kind not in "fiu" or bool(np.all(np.isfinite(x))):
+                continue
+            if key in _ABSENT_WITHOUT_STEPS and not row.get("m_step_steps", m_steps):
+                continue
+            step = row.get("round")
+            raise NumericalFault(f"{where}: {key} = {_show(value)} in round {step} (not finite); the run is stopped "
+                                 f"and nothing is written. Usual fixes: {fix}.", quantity=str(key), value=value,
+                                 step=step)
+    accepted = [row.get("m_step_accepted") for row in history]
+    if m_steps and history and not any(accepted):
+        losses = [row.get("m_step_loss") for row in history]
+        shown = ", ".join(f"{x:.3g}" for x in losses if isinstance(x, (int, float)))
+        raise NumericalFault(
+            f"{where}: every M-step was rejected ({len(history)} of {len(history)} rounds; each made the EM objective "
+            f"worse{f', mean M-step losses {shown}' if shown else ''}): the model did not train, and it is not "
+            f"written. Usual fixes: {fix}.", quantity="m_step_accepted", value=0, step=len(history))
+
+
+__all__ = ["FLAG_PREFIX", "GRAD_NORM_LIMIT", "KL_LIMIT", "LOSS_LIMIT", "NumericalFault", "check_fit_history",
+           "fault_flags", "first_fault", "raise_on_fault", "without_flags"]

@@ -20,6 +20,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from maxmin_jax import strict_json
+
 
 def _plain(value: Any) -> Any:
     value = np.asarray(value)
@@ -86,7 +88,7 @@ class MetricsWriter:
         if not self.enabled:
             return record
         stream = self._stream()
-        stream.write(json.dumps(record) + "\n")
+        stream.write(strict_json.dumps(record, nonfinite="null", indent=None) + "\n")  # diagnostics: NaN -> null
         stream.flush()
         if self.tensorboard:
             writer = self._writer(stage)

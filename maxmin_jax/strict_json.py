@@ -88,4 +88,21 @@ def write_json(path: str | os.PathLike, obj: Any, *, nonfinite: NonFinite = "rai
     return path
 
 
-__all__ = ["NonFiniteJSONError", "dumps", "to_json_value", "write_json"]
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """The JSON document in `path`, read strictly: a NaN or Infinity token (which `json.loads` takes) is a
+    `NonFiniteJSONError`, malformed JSON a `ValueError`, both naming the file."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(), parse_constant=_refuse_constant)
+    except ValueError as err:
+        if "is not JSON" in str(err):
+            raise NonFiniteJSONError(f"{path}: holds {str(err).split()[0]}, which is not a number in JSON (the "
+                                     "computation that wrote it failed)", path=str(path)) from None
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+
+
+__all__ = ["NonFiniteJSONError", "dumps", "read_json", "to_json_value", "write_json"]

@@ -64,9 +64,10 @@ def test_shipped_pretrained_configs_say_what_they_are():
     ("model: {source: pretrained}\n", r"model.policy: required key missing"),
     ("preferences:\n  world: {name: review, num_user: 3}\n", r"preferences.world.num_user: unknown key"),
     ("preferences:\n  world: {name: mars}\n", r"preferences.world.name: unknown world 'mars'"),
-    ("sampling: {top_p: 0}\n", r"sampling: top_p must be in \(0, 1\]"),
-    ("sampling: {top_k: 0}\n", r"sampling: top_k must be >= 1"),
-    ("policy: {objectives: [maxmin, fairest]}\n", r"policy: objectives: unknown \['fairest'\]"),
+    ("sampling: {top_p: 0}\n", r"run.yaml:sampling.top_p: expected a number in \(0, 1\] or None, got 0.0"),
+    ("sampling: {top_k: 0}\n", r"run.yaml:sampling.top_k: expected an integer >= 1 or None, got 0"),
+    ("policy: {objectives: [maxmin, fairest]}\n", r"run.yaml:policy.objectives: unknown \['fairest'\]; expected "
+                                                  r"names from single, utilitarian"),
     ("policy: {objectives: maxmin}\n", r"policy.objectives: expected a list of str, got 'maxmin'"),
     ("seed: 1\nseed_: 2\n", r"run.yaml:seed_: unknown key"),
     ("- 1\n- 2\n", r"expected a mapping of config keys"),
@@ -99,11 +100,11 @@ def test_numbers_as_yaml_writes_them(tmp_path):
 
 
 def test_cross_section_rules_are_checked(tmp_path):
-    with pytest.raises(ConfigError, match="'scratch' trains a GPT-2 on the world's texts"):
+    with pytest.raises(ConfigError, match="model.source: 'scratch' trains a GPT-2 on the world's texts"):
         load(tmp_path, "preferences: {source: files, files: x.jsonl}\n")
-    with pytest.raises(ConfigError, match="prompt_batch=64 is not divisible by mesh data \\* fsdp = 3"):
+    with pytest.raises(ConfigError, match="policy.prompt_batch: 64 is not divisible by mesh data \\* fsdp = 3"):
         load(tmp_path, "mesh: {data: 3}\n")
-    with pytest.raises(ConfigError, match="sampling.temperature must be > 0"):
+    with pytest.raises(ConfigError, match="sampling.temperature: expected > 0"):
         load(tmp_path, "sampling: {temperature: 0}\n")
 
 

@@ -22,13 +22,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 import yaml
 
 from conftest import read_tfevents
 from maxmin_jax.cli import main
-from maxmin_jax.errors import RunDirError
+from maxmin_jax.errors import NumericalFault, RunDirError
 from maxmin_jax.metrics import MetricsWriter, read_records, tag
 from maxmin_jax.pipeline import load_config, run, stage_plan
 from maxmin_jax.pipeline import stages as stages_module
@@ -172,6 +173,38 @@ def test_interrupted_run_resumes_to_the_same_report(uninterrupted, config_file, 
     report = run(load_config(config_file), out, progress=False)
     assert comparable(report) == comparable(expected)
     assert stream(out) == stream(expected_out)
+
+
+def test_diverged_policy_stops_keeping_its_last_good_checkpoint(uninterrupted, config_file, tmp_path, monkeypatch):
+    """Weights gone NaN at iteration 3 (where a too-high learning rate leads) make that iteration's loss, gradient
+    norm and KL non-finite: the run stops with `NumericalFault` before checkpointing it, nothing is exported or
+    reported as trained, and a rerun resumes from the last good checkpoint to the uninterrupted result."""
+    expected_out, expected, _ = uninterrupted
+    out = tmp_path / "diverged"
+    real_step = PPOTrainer.step
+
+    def step(trainer, state, prompts, mask, key):
+        if int(state.step) == 2:
+            state = state._replace(trainable=jax.tree.map(lambda x: x * np.nan, state.trainable))
+        return real_step(trainer, state, prompts, mask, key)
+
+    monkeypatch.setattr(PPOTrainer, "step", step)
+    with pytest.raises(NumericalFault) as err:
+        run(load_config(config_file), out, progress=False)
+    message = str(err.value)
+    assert message.startswith("policy/utilitarian/ppo: ") and " = nan at step 3 (not finite)" in message
+    assert "the last good checkpoint is step 2 (" in message and "policy.ppo.learning_rate" in message
+    stage = out / "policy/utilitarian/ppo"
+    assert sorted(os.listdir(stage / "checkpoints"), key=str) == ["1", "2"]
+    assert json.loads((stage / "stage.json").read_text())["status"] == "running"
+    assert not (out / "policies").exists() and not (out / "report.json").exists()
+    text = (out / "metrics.jsonl").read_text()
+    assert "NaN" not in text  # the stream stays strict JSON: the diverged values are null
+    last = json.loads(text.splitlines()[-1])
+    assert (last["stage"], last["step"], last[err.value.quantity]) == ("policy/utilitarian/ppo", 3, None)
+    monkeypatch.undo()
+    report = run(load_config(config_file), out, progress=False)
+    assert comparable(report) == comparable(expected)
 
 
 def test_rerun_skips_finished_stages(uninterrupted, config_file, monkeypatch):

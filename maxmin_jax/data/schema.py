@@ -18,7 +18,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
-from maxmin_jax.errors import DataError
+from maxmin_jax.errors import DataError, option, spell_options
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +82,8 @@ def _check_user_id(value: Any, coerce_user_id: bool) -> tuple[str | None, str | 
         return None, "field 'user_id': expected a non-empty string, got an empty string"
     if coerce_user_id and isinstance(value, numbers.Integral) and not isinstance(value, bool):
         return str(int(value)), None
-    hint = " (pass coerce_user_id=True to accept integer ids as strings)" if isinstance(value, numbers.Integral) else ""
+    hint = (f" ({option('coerce_user_id', True)} accepts integer ids as strings)"
+            if isinstance(value, numbers.Integral) else "")
     return None, f"field 'user_id': expected a string, got {describe(value)}{hint}"
 
 
@@ -174,7 +175,7 @@ def settle_problems(
         listed = "\n".join(f"  {source}: row {n}: {reason}" for n, reason in problems[:_MAX_LISTED_ERRORS])
         more = len(problems) - _MAX_LISTED_ERRORS
         tail = f"\n  ... and {more} more invalid {noun}" if more > 0 else ""
-        hint = (f"(fix the data, or skip invalid {noun}: skip_invalid=True; on the command line --skip-invalid)"
+        hint = (f"(fix the data, or skip invalid {noun}: {option('skip_invalid', True)})"
                 if not skip_invalid else f"(skipping invalid {noun} would leave none)")
         first_row, first_reason = problems[0]
         field = re.search(r"fields? '(\w+)'", first_reason)
@@ -183,4 +184,4 @@ def settle_problems(
     if problems:
         first_n, first_reason = problems[0]
         logger.warning("%s: skipped %d invalid %s of %d (first: row %d: %s)", source, len(problems), noun, total,
-                       first_n, first_reason)
+                       first_n, spell_options(first_reason))

@@ -21,8 +21,10 @@ the same tree written out; a test keeps them equal).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Literal
 
+from maxmin_jax import validate
 from maxmin_jax.errors import ConfigError
 from maxmin_jax.generate import SamplingConfig
 from maxmin_jax.policy.objectives import OBJECTIVES
@@ -49,7 +51,7 @@ class WorldPreferences:
     """Share of each user's pairs held out to score the fitted rewards (0: none)."""
 
     def __post_init__(self):
-        _check_fraction(self.heldout_fraction)
+        validate.proper_fraction(self, "heldout_fraction")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -74,12 +76,10 @@ class FilePreferences:
     """Share of each user's pairs held out to score the fitted rewards (0: none)."""
 
     def __post_init__(self):
-        _check_fraction(self.heldout_fraction)
-        if self.users_per_group is not None:
-            if self.users_per_group < 1:
-                raise ValueError(f"users_per_group must be >= 1, got {self.users_per_group}")
-            if isinstance(self.files, str):
-                raise ValueError("users_per_group needs one source per group (files: {group: path})")
+        validate.proper_fraction(self, "heldout_fraction")
+        validate.positive_int(self, "users_per_group", optional=True)
+        validate.require(self.users_per_group is None or not isinstance(self.files, str), self, "users_per_group",
+                         "needs one source per group (files: {group: path})")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -96,17 +96,11 @@ class PSoupsPreferences:
     heldout_fraction: float = 0.1
 
     def __post_init__(self):
-        _check_fraction(self.heldout_fraction)
-        if self.users_per_group < 1:
-            raise ValueError(f"users_per_group must be >= 1, got {self.users_per_group}")
+        validate.proper_fraction(self, "heldout_fraction")
+        validate.positive_int(self, "users_per_group")
 
 
 PreferencesSource = WorldPreferences | FilePreferences | PSoupsPreferences
-
-
-def _check_fraction(fraction: float) -> None:
-    if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"heldout_fraction must be in [0, 1), got {fraction}")
 
 
 # Models -------------------------------------------------------------------------------------------------------------
@@ -125,9 +119,10 @@ class ScratchModel:
     sft: SFTConfig = SFTConfig(steps=200, batch_size=32, learning_rate=3e-3)
 
     def __post_init__(self):
-        if min(self.hidden_size, self.num_layers, self.num_heads, self.max_position_embeddings,
-               self.sft_examples) < 1:
-            raise ValueError("model sizes and sft_examples must be >= 1")
+        validate.positive_int(self, "hidden_size", "num_layers", "num_heads", "max_position_embeddings",
+                              "sft_examples")
+        validate.require(self.hidden_size % self.num_heads == 0, self, "hidden_size",
+                         f"{self.hidden_size} is not divisible by num_heads={self.num_heads}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -161,8 +156,7 @@ class MeshConfig:
     """Tensor parallel: heads, MLP and vocabulary split."""
 
     def __post_init__(self):
-        if min(self.data, self.fsdp, self.tensor) < 1:
-            raise ValueError(f"mesh axes must be >= 1, got data={self.data}, fsdp={self.fsdp}, tensor={self.tensor}")
+        validate.positive_int(self, "data", "fsdp", "tensor")
 
     @property
     def size(self) -> int:
@@ -200,8 +194,8 @@ class LoraSpec:
     """Adapted weights (e.g. [q, v] for Llama, [qkv] for GPT-2), "all", or None for the family default."""
 
     def __post_init__(self):
-        if self.rank < 1:
-            raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
+        validate.positive_int(self, "rank")
+        validate.positive(self, "alpha", optional=True)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -230,12 +224,12 @@ class PromptsConfig:
     prompts too long for the model next to `sampling.max_new_tokens` are skipped and counted."""
     max_prompts: int | None = None
     """Use only the first N rows of the source (None: all)."""
+    skip_invalid: bool = False
+    """Skip (and count) invalid prompts (empty, not text, too long for the model next to the response budget)
+    instead of stopping at the first; every one is an error naming its file and row otherwise."""
 
     def __post_init__(self):
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if self.max_prompts is not None and self.max_prompts < 1:
-            raise ValueError(f"max_prompts must be >= 1, got {self.max_prompts}")
+        validate.positive_int(self, "max_tokens", "max_prompts", optional=True)
 
 
 # Rewards ------------------------------------------------------------------------------------------------------------
@@ -254,8 +248,10 @@ class FitRewards:
     """K heads on one backbone (one forward pass for all K rewards); False: K backbones, as in the paper."""
 
     def __post_init__(self):
-        if self.single_reward_steps < 0:
-            raise ValueError(f"single_reward_steps must be >= 0, got {self.single_reward_steps}")
+        validate.non_negative_int(self, "single_reward_steps")
+        # EM's optimiser, checked here until MStepConfig checks itself: a bad rate fails now, not after every
+        # M-step of the fit was rejected.
+        validate.check_optimizer(self.em.m_step, within=self, at="em.m_step")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -296,19 +292,17 @@ class PolicyConfig:
 
     def __post_init__(self):
         unknown = [o for o in self.objectives if o not in OBJECTIVES]
-        if unknown or not self.objectives:
-            raise ValueError(f"objectives: unknown {unknown}; choose from {list(OBJECTIVES)}")
+        validate.require(not unknown, self, "objectives",
+                         f"unknown {unknown}; expected names from {', '.join(OBJECTIVES)}")
         for name in ("objectives", "algorithms"):
             values = getattr(self, name)
-            if len(set(values)) != len(values) or not values:
-                raise ValueError(f"{name}: expected distinct names, got {list(values)}")
-        if min(self.iterations, self.prompt_batch, self.checkpoint_every) < 1:
-            raise ValueError("iterations, prompt_batch and checkpoint_every must be >= 1")
-        if self.prompt_batch % self.ppo.minibatches:
-            raise ValueError(f"prompt_batch={self.prompt_batch} is not divisible by ppo.minibatches="
-                             f"{self.ppo.minibatches}")
-        if not self.softmin_temperature > 0 or not self.dro_step_size >= 0:
-            raise ValueError("softmin_temperature must be > 0 and dro_step_size >= 0")
+            validate.require(len(set(values)) == len(values) and bool(values), self, name,
+                             f"expected distinct names, got {list(values)}")
+        validate.positive_int(self, "iterations", "prompt_batch", "checkpoint_every")
+        validate.require(self.prompt_batch % self.ppo.minibatches == 0, self, "prompt_batch",
+                         f"{self.prompt_batch} is not divisible by ppo.minibatches={self.ppo.minibatches}")
+        validate.positive(self, "softmin_temperature")
+        validate.non_negative(self, "dro_step_size")
 
     def runs(self) -> list[tuple[str, str]]:
         """(objective, algorithm) of every policy to train, in order."""
@@ -333,11 +327,11 @@ class EvaluationConfig:
     """Decoded responses of each policy shown in the report."""
 
     def __post_init__(self):
-        if min(self.standardizer_prompts, self.prompts, self.batch_size) < 1 or self.examples < 0:
-            raise ValueError("prompt counts and batch_size must be >= 1, examples >= 0")
+        validate.positive_int(self, "standardizer_prompts", "prompts", "batch_size")
+        validate.non_negative_int(self, "examples")
         for name in ("standardizer_prompts", "prompts"):
-            if getattr(self, name) % self.batch_size:
-                raise ValueError(f"{name}={getattr(self, name)} is not a multiple of batch_size={self.batch_size}")
+            validate.require(getattr(self, name) % self.batch_size == 0, self, name,
+                             f"{getattr(self, name)} is not a multiple of batch_size={self.batch_size}")
 
 
 # The run ------------------------------------------------------------------------------------------------------------
@@ -369,20 +363,39 @@ class RunConfig:
     """Also write the metrics stream as TensorBoard event files (tensorboard/)."""
 
     def __post_init__(self):
-        if self.prompt_template is not None and "{prompt}" not in self.prompt_template:
-            raise ValueError(f"prompt_template must contain {{prompt}}, got {self.prompt_template!r}")
-        world = isinstance(self.preferences, WorldPreferences)
-        if isinstance(self.model, ScratchModel) and not world:
-            raise ValueError("model.source 'scratch' trains a GPT-2 on the world's texts: it needs "
-                             "preferences.source 'world'")
-        if self.sampling.temperature == 0:
-            raise ValueError("sampling.temperature must be > 0: policies are trained on what they sample")
+        require = functools.partial(validate.require, obj=self)
+        validate.non_negative_int(self, "seed")
+        require(self.prompt_template is None or "{prompt}" in self.prompt_template, key="prompt_template",
+                detail=f"expected a format string with {{prompt}}, got {self.prompt_template!r}")
+        scratch = isinstance(self.model, ScratchModel)
+        require(not scratch or isinstance(self.preferences, WorldPreferences), key="model.source",
+                detail="'scratch' trains a GPT-2 on the world's texts: it needs preferences.source 'world'")
+        require(self.sampling.temperature > 0, key="sampling.temperature",
+                detail="expected > 0: policies are trained on what they sample")
+        if scratch:
+            positions = self.model.max_position_embeddings
+            require(self.sampling.max_new_tokens < positions, key="sampling.max_new_tokens",
+                    detail=f"{self.sampling.max_new_tokens} leaves no room for a prompt in the model's {positions} "
+                           "positions (model.max_position_embeddings)")
+            self._check_lora_targets("gpt2")
         if self.mesh is not None:
             ways = self.mesh.batch_ways
             for name, value in (("policy.prompt_batch", self.policy.prompt_batch),
                                 ("evaluation.batch_size", self.evaluation.batch_size)):
-                if value % ways:
-                    raise ValueError(f"{name}={value} is not divisible by mesh data * fsdp = {ways}")
+                require(value % ways == 0, key=name, detail=f"{value} is not divisible by mesh data * fsdp = {ways}")
+
+    def _check_lora_targets(self, model_type: str) -> None:
+        from maxmin_jax.models.lora import LORA_SPECS
+
+        for which in ("policy", "reward"):
+            spec = getattr(self.lora, which) if self.lora is not None else None
+            targets = spec.targets if spec is not None else None
+            targets = (targets,) if isinstance(targets, str) and targets != "all" else targets
+            if targets not in (None, "all"):
+                unknown = [t for t in targets if t not in LORA_SPECS[model_type]]
+                validate.require(not unknown, self, f"lora.{which}.targets",
+                                 f"unknown {unknown} for {model_type}; expected names from "
+                                 f"{', '.join(LORA_SPECS[model_type])} or 'all'")
 
     def format_prompt(self, prompt: str) -> str:
         return prompt if self.prompt_template is None else self.prompt_template.replace("{prompt}", prompt)

@@ -18,8 +18,10 @@ from typing import Any
 import jax
 import numpy as np
 
+from maxmin_jax import strict_json
 from maxmin_jax.checkpoint import CheckpointManager, to_json
 from maxmin_jax.errors import RunDirError
+from maxmin_jax.pipeline import outdir
 
 FORMAT = "maxmin-jax-stage/1"
 RECORD = "stage.json"
@@ -31,13 +33,9 @@ def is_primary() -> bool:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON so a crash leaves the old file or the new one, never half of one."""
-    if not is_primary():
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    """Write strict JSON (no NaN) so a crash leaves the old file or the new one, never half of one."""
+    if is_primary():
+        strict_json.write_json(path, data)
 
 
 def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
@@ -57,7 +55,11 @@ def differences(recorded: dict, current: dict) -> list[str]:
     lines = []
     for key in sorted(set(a) | set(b)):
         was, now = a.get(key, missing), b.get(key, missing)
-        if was != now:
+        if was == now:
+            continue
+        if all(isinstance(v, str) and v.startswith("sha256:") for v in (was, now)):  # an input's content
+            lines.append(f"{key}: content changed (sha256 {was[7:19]}... -> {now[7:19]}...)")
+        else:
             lines.append(f"{key}: {'(unset)' if was is missing else json.dumps(was)} -> "
                          f"{'(unset)' if now is missing else json.dumps(now)}")
     return lines
@@ -135,13 +137,38 @@ class Stage:
 
 
 class RunDir:
-    """The output directory of a run."""
+    """The output directory of a run, held by it: created or claimed (a non-empty directory must be a maxmin-jax
+    output), locked against a second writer (the first process writes; see `outdir`), emptied under `overwrite`,
+    its publications cut short completed. `close` releases it, and removes it again if this run created it and
+    failed before writing anything but its config."""
 
-    def __init__(self, root: str | os.PathLike):
+    def __init__(self, root: str | os.PathLike, *, overwrite: bool = False):
         self.root = Path(root)
-        if self.root.exists() and not self.root.is_dir():
-            raise RunDirError(f"{self.root}: exists and is not a directory")
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.created = outdir.claim(self.root) if is_primary() else False
+        self._lock = outdir.OutputLock(self.root).acquire() if is_primary() else None
+        try:
+            if overwrite and is_primary():
+                outdir.clear(self.root)
+            if is_primary():
+                outdir.recover(self.root)
+                outdir.recover(self.root / "policies")
+            if jax.process_count() > 1:
+                from jax.experimental import multihost_utils
+
+                multihost_utils.sync_global_devices("maxmin_jax.pipeline.rundir.claim")
+        except BaseException:
+            self.close(failed=True)
+            raise
+
+    def close(self, *, failed: bool = False) -> None:
+        if self._lock is None:
+            return
+        if failed and self.created and {p.name for p in self.root.iterdir()} <= {outdir.MARKER, "config.yaml"}:
+            import shutil
+
+            shutil.rmtree(self.root, ignore_errors=True)  # nothing was done: leave nothing behind
+        self._lock.release()
+        self._lock = None
 
     def stage(self, name: str, fingerprint: dict) -> Stage:
         return Stage(self.root, name, fingerprint)
@@ -155,9 +182,9 @@ class RunDir:
         if lines:
             shown = "\n  ".join(lines)
             raise RunDirError(
-                f"{self.root} holds a run with another config; refusing to mix their results. Differences "
-                f"(stage: key: recorded -> now):\n  {shown}\nUse another output directory, or delete the stages "
-                "listed to redo them.", lines)
+                f"{self.root} holds a run with another config or other inputs; refusing to mix their results. "
+                f"Differences (stage: key: recorded -> now):\n  {shown}\nUse another output directory, delete the "
+                f"stages listed to redo them, {outdir.overwrite_hint()}.", lines)
 
 
 def encode_arrays(tree: Any) -> Any:

@@ -10,8 +10,9 @@ Stages and their directories under the output directory:
     evaluate/reference/, evaluate/OBJECTIVE/ALGORITHM/    samples.npz of the evaluation
     metrics.jsonl, tensorboard/, config.yaml, report.json, table.txt, *.png
 
-Every stage's fingerprint is the part of the config its result depends on (`stage_plan`); all are checked
-against the directory's records before anything runs.
+Every stage's fingerprint is the part of the config its result depends on, with input files identified by their
+content (`stage_plan`); all are checked against the directory's records before anything runs. The output
+directory is held by one run at a time (`rundir.RunDir`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 
@@ -30,6 +32,8 @@ from maxmin_jax.errors import ConfigError
 from maxmin_jax.generate import SamplingConfig
 from maxmin_jax.metrics import MetricsWriter
 from maxmin_jax.pipeline.config import FitRewards, LoadRewards, RunConfig, ScratchModel, WorldPreferences
+from maxmin_jax.pipeline import outdir
+from maxmin_jax.pipeline.provenance import Digests, identify_inputs
 from maxmin_jax.pipeline.rundir import RunDir, Stage, is_primary
 from maxmin_jax.pipeline.sources import (Stream, build_models, load_preference_pairs, prompt_source,
                                          read_preference_rows)
@@ -57,12 +61,13 @@ def _pick(config: dict, paths: list[str]) -> dict:
     return out
 
 
-def stage_plan(cfg: RunConfig, *, stages: tuple[str, ...] = ("rewards", "standardize", "policy", "evaluate")
-               ) -> dict[str, dict]:
-    """{stage name: fingerprint} of every stage a runner doing `stages` goes through, in order."""
+def stage_plan(cfg: RunConfig, *, stages: tuple[str, ...] = ("rewards", "standardize", "policy", "evaluate"),
+               digests: Digests | None = None) -> dict[str, dict]:
+    """{stage name: fingerprint} of every stage a runner doing `stages` goes through, in order. Input paths are
+    replaced by digests of their content (`provenance.identify_inputs`; `digests` caches them)."""
     from maxmin_jax.pipeline.stages import objective_options
 
-    config = json.loads(json.dumps(to_dict(cfg)))
+    config = identify_inputs(json.loads(json.dumps(to_dict(cfg))), digests)
     for path in NOT_FINGERPRINTED:
         *parents, last = path.split(".")
         node = config
@@ -99,15 +104,20 @@ class Context:
     """What every stage reads: the config, the output directory and its stage plan, the mesh, the metrics stream,
     the sampling config (with the tokenizer's EOS and pad), the root key, progress reporting."""
 
-    def __init__(self, cfg: RunConfig, out: str | Path, *, stages: tuple[str, ...], progress: bool = True):
+    def __init__(self, cfg: RunConfig, out: str | Path, *, stages: tuple[str, ...], progress: bool = True,
+                 overwrite: bool = False):
         self.cfg, self.progress = cfg, progress
         self.started = time.perf_counter()
         self.mesh = cfg.mesh.build() if cfg.mesh is not None else None  # first: a wrong mesh fails before loading
-        self.run = RunDir(out)
-        self.plan = stage_plan(cfg, stages=stages)
-        self.run.check(self.plan)
-        if is_primary():
-            (self.run.root / "config.yaml").write_text(dump_yaml(cfg))
+        self.plan = stage_plan(cfg, stages=stages)  # reads the inputs: a missing model fails before any output
+        self.run = RunDir(out, overwrite=overwrite)
+        try:
+            self.run.check(self.plan)
+            if is_primary():
+                _write_text(self.run.root / "config.yaml", dump_yaml(cfg))
+        except BaseException:
+            self.run.close(failed=True)
+            raise
         self.metrics = MetricsWriter(self.run.root, tensorboard=cfg.tensorboard, enabled=is_primary())
         self.sampling: SamplingConfig = cfg.sampling
 
@@ -133,12 +143,27 @@ class Context:
     def __enter__(self) -> Context:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
         self.metrics.close()
+        self.run.close(failed=exc_type is not None)
 
 
-def _check(cfg: RunConfig, *, fit: bool, prompts: bool) -> None:
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+FIT_REWARDS_LAYOUT = ("assignments.json", "em_history.json", "reward_model")
+"""What fit-rewards publishes into its output directory."""
+
+
+def _check(cfg: RunConfig, *, fit: bool, prompts: bool, out: str | Path | None = None) -> None:
     """What a runner needs from the config, refused before anything runs."""
+    if isinstance(cfg.rewards, LoadRewards) and out is not None and Path(cfg.rewards.path).resolve() == \
+            Path(out).resolve():
+        raise ConfigError(f"rewards.path: {cfg.rewards.path} is also the output directory; the fitted rewards "
+                          "would be written over: use another output directory", key="rewards.path")
     world = isinstance(cfg.preferences, WorldPreferences)
     if fit and isinstance(cfg.rewards, FitRewards):
         if cfg.preferences is None:
@@ -149,16 +174,18 @@ def _check(cfg: RunConfig, *, fit: bool, prompts: bool) -> None:
         raise ConfigError("prompts: required unless preferences.source is 'world' (which supplies its own)")
 
 
-def run(cfg: RunConfig, out: str | Path, *, progress: bool = True) -> dict:
+def run(cfg: RunConfig, out: str | Path, *, progress: bool = True, overwrite: bool = False) -> dict:
     """Every stage, then the report (report.json, table.txt, plots) in `out`; returns the report. A rerun skips
-    finished stages, resumes a half-finished one, and refuses a directory written under another config."""
+    finished stages, resumes a half-finished one, and refuses a directory written under another config or other
+    inputs (`overwrite`: empty it first)."""
     from maxmin_jax.pipeline.report import build_report
     from maxmin_jax.pipeline.stages import (evaluate, evaluated, reward_models, standardize, starting_policy,
                                             train_policy)
     from maxmin_jax.report import write_report
 
-    _check(cfg, fit=True, prompts=True)
-    with Context(cfg, out, stages=("rewards", "standardize", "policy", "evaluate"), progress=progress) as ctx:
+    _check(cfg, fit=True, prompts=True, out=out)
+    with Context(cfg, out, stages=("rewards", "standardize", "policy", "evaluate"), progress=progress,
+                 overwrite=overwrite) as ctx:
         rows = read_preference_rows(cfg) if cfg.preferences is not None else None
         models = build_models(ctx)
         ctx.use_tokenizer(models.tokenizer)
@@ -182,32 +209,35 @@ def run(cfg: RunConfig, out: str | Path, *, progress: bool = True) -> dict:
     return report
 
 
-def fit_rewards(cfg: RunConfig, out: str | Path, *, progress: bool = True):
+def fit_rewards(cfg: RunConfig, out: str | Path, *, progress: bool = True, overwrite: bool = False):
     """`maxmin-jax fit-rewards`: the reward stages only, then the fit-rewards layout in `out` (assignments.json,
-    em_history.json, reward_model/), which `train_policy` (rewards.source: load) reads. Returns the EM result."""
+    em_history.json, reward_model/, published together: a reader finds all or none), which `train_policy`
+    (rewards.source: load) reads. Returns the EM result."""
     from maxmin_jax.pipeline.stages import reward_models
     from maxmin_jax.rewards.fit import write_result
 
-    _check(cfg, fit=True, prompts=False)
+    _check(cfg, fit=True, prompts=False, out=out)
     if not isinstance(cfg.rewards, FitRewards):
         raise ConfigError("rewards.source: fit-rewards fits reward models ('fit')")
-    with Context(cfg, out, stages=("rewards",), progress=progress) as ctx:
+    with Context(cfg, out, stages=("rewards",), progress=progress, overwrite=overwrite) as ctx:
         rows = read_preference_rows(cfg)
         models = build_models(ctx)
         prefs = load_preference_pairs(ctx, models, rows)
         rewards = reward_models(ctx, models, prefs)
         if is_primary():
-            write_result(rewards.em, out, config=cfg.rewards.em)
+            with outdir.publishing(out, FIT_REWARDS_LAYOUT) as staging:
+                write_result(rewards.em, staging, config=cfg.rewards.em)
     return rewards.em, prefs
 
 
-def train_policy(cfg: RunConfig, out: str | Path, *, progress: bool = True) -> dict[str, list[dict]]:
+def train_policy(cfg: RunConfig, out: str | Path, *, progress: bool = True, overwrite: bool = False
+                 ) -> dict[str, list[dict]]:
     """`maxmin-jax train-policy`: standardisation and policy training (with export) on loaded or fitted reward
     models, without evaluation. Returns each policy's curve."""
     from maxmin_jax.pipeline.stages import reward_models, standardize, train_policy as train
 
-    _check(cfg, fit=True, prompts=True)
-    with Context(cfg, out, stages=("rewards", "standardize", "policy"), progress=progress) as ctx:
+    _check(cfg, fit=True, prompts=True, out=out)
+    with Context(cfg, out, stages=("rewards", "standardize", "policy"), progress=progress, overwrite=overwrite) as ctx:
         fit = cfg.preferences is not None and not isinstance(cfg.rewards, LoadRewards)
         rows = read_preference_rows(cfg) if fit else None
         models = build_models(ctx)

@@ -16,9 +16,9 @@ import jax
 import numpy as np
 from flax import nnx
 
-from maxmin_jax.data.batching import PairBatch, bucket_length, tokenize_pairs
+from maxmin_jax.data.batching import PairBatch, bucket_length, check_pair_lengths, tokenize_pairs
 from maxmin_jax.data.loaders import load_grouped, load_preferences, load_psoups, read_table
-from maxmin_jax.data.schema import DataError
+from maxmin_jax.data.schema import DataError, ValidatedRows
 from maxmin_jax.errors import ConfigError
 from maxmin_jax.models.transformer import CausalLM
 from maxmin_jax.pipeline.config import (FilePreferences, PromptsConfig, PSoupsPreferences, ScratchModel,
@@ -162,7 +162,12 @@ def load_preference_pairs(ctx, models: Models, read: PreferenceRows) -> Preferen
     rows, skipped, name = read.rows, read.skipped, read.source
     if cfg.prompt_template is not None:
         rows = [dataclasses.replace(r, prompt=cfg.format_prompt(r.prompt)) for r in rows]
-    pairs = tokenize_pairs(models.tokenizer, rows, max_length=models.reward.config.max_position_embeddings)
+    max_length = models.reward.config.max_position_embeddings
+    # Pairs too long for the reward model: an error naming file and row, or skipped and counted (skip_invalid).
+    checked = check_pair_lengths(ValidatedRows(rows, source=name), models.tokenizer, max_length=max_length,
+                                 skip_invalid=getattr(source, "skip_invalid", False))
+    rows, skipped = checked.rows, skipped + len(checked.skipped)
+    pairs = tokenize_pairs(models.tokenizer, rows, max_length=max_length)
     check_ids(int(max(pairs.chosen_ids.max(), pairs.rejected_ids.max())), models.reward, "the preference data")
     heldout = None
     train = pairs

@@ -8,7 +8,6 @@ recomputed; `iterate` is the one policy-training loop, with checkpoints every N 
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from collections import Counter
 from pathlib import Path
@@ -20,15 +19,19 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from maxmin_jax.errors import ConfigError, RunDirError
+from maxmin_jax import strict_json
+from maxmin_jax.errors import CheckpointError, ConfigError, NumericalFault, RunDirError
 from maxmin_jax.eval import evaluate_policy
+from maxmin_jax.guards import check_fit_history, first_fault, without_flags
 from maxmin_jax.models.transformer import CausalLM
+from maxmin_jax.pipeline import outdir
 from maxmin_jax.pipeline.config import LoadRewards, LoraSpec, PolicyConfig
 from maxmin_jax.pipeline.rundir import Stage, decode_arrays, encode_arrays, is_primary
 from maxmin_jax.pipeline.sources import Models, Preferences, PromptSource, Stream
 from maxmin_jax.policy.model import PolicyWithValue
 from maxmin_jax.policy.objectives import RewardStandardizer, make_objective
 from maxmin_jax.policy.trainer import PPOTrainer
+from maxmin_jax.policy.training import check_step
 from maxmin_jax.rewards.diagnostics import fit_warnings
 from maxmin_jax.rewards.em import EMResult, clustering_metrics, evaluate_pairs, fit_em, fit_single_reward
 from maxmin_jax.trainable import trainable_filter
@@ -112,10 +115,12 @@ def _em_result(fields: dict, model: nnx.Module) -> EMResult:
     return EMResult(model=model, **fields)
 
 
-def _fit_stage(ctx, stage: Stage, model: nnx.Module, fit: Callable[[], EMResult], prefs: Preferences
-               ) -> tuple[EMResult, dict | None]:
-    """Fit `model` with `fit` (or read it back): the EM result and its held-out scores. The result's model is the
-    fitted one (`model`, or with num_groups="auto" the same backbone with the chosen K heads)."""
+def _fit_stage(ctx, stage: Stage, model: nnx.Module, fit: Callable[[], EMResult], prefs: Preferences, *,
+               m_steps: int) -> tuple[EMResult, dict | None]:
+    """Fit `model` with `fit` (or read it back): the EM result and its held-out scores. A fit that did not train
+    (every M-step rejected, or a non-finite number: `guards.check_fit_history`) stops the run before anything of
+    it is saved. The result's model is the fitted one (`model`, or with num_groups="auto" the same backbone
+    with the chosen K heads)."""
     trainable = trainable_filter(lora=_lora(ctx, "reward") is not None)
     if stage.done:
         nnx.update(model, stage.restore_state(nnx.state(model, trainable)))
@@ -123,11 +128,18 @@ def _fit_stage(ctx, stage: Stage, model: nnx.Module, fit: Callable[[], EMResult]
     stage.start()
     result = fit()
     model = result.model
-    if prefs.train.groups is not None and result.weights.shape[0] > 1:
-        result.metrics.update(clustering_metrics(result.assignments, prefs.train.groups))
     for row in result.history:
         ctx.metrics.write(stage.name, row["round"], {k: v for k, v in row.items()  # numbers only, not who assigned
                                                      if k != "round" and v is not None and not isinstance(v, str)})
+    check_fit_history(result.history, where=stage.name, m_steps=m_steps,
+                      learning_rate="rewards.em.m_step.learning_rate")
+    for name in ("weights", "responsibilities"):
+        value = np.asarray(getattr(result, name), np.float64)
+        if not np.all(np.isfinite(value)):
+            raise NumericalFault(f"{stage.name}: the fitted {name} are not finite; nothing is written",
+                                 quantity=name, value=value)
+    if prefs.train.groups is not None and result.weights.shape[0] > 1:
+        result.metrics.update(clustering_metrics(result.assignments, prefs.train.groups))
     heldout = (evaluate_pairs(result, prefs.heldout, chunk_size=ctx.cfg.rewards.em.chunk_size)
                if prefs.heldout is not None else None)
     stage.save_state(nnx.state(model, trainable))
@@ -151,7 +163,8 @@ def reward_models(ctx, models: Models, prefs: Preferences | None) -> Rewards:
         k = int(stage.result["em"]["num_groups"]) if stage.done else 1
     mixture = _reward_model(ctx, models.reward, k, ctx.cfg.seed + 1)
     em, heldout_mixture = _fit_stage(
-        ctx, stage, mixture, lambda: fit_em(mixture, prefs.train, em_cfg, mesh=ctx.mesh, trainable=trainable), prefs)
+        ctx, stage, mixture, lambda: fit_em(mixture, prefs.train, em_cfg, mesh=ctx.mesh, trainable=trainable), prefs,
+        m_steps=source.em.steps_per_round)
     mixture = em.model
     heldout = {"mixture": heldout_mixture}
     single = single_fit = None
@@ -161,7 +174,8 @@ def reward_models(ctx, models: Models, prefs: Preferences | None) -> Rewards:
             ctx, ctx.stage("rewards/single"), single,
             lambda: fit_single_reward(single, prefs.train, steps=source.single_reward_steps,
                                       batch_size=source.em.batch_size, m_step_config=source.em.m_step,
-                                      seed=ctx.cfg.seed, progress=ctx.progress, trainable=trainable), prefs)
+                                      seed=ctx.cfg.seed, progress=ctx.progress, trainable=trainable), prefs,
+            m_steps=source.single_reward_steps)
     groups = prefs.train.groups
     clusters = cluster_names(em.assignments, groups, em.weights.shape[0])
     clustering = ({k: em.metrics.get(k) for k in ("ari", "purity")} if groups is not None
@@ -181,11 +195,22 @@ def load_rewards(ctx, source: LoadRewards) -> Rewards:
     from maxmin_jax.rewards.fit import load_reward_model
 
     path = Path(source.path)
-    model = load_reward_model(path / "reward_model", mesh=ctx.mesh)
+    if outdir.incomplete(path):
+        raise CheckpointError(f"{path}: the fit-rewards run that wrote it was stopped while publishing its results; "
+                              "run the same fit-rewards command again to complete them", path=path)
     history_path = path / "em_history.json"
     if not history_path.exists():
         raise ConfigError(f"rewards.path: {path} is not a fit-rewards directory (no em_history.json)")
-    history = json.loads(history_path.read_text())
+    try:
+        history = strict_json.read_json(history_path)
+    except ValueError as err:  # NaN tokens (an older fit that diverged) or a damaged file
+        raise CheckpointError(f"{err}; fit the rewards again", path=history_path) from None
+    try:
+        check_fit_history(history["history"], where=str(history_path),
+                          m_steps=(history.get("config") or {}).get("steps_per_round", 1))
+    except NumericalFault as err:
+        raise CheckpointError(f"{path}: this reward model did not train ({err}); fit it again", path=path) from None
+    model = load_reward_model(path / "reward_model", mesh=ctx.mesh)
     weights = np.asarray(history["weights"], np.float32)
     clusters = [f"cluster{k}" for k in range(model.num_groups)]
     report = {"ari": history.get("metrics", {}).get("ari"), "weights": weights.tolist(), "cluster_groups": clusters,
@@ -263,11 +288,16 @@ def make_trainer(ctx, objective: str, algorithm: str, models: Models, rewards: R
 
 
 def iterate(ctx, stage: Stage, trainer, batch: Callable[[int], tuple], *, iterations: int, checkpoint_every: int,
-            group_names: list[str] | None = None) -> tuple[Any, list[dict]]:
+            group_names: list[str] | None = None, learning_rate: str = "policy.ppo.learning_rate"
+            ) -> tuple[Any, list[dict]]:
     """The training loop of every policy: `trainer.step(state, *batch(i), key_i)` for i < iterations, with the
     metrics of each iteration streamed and the full state checkpointed every `checkpoint_every` iterations.
     Resumes from the stage's last checkpoint; iteration i's batch and key depend on i only, so a resumed run ends
-    exactly where an uninterrupted one does. Returns the final state and every iteration's metrics record."""
+    exactly where an uninterrupted one does. Returns the final state and every iteration's metrics record.
+
+    An iteration whose metrics raise a fault flag (`maxmin_jax.guards`: a non-finite or exploding loss, gradient
+    norm or KL) is recorded and stops the run with `NumericalFault` before it is checkpointed, so the last
+    checkpoint stays the last good state; `learning_rate` is the option its hint names."""
     with stage.checkpoints() as checkpoints:
         state = trainer.init_state()
         restored = checkpoints.restore_latest(state)
@@ -290,7 +320,12 @@ def iterate(ctx, stage: Stage, trainer, batch: Callable[[int], tuple], *, iterat
             seconds = time.perf_counter() - began
             tokens = float(metrics["response_length"]) * inputs[0].shape[0]
             throughput = {"seconds": seconds, "tokens_per_second": tokens / seconds}
-            records.append(ctx.metrics.write(stage.name, it + 1, {**metrics, **throughput}, group_names=group_names))
+            records.append(ctx.metrics.write(stage.name, it + 1, {**without_flags(metrics), **throughput},
+                                             group_names=group_names))
+            if first_fault(metrics) is not None:
+                checkpoints.wait_until_finished()
+                check_step(metrics, where=stage.name, step=it + 1, last_good_step=checkpoints.latest_step(),
+                           checkpoints=str(checkpoints.directory), learning_rate=learning_rate)
             if (it + 1) % checkpoint_every == 0 or it + 1 == iterations:
                 checkpoints.save(it + 1, state)
         checkpoints.wait_until_finished()
@@ -345,7 +380,12 @@ def export_policy(ctx, policy: PolicyWithValue, trainable: nnx.State, models: Mo
     LoRA: the trained adapters and value head as float32 npz (keys are state paths) and adapter_config.json."""
     if not is_primary():
         return
-    directory.mkdir(parents=True, exist_ok=True)
+    with outdir.publishing(directory.parent) as staging:  # appears whole, or not at all
+        _write_policy(ctx, policy, trainable, models, staging / directory.name)
+
+
+def _write_policy(ctx, policy: PolicyWithValue, trainable: nnx.State, models: Models, directory: Path) -> None:
+    directory.mkdir(parents=True)
     lora = _lora(ctx, "policy")
     base = getattr(ctx.cfg.model, "policy", "sft")
     if lora is None:
@@ -357,9 +397,9 @@ def export_policy(ctx, policy: PolicyWithValue, trainable: nnx.State, models: Mo
     arrays = {"/".join(map(str, path)): np.asarray(jax.device_get(var.get_value()), dtype=np.float32)
               for path, var in nnx.to_flat_state(trainable)}
     np.savez(directory / "trainable.npz", **arrays)
-    (directory / "adapter_config.json").write_text(json.dumps(
-        {"base_model": base, "rank": lora.rank, "alpha": lora.alpha, "targets": lora.targets,
-         "arrays": sorted(arrays)}, indent=2))
+    strict_json.write_json(directory / "adapter_config.json",
+                           {"base_model": base, "rank": lora.rank, "alpha": lora.alpha, "targets": lora.targets,
+                            "arrays": sorted(arrays)})
 
 
 # Evaluation ---------------------------------------------------------------------------------------------------------

@@ -27,13 +27,12 @@ from flax import nnx
 from maxmin_jax import validate
 from maxmin_jax.errors import ConfigError
 from maxmin_jax.generate import SamplingConfig
-from maxmin_jax.guards import GRAD_NORM_LIMIT, KL_LIMIT, LOSS_LIMIT, fault_flags
 from maxmin_jax.models.transformer import CausalLM
 from maxmin_jax.policy.advantages import LOSS_KL_KINDS, Estimator, group_view, policy_gradient_loss
 from maxmin_jax.policy.objectives import Objective, ObjectiveState, RewardStandardizer
 from maxmin_jax.policy.ppo import masked_entropy, masked_mean, terminal_rewards
-from maxmin_jax.policy.training import (make_optimizer, minibatch_updates, reference_logprobs, response_outputs,
-                                        rollout_and_score, split_policy, start_state)
+from maxmin_jax.policy.training import (flag_faults, make_optimizer, minibatch_updates, reference_logprobs,
+                                        response_outputs, rollout_and_score, split_policy, start_state)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -158,8 +157,7 @@ def _iteration(static: _Static, state: CriticFreeState, frozen: CriticFreeFrozen
     if ref_logprobs is not None:  # the sampling policy's sequence KL to the reference (k1, as PPO reports it)
         sampled = rollout.sampler_logprobs if old_logprobs is None else old_logprobs
         metrics["kl"] = jnp.sum((sampled - ref_logprobs) * mask, axis=1).mean()
-    limits = {"loss": LOSS_LIMIT, "grad_norm": GRAD_NORM_LIMIT} | ({"kl": KL_LIMIT} if "kl" in metrics else {})
-    metrics |= fault_flags(metrics, limits)  # checked on the host (guards.raise_on_fault) before a checkpoint
+    metrics |= flag_faults(metrics)  # checked on the host (`training.check_step`) before a checkpoint
     return CriticFreeState(trainable, opt_state, rollout.objective, state.step + 1), metrics
 
 

@@ -26,11 +26,10 @@ from flax import nnx
 from maxmin_jax import validate
 from maxmin_jax.data.batching import PairBatch
 from maxmin_jax.errors import ConfigError, DataError, InputError
-from maxmin_jax.guards import GRAD_NORM_LIMIT, LOSS_LIMIT, fault_flags
 from maxmin_jax.models.transformer import CausalLM
 from maxmin_jax.policy.objectives import Objective, ObjectiveState
 from maxmin_jax.policy.preference import PREFERENCE_LOSSES, aggregate_group_losses, pair_losses, sequence_logprobs
-from maxmin_jax.policy.training import make_optimizer, split_policy, start_state
+from maxmin_jax.policy.training import flag_faults, make_optimizer, split_policy, start_state
 from maxmin_jax.sharding import replicate_on_mesh_of, shard_batch
 
 
@@ -289,8 +288,7 @@ def _step(static: _Static, state: PreferenceState, frozen: PreferenceFrozen, bat
         "chosen_reward": cfg.beta * chosen_ratio.mean(), "rejected_reward": cfg.beta * rejected_ratio.mean(),
         "grad_norm": optax.tree.norm(grads),
     }
-    # Checked on the host (guards.raise_on_fault) before a checkpoint.
-    metrics |= fault_flags(metrics, {"loss": LOSS_LIMIT, "group_loss": LOSS_LIMIT, "grad_norm": GRAD_NORM_LIMIT})
+    metrics |= flag_faults(metrics)  # checked on the host (`training.check_step`) before a checkpoint
     return PreferenceState(trainable, opt_state, agg.objective, state.step + 1), metrics
 
 

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from maxmin_jax import validate
+
 if TYPE_CHECKING:  # shape annotations only; jaxtyping is not a runtime dependency
     from jaxtyping import Array, Float, Int
 
@@ -310,20 +312,12 @@ class PPOConfig:
     """Whiten advantages over the rollout batch's real tokens before the update."""
 
     def __post_init__(self):
-        for name in ("clip_eps", "clip_value", "horizon", "target_kl", "learning_rate", "max_grad_norm"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"PPOConfig.{name} must be > 0, got {getattr(self, name)}")
-        for name in ("vf_coef", "entropy_coef", "init_kl_coef"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"PPOConfig.{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("gamma", "lam"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"PPOConfig.{name} must be in [0, 1], got {getattr(self, name)}")
-        for name in ("epochs", "minibatches"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"PPOConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.kl_kind not in KL_KINDS:
-            raise ValueError(f"PPOConfig.kl_kind must be one of {KL_KINDS}, got {self.kl_kind!r}")
+        validate.positive(self, "clip_eps", "clip_value", "horizon", "target_kl")
+        validate.non_negative(self, "vf_coef", "entropy_coef", "init_kl_coef")
+        validate.fraction(self, "gamma", "lam")
+        validate.positive_int(self, "epochs", "minibatches")
+        validate.check_optimizer(self)  # learning_rate > 0, max_grad_norm > 0 (finite)
+        validate.one_of(self, "kl_kind", KL_KINDS)
 
 
 def kl_controller(config: PPOConfig) -> AdaptiveKLController | FixedKLController:

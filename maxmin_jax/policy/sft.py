@@ -13,6 +13,7 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
+from maxmin_jax import validate
 from maxmin_jax.data.batching import minibatches
 from maxmin_jax.models.transformer import CausalLM
 from maxmin_jax.policy.ppo import masked_mean, token_logprobs
@@ -32,8 +33,9 @@ class SFTConfig:
     """Shuffling seed."""
 
     def __post_init__(self):
-        if min(self.steps, self.batch_size) < 1 or not self.learning_rate > 0:
-            raise ValueError(f"SFT needs steps >= 1, batch_size >= 1 and learning_rate > 0, got {self}")
+        validate.positive_int(self, "steps", "batch_size")
+        validate.non_negative_int(self, "seed")
+        validate.check_optimizer(self)
 
 
 def lm_loss(model: CausalLM, ids, mask):

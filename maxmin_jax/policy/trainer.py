@@ -27,8 +27,8 @@ from maxmin_jax.policy.model import PolicyWithValue
 from maxmin_jax.policy.objectives import Objective, ObjectiveState, RewardStandardizer
 from maxmin_jax.policy.ppo import (KLControllerState, PPOConfig, gae, kl_controller, masked_entropy, masked_mean,
                                    policy_loss, token_rewards, value_loss, whiten)
-from maxmin_jax.policy.training import (make_optimizer, minibatch_updates, reference_logprobs, response_outputs,
-                                        rollout_and_score, split_policy, start_state)
+from maxmin_jax.policy.training import (flag_faults, make_optimizer, minibatch_updates, reference_logprobs,
+                                        response_outputs, rollout_and_score, split_policy, start_state)
 
 
 class PPOState(NamedTuple):
@@ -162,6 +162,7 @@ def _iteration(static: _Static, state: PPOState, frozen: Frozen, prompts, prompt
         # two disagree on the distribution sampled from.
         "rollout_logprob_error": masked_mean(jnp.abs(old_logprobs - rollout.sampler_logprobs), mask),
     }
+    metrics |= flag_faults(metrics)  # checked on the host (`check_step`) before the iteration is checkpointed
     return PPOState(trainable, opt_state, kl_state, rollout.objective, state.step + 1), metrics
 
 

@@ -12,6 +12,8 @@
   the policy's top-k / top-p set. The LM head is applied to the response positions only: over a 32k-128k vocabulary
   the logits are the largest activations, and the prompt's are never read.
 - `minibatch_updates`: `epochs x minibatches` optimiser steps over shuffled rows, in one `lax.scan`.
+- `flag_faults` (in the jitted step) and `check_step` (on the host, before a checkpoint): a non-finite or exploding
+  loss, gradient norm or KL stops training with `NumericalFault`, the same way in every trainer.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from flax import nnx
 
 from maxmin_jax.errors import ConfigError
 from maxmin_jax.generate import SamplingConfig, reference_sampling_logits, sample_responses, sampling_logits
+from maxmin_jax.guards import GRAD_NORM_LIMIT, KL_LIMIT, LOSS_LIMIT, fault_flags, raise_on_fault
 from maxmin_jax.models.transformer import CausalLM
 from maxmin_jax.policy.objectives import Objective, ObjectiveState, RewardStandardizer
 from maxmin_jax.policy.ppo import token_logprobs
@@ -140,6 +143,31 @@ def minibatch_updates(loss_fn: Callable[[Any, jax.Array], tuple[jax.Array, dict]
     (trainable, opt_state), metrics = jax.lax.scan(step, (trainable, opt_state), order)
     return trainable, opt_state, {k: v.mean() for k, v in metrics.items()}
 
+# Numerical faults -----------------------------------------------------------------------------------------------
+FAULT_LIMITS: dict[str, float | None] = {
+    "loss": LOSS_LIMIT, "policy_loss": LOSS_LIMIT, "value_loss": LOSS_LIMIT, "group_loss": LOSS_LIMIT,
+    "grad_norm": GRAD_NORM_LIMIT, "kl": KL_LIMIT, "approx_kl": KL_LIMIT, "score": None}
+"""What stops a diverged policy run, whichever of these a trainer reports: losses, the gradient norm (before
+clipping) and the KLs (to the reference; the update's approximate KL) beyond their limits, or any of them (or the
+reward score) not finite."""
 
-__all__ = ["ResponseOutputs", "ScoredRollout", "make_optimizer", "minibatch_updates",
+
+def flag_faults(metrics: dict) -> dict:
+    """The `fault/...` flags (`maxmin_jax.guards`) of the metrics in `FAULT_LIMITS` a step reports. Jittable."""
+    return fault_flags(metrics, {k: v for k, v in FAULT_LIMITS.items() if k in metrics})
+
+
+def check_step(metrics: dict, *, where: str, step: int, last_good_step: int | None = None,
+               checkpoints: str | None = None, learning_rate: str = "learning_rate") -> None:
+    """Raises `NumericalFault` if a step's (host) metrics carry a raised fault flag, naming the quantity, the step,
+    the last good checkpoint and the learning-rate option `learning_rate`. Call it before checkpointing the step."""
+    from maxmin_jax.errors import option
+
+    raise_on_fault(metrics, where=where, step=step, last_good_step=last_good_step, limits=FAULT_LIMITS,
+                   checkpoints=checkpoints,
+                   hint=f"lower the learning rate ({option(learning_rate)}), or check the rewards and the data")
+
+
+__all__ = ["FAULT_LIMITS", "ResponseOutputs", "ScoredRollout", "check_step", "flag_faults", "make_optimizer",
+           "minibatch_updates",
            "reference_logprobs", "response_outputs", "rollout_and_score", "split_policy", "start_state"]
