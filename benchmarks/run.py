@@ -17,7 +17,8 @@ import time
 import traceback
 
 # Modules whose import registers benchmarks or ceilings; a new benchmark module is added here.
-BENCHMARK_MODULES = ("benchmarks.ceilings", "benchmarks.lm", "benchmarks.rl", "benchmarks.algorithms", "benchmarks.gpu")
+BENCHMARK_MODULES = ("benchmarks.ceilings", "benchmarks.lm", "benchmarks.rl", "benchmarks.algorithms", "benchmarks.em",
+                     "benchmarks.gpu")
 SUITE_CEILINGS = {"cpu": ("matmul_f32", "read_bandwidth"), "gpu": ("matmul_bf16", "copy_bandwidth")}
 
 

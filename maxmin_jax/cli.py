@@ -132,19 +132,28 @@ def cmd_sweep(args) -> int:
 
 def cmd_fit_rewards(args) -> int:
     from maxmin_jax.config_io import from_dict
+    from maxmin_jax.errors import ConfigError
     from maxmin_jax.pipeline import FilePreferences, FitRewards, PretrainedModel, RunConfig, fit_rewards
+    from maxmin_jax.rewards.diagnostics import fit_warnings
     from maxmin_jax.rewards.em import EMConfig
 
-    em = from_dict(EMConfig, {**config_flags(args, "em"), "seed": args.seed}, where="fit-rewards")
+    flags = {**config_flags(args, "em"), "seed": args.seed}
+    if args.paper and flags["num_groups"] == "auto":
+        raise ConfigError("--paper: the paper's setting fixes K; give --num-groups an integer", key="num_groups")
+    base = EMConfig.paper(flags["num_groups"]) if args.paper else None
+    em = from_dict(EMConfig, flags, where="fit-rewards", base=base)
     cfg = RunConfig(seed=args.seed, model=PretrainedModel(policy=args.model),
                     preferences=FilePreferences(files=args.data, skip_invalid=args.skip_invalid,
                                                 coerce_user_id=args.coerce_user_id, heldout_fraction=0.0),
                     rewards=FitRewards(em=em, single_reward_steps=0, shared_backbone=not args.separate_backbones))
     result, prefs = fit_rewards(cfg, args.out, overwrite=args.overwrite)
-    summary = {"users": len(result.user_ids), "weights": [round(float(w), 4) for w in result.weights],
-               "skipped_rows": prefs.info["skipped_rows"], **result.metrics}
+    for message in fit_warnings(result):
+        print(f"maxmin-jax fit-rewards: warning: {message}", file=sys.stderr)
+    summary = {"users": len(result.user_ids), "num_groups": result.num_groups,
+               "weights": [round(float(w), 4) for w in result.weights], "skipped_rows": prefs.info["skipped_rows"],
+               **result.metrics}
     print(json.dumps(summary, indent=2))
-    print(f"wrote {Path(args.out) / 'assignments.json'}, em_history.json and reward_model/")
+    print(f"wrote {Path(args.out) / 'assignments.json'}, em_history.json, em_history.png and reward_model/")
     return 0
 
 
@@ -222,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--model", required=True, help="HF checkpoint directory or hub id (backbone + tokenizer)")
     fit.add_argument("--out", required=True)
     fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--paper", action="store_true",
+                     help="the paper's EM setting (EMConfig.paper: hard EM from a round-robin start, fixed rounds "
+                          "and steps); other EM flags override it")
     fit.add_argument("--separate-backbones", action="store_true", help="K backbones (the paper) instead of K heads")
     fit.add_argument("--skip-invalid", action="store_true", help="skip bad rows (counted and reported)")
     fit.add_argument("--coerce-user-id", action="store_true", help="accept numeric user ids as strings")

@@ -91,7 +91,7 @@ def test_bad_rows_are_reported_with_file_and_row(checkpoint_and_data, tmp_path, 
 def test_flags_are_typed_by_the_config_they_set(capsys):
     with pytest.raises(SystemExit) as caught:
         main(["fit-rewards", "--data", "x", "--model", "y", "--out", "z", "--num-groups", "two"])
-    assert caught.value.code == 2 and "argument --num-groups: expected int, got 'two'" in capsys.readouterr().err
+    assert caught.value.code == 2 and "argument --num-groups: expected int or one of 'auto', got 'two'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["fit-rewards", "--data", "x", "--model", "y", "--out", "z", "--num-groups", "2", "--guard", "3"])
     assert "argument --guard: expected bool, got 3" in capsys.readouterr().err

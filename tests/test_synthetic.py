@@ -121,3 +121,126 @@ def test_planted_world_sizes_and_distinguishable_groups():
     assert planted_world(4, None, num_users=10).group_sizes == (3, 3, 2, 2)
     with pytest.raises(ValueError, match="group_sizes has 2 entries"):
         planted_world(3, (1, 1))
+
+
+# The world protocol and the EM zoo ----------------------------------------------------------------------------------
+from maxmin_jax.data import world as world_module  # noqa: E402
+from maxmin_jax.data.world import PreferenceWorld, SyntheticWorld, load_world  # noqa: E402
+from maxmin_jax.data.zoo import FAMILIES, ZooWorld, features, sample_world, sunsea_world, zoo, zoo_world  # noqa: E402
+
+
+def _sizes(world):
+    return Counter(g for _, g in world.user_groups())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_zoo_worlds_follow_the_protocol(family):
+    world = zoo_world(family, num_users=12, pairs_per_user=4, seed=3)
+    assert isinstance(world, PreferenceWorld) and isinstance(world, SyntheticWorld)
+    rows = world.preference_rows()
+    assert len(rows) == 48 and all(r.chosen != r.rejected for r in rows)
+    assert len(validate_rows(rows_as_dicts(rows), source="zoo")) == 48
+    assert dict(_sizes(world)) == dict(zip(world.group_names, world.group_sizes))
+    assert rows == world.preference_rows()  # a world is a fixed function of its settings
+    prompts = world.prompts(6, rng=1)
+    rewards = world.true_rewards(prompts, world.candidates(prompts, rng=2))
+    assert rewards.shape == (6, world.num_groups) and np.isfinite(rewards).all()
+    batch = tokenize_pairs(world.tokenizer(), rows, max_length=64)
+    assert (batch.chosen_ids != world.tokenizer().unk_token_id).all()  # one vocabulary covers the whole zoo
+
+
+def test_review_and_planted_worlds_follow_the_protocol():
+    for world in (ReviewWorld(num_users=6, pairs_per_user=2), planted_world(2, (2, 2), pairs_per_user=2)):
+        assert isinstance(world, PreferenceWorld)
+        responses = world.sample_responses(5, rng=0)
+        np.testing.assert_array_equal(world.true_rewards(["p"] * 5, responses), world.true_rewards_text(responses))
+
+
+def test_zoo_rewards_are_the_family_definitions():
+    prompts = ["briefly tell me about the sun :", "in detail describe the sea :"]
+    responses = ["sun sun sea ! -", "the sea is warm , maybe ?"]
+    f = features(prompts, responses)
+    np.testing.assert_array_equal(f["count:sun"], [2, 1])  # "warm" is a sun word
+    np.testing.assert_array_equal(f["length"], [5, 7])
+    np.testing.assert_array_equal(f["on_topic"], [2, 1])  # sun words for the sun prompt, sea words for the sea one
+    np.testing.assert_array_equal(f["next_topic"], [1, 0])  # after sun comes sea; after sea, forest
+    np.testing.assert_array_equal(f["instructed_length"], [-5, 7])
+    np.testing.assert_array_equal(f["count:hedge"], [0, 1])
+    world = sunsea_world(0)
+    assert world.group_names == ("sun", "sea", "short") and world.group_sizes == (30, 15, 5)
+    np.testing.assert_array_equal(world.true_rewards(prompts, responses), [[2, 1, -5], [1, 1, -7]])
+    scaled = zoo_world("lexical", num_groups=2, seed=0)
+    gaps = scaled.true_rewards(*_random_pairs(scaled, 0)) - scaled.true_rewards(*_random_pairs(scaled, 1))
+    np.testing.assert_allclose(np.abs(gaps).mean(0), 1.0, atol=0.2)  # temperatures are in mean-gap units
+
+
+def _random_pairs(world, seed):
+    prompts = world.prompts(400, rng=7)
+    return prompts, world.candidates(prompts, rng=seed)
+
+
+def test_sampled_worlds_stay_in_the_documented_ranges():
+    for seed in range(40):
+        w = sample_world(seed)
+        assert 2 <= w.num_groups <= 5 and max(w.group_sizes) / min(w.group_sizes) <= 20 * 1.5 + 1
+        assert 8 <= w.pairs_per_user <= 32 and 0 <= w.flip_rate <= 0.1 and 0.2 <= w.bt_temperature <= 1.0
+        assert 30 <= w.num_users <= 80 and w.family in FAMILIES
+    assert {sample_world(s).family for s in range(40)} == set(FAMILIES) - {"sunsea"}
+    assert len(zoo("test")) >= 6 and len(zoo("heldout")) > len(zoo("tune")) // 2
+    assert {w.family for w in zoo("test")} == set(FAMILIES) - {"sunsea"}
+
+
+def test_oracle_and_labelling_model():
+    clean = zoo_world("length", num_groups=2, num_users=20, pairs_per_user=16, noise=0.05, seed=1)
+    assert clean.oracle_ari() == 1.0
+    flipped = dataclass_replace(clean, flip_rate=0.3)
+    rows = flipped.preference_rows()
+    users, ll = flipped.label_log_likelihoods(rows)
+    assert ll.shape == (20, 2) and len(users) == 20
+    # A flip rate of 0.3 on near-deterministic labels: about 30% of the pairs disagree with the user's reward.
+    prompts = [r.prompt for r in rows]
+    gap = flipped.true_rewards(prompts, [r.chosen for r in rows]) - flipped.true_rewards(prompts,
+                                                                                         [r.rejected for r in rows])
+    g = np.array([flipped.group_names.index(r.group) for r in rows])
+    disagree = np.mean(gap[np.arange(len(rows)), g] < 0)
+    assert 0.2 < disagree < 0.4
+    noisy = dataclass_replace(clean, pairs_per_user=2, bt_temperature=5.0)
+    assert noisy.oracle_ari() < 0.9  # two very noisy pairs per user do not tell the groups apart
+
+
+def dataclass_replace(world, **changes):
+    import dataclasses
+
+    return dataclasses.replace(world, **changes)
+
+
+def test_worlds_refuse_bad_settings_and_factories():
+    with pytest.raises(ValueError, match="unknown zoo family"):
+        zoo_world("colours")
+    with pytest.raises(ValueError, match="1 to 4 groups"):
+        zoo_world("prompt", num_groups=5)
+    with pytest.raises(ValueError, match="flip_rate"):
+        zoo_world("lexical", flip_rate=0.6)
+    with pytest.raises(ValueError, match="fewer than the 3 groups"):
+        zoo_world("lexical", num_users=2)
+    with pytest.raises(ValueError, match="unknown zoo split"):
+        zoo("train")
+    built = load_world("maxmin_jax.data.zoo:zoo_world", family="format", num_groups=2, num_users=8)
+    assert isinstance(built, ZooWorld) and built.num_groups == 2
+    with pytest.raises(ValueError, match="expected 'package.module:function'"):
+        load_world("maxmin_jax.data.zoo.zoo_world")
+    with pytest.raises(ValueError, match="has no function or class 'no_such_world'"):
+        load_world("maxmin_jax.data.zoo:no_such_world")
+    with pytest.raises(ValueError, match=r"without \['tokenizer'"):
+        load_world(f"{__name__}:_incomplete_world")
+    assert world_module.scale_sizes((6, 3, 1), 50) == (30, 15, 5)
+
+
+def _incomplete_world():
+    class Half:
+        group_names = ("a",)
+
+        def prompts(self, n, rng=None):
+            return ["p"] * n
+
+    return Half()

@@ -10,7 +10,9 @@ the same table, so policies can be scored by the truth inside a jitted loop.
 - ``planted_world``: G groups, each with its own hidden linear preference over word categories; for checking that
   EM recovers planted clusters.
 
-Users label pairs of candidate responses with Bradley-Terry noise: a is chosen with P = sigmoid((r_g(a) - r_g(b)) / T).
+Both implement the world protocol (`maxmin_jax.data.world`): users label pairs of candidate responses with
+Bradley-Terry noise, a is chosen with P = sigmoid((r_g(a) - r_g(b)) / T), optionally with labels flipped at random.
+The EM zoo (`maxmin_jax.data.zoo`) holds more worlds, of several families.
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from transformers import PreTrainedTokenizerFast
 
-from maxmin_jax.data.schema import PreferenceRow
 from maxmin_jax.data.tokenizer import EOS, PAD, UNK, build_word_tokenizer
+from maxmin_jax.data.world import RngLike, SyntheticWorld, scale_sizes
 
 NOUNS = ("movie", "film", "plot", "acting", "story", "ending", "cast", "music", "script", "director", "scenes",
          "dialogue")
@@ -46,9 +48,6 @@ PROMPTS = ("review : the movie", "review : the film", "review : this movie", "re
            "review : the story")
 _WORD = re.compile(r"\w+|[^\w\s]+")  # what the Whitespace pre-tokenizer splits on
 _TOKEN_OF = {w: i for i, w in enumerate(VOCABULARY)}
-
-RngLike = np.random.Generator | int | None
-
 
 def _pick(rng: np.random.Generator, words: Sequence[str]) -> str:
     return words[int(rng.integers(len(words)))]
@@ -88,10 +87,6 @@ def _response(rng: np.random.Generator) -> str:
     return " ".join([first] + [_sentence(rng, s) for _ in range(int(rng.binomial(3, s)))])
 
 
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 0.5 * (1.0 + np.tanh(0.5 * x))
-
-
 def _word_counts(texts: Sequence[str]) -> np.ndarray:
     """[N, V + 1] word counts over VOCABULARY, last column = unknown words."""
     counts = np.zeros((len(texts), len(VOCABULARY) + 1), dtype=np.float32)
@@ -123,22 +118,14 @@ def rewards_from_token_table(ids: jnp.ndarray, mask: jnp.ndarray, table: jnp.nda
     return jnp.sum(jnp.where(valid[..., None], values, 0.0), axis=1)
 
 
-class _WordWorld:
-    """Everything shared by the worlds; subclasses give ``group_names``, ``group_sizes`` and ``_word_values()``."""
+class _WordWorld(SyntheticWorld):
+    """The review worlds' shared parts; subclasses give ``group_names``, ``group_sizes`` and ``_word_values()``.
 
-    group_names: tuple[str, ...]
-    group_sizes: tuple[int, ...]
-    pairs_per_user: int
-    bt_temperature: float
-    seed: int
+    Rewards depend on the response only (the prompt is a review opening that every group treats alike)."""
 
     def _word_values(self) -> np.ndarray:
         """[V + 1, G] true reward of each VOCABULARY word for each group; last row = unknown word."""
         raise NotImplementedError
-
-    @property
-    def num_groups(self) -> int:
-        return len(self.group_names)
 
     def tokenizer(self) -> PreTrainedTokenizerFast:
         """A fresh word-level tokenizer covering every text the world produces."""
@@ -147,6 +134,10 @@ class _WordWorld:
     def true_rewards_text(self, responses: Sequence[str]) -> np.ndarray:
         """[N, G] true reward of each response (the text after the prompt) for each group."""
         return _word_counts(responses) @ self._word_values()
+
+    def true_rewards(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
+        """[N, G]; the world protocol's form of ``true_rewards_text`` (prompts do not matter here)."""
+        return self.true_rewards_text(responses)
 
     def token_table(self) -> np.ndarray:
         """[V_tok + 1, G] per-token reward table over the world tokenizer's ids; the last row is "<unk>"'s value,
@@ -165,17 +156,15 @@ class _WordWorld:
         """
         return rewards_from_token_table(ids, mask, jnp.asarray(self.token_table()), _tokenizer_ids()[1])
 
-    def user_groups(self) -> list[tuple[str, str]]:
-        """[(user_id, group_name)] for every user; which user is in which group is fixed by ``seed``."""
-        labels = np.repeat(np.arange(self.num_groups), self.group_sizes)
-        labels = np.random.default_rng([self.seed, 1]).permutation(labels)
-        width = len(str(len(labels) - 1))
-        return [(f"user-{i:0{width}d}", self.group_names[g]) for i, g in enumerate(labels)]
-
     def prompts(self, n: int, rng: RngLike = None) -> list[str]:
         """``n`` review openings, e.g. "review : the movie"."""
         rng = np.random.default_rng(rng)
         return [_pick(rng, PROMPTS) for _ in range(n)]
+
+    def candidates(self, prompts: Sequence[str], rng: RngLike = None) -> list[str]:
+        """One response per prompt (the responses do not depend on the prompt)."""
+        rng = np.random.default_rng(rng)
+        return [_response(rng) for _ in prompts]
 
     def sample_responses(self, n: int, rng: RngLike = None) -> list[str]:
         """``n`` responses (continuations of a prompt), 1 to 4 sentences long."""
@@ -186,41 +175,6 @@ class _WordWorld:
         """``n`` full reviews, prompt + " " + response: the SFT corpus."""
         rng = np.random.default_rng(rng)
         return [f"{_pick(rng, PROMPTS)} {_response(rng)}" for _ in range(n)]
-
-    def preference_rows(self, rng: RngLike = None) -> list[PreferenceRow]:
-        """``pairs_per_user`` labelled pairs per user, shuffled; ``row.group`` is the user's true group.
-
-        Each pair is two distinct sampled responses to one prompt; the user chooses a with probability
-        sigmoid((r_g(a) - r_g(b)) / bt_temperature) (temperature 0: always the better one, ties by coin).
-        ``rng`` defaults to one derived from ``seed``.
-        """
-        rng = np.random.default_rng([self.seed, 2] if rng is None else rng)
-        users = self.user_groups()
-        n = len(users) * self.pairs_per_user
-        prompts = self.prompts(n, rng)
-        first, second = self.sample_responses(n, rng), self.sample_responses(n, rng)
-        for i in range(n):
-            while second[i] == first[i]:  # chosen != rejected, always
-                second[i] = _response(rng)
-        group_of = np.repeat([self.group_names.index(g) for _, g in users], self.pairs_per_user)
-        delta = (self.true_rewards_text(first) - self.true_rewards_text(second))[np.arange(n), group_of]
-        if self.bt_temperature > 0:
-            p_first = _sigmoid(delta / self.bt_temperature)
-        else:
-            p_first = np.where(delta > 0, 1.0, np.where(delta < 0, 0.0, 0.5))
-        first_wins = rng.random(n) < p_first
-        rows = []
-        for i in rng.permutation(n):
-            user_id, group = users[i // self.pairs_per_user]
-            a, b = (first[i], second[i]) if first_wins[i] else (second[i], first[i])
-            rows.append(PreferenceRow(user_id=user_id, prompt=prompts[i], chosen=a, rejected=b, group=group))
-        return rows
-
-    def _check(self) -> None:
-        if self.pairs_per_user < 1:
-            raise ValueError(f"pairs_per_user must be >= 1, got {self.pairs_per_user}")
-        if self.bt_temperature < 0:
-            raise ValueError(f"bt_temperature must be >= 0, got {self.bt_temperature}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -234,6 +188,7 @@ class ReviewWorld(_WordWorld):
       pairs_per_user: labelled pairs per user.
       bt_temperature: Bradley-Terry temperature of the labels (0: noiseless). Rewards are in word counts, so at 1.0
         a one-word difference is chosen correctly 73% of the time, three words 95%.
+      flip_rate: fraction of labels flipped at random on top of that.
       seed: fixes the user-group assignment and the default label sampling.
     """
 
@@ -241,6 +196,7 @@ class ReviewWorld(_WordWorld):
     majority_share: float = 10 / 11
     pairs_per_user: int = 16
     bt_temperature: float = 1.0
+    flip_rate: float = 0.0
     seed: int = 0
 
     group_names = ("positive", "concise")
@@ -250,7 +206,7 @@ class ReviewWorld(_WordWorld):
             raise ValueError(f"num_users must be >= 2 (one per group), got {self.num_users}")
         if not 0.0 < self.majority_share < 1.0:
             raise ValueError(f"majority_share must be in (0, 1), got {self.majority_share}")
-        self._check()
+        self.check_labelling()
 
     @property
     def group_sizes(self) -> tuple[int, int]:
@@ -278,6 +234,7 @@ class PlantedWorld(_WordWorld):
     weights: tuple[tuple[float, ...], ...]
     pairs_per_user: int = 24
     bt_temperature: float = 0.5
+    flip_rate: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -285,7 +242,7 @@ class PlantedWorld(_WordWorld):
             raise ValueError(f"need one weight row per group and >= 1 user per group, got sizes {self.group_sizes}")
         if any(len(w) != len(FEATURE_NAMES) for w in self.weights):
             raise ValueError(f"each weight row needs {len(FEATURE_NAMES)} entries, one per {FEATURE_NAMES}")
-        self._check()
+        self.check_labelling()
 
     @property
     def group_names(self) -> tuple[str, ...]:
@@ -305,20 +262,7 @@ def _category_matrix() -> np.ndarray:
     return onehot
 
 
-def _scale_sizes(ratio: Sequence[float], total: int) -> tuple[int, ...]:
-    """Largest-remainder rounding of ``ratio`` to integers summing to ``total``, each at least 1."""
-    if total < len(ratio):
-        raise ValueError(f"num_users={total} is fewer than the {len(ratio)} groups")
-    exact = np.asarray(ratio, dtype=float) / sum(ratio) * total
-    sizes = np.maximum(np.floor(exact).astype(int), 1)
-    order = np.argsort(-(exact - np.floor(exact)))
-    i = 0
-    while sizes.sum() != total:
-        step = 1 if sizes.sum() < total else -1
-        j = order[i % len(order)] if step > 0 else int(np.argmax(sizes))
-        sizes[j] += step
-        i += 1
-    return tuple(int(s) for s in sizes)
+_scale_sizes = scale_sizes  # kept for callers of the old private name
 
 
 def planted_world(

@@ -162,7 +162,7 @@ def _write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-FIT_REWARDS_LAYOUT = ("assignments.json", "em_history.json", "reward_model")
+FIT_REWARDS_LAYOUT = ("assignments.json", "em_history.json", "em_history.png", "reward_model")
 """What fit-rewards publishes into its output directory."""
 
 

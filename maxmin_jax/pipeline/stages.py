@@ -31,6 +31,7 @@ from maxmin_jax.pipeline.sources import Models, Preferences, PromptSource, Strea
 from maxmin_jax.policy.model import PolicyWithValue
 from maxmin_jax.policy.objectives import RewardStandardizer
 from maxmin_jax.policy.training import check_step
+from maxmin_jax.rewards.diagnostics import fit_warnings
 from maxmin_jax.rewards.em import EMResult, clustering_metrics, evaluate_pairs, fit_em, fit_single_reward
 from maxmin_jax.trainable import trainable_filter
 
@@ -119,15 +120,18 @@ def _fit_stage(ctx, stage: Stage, model: nnx.Module, fit: Callable[[], EMResult]
                m_steps: int) -> tuple[EMResult, dict | None]:
     """Fit `model` with `fit` (or read it back): the EM result and its held-out scores. A fit that did not train
     (every M-step rejected, or a non-finite number: `guards.check_fit_history`) stops the run before anything of
-    it is saved."""
+    it is saved. The result's model is the fitted one (`model`, or with num_groups="auto" the same backbone
+    with the chosen K heads)."""
     trainable = trainable_filter(lora=_lora(ctx, "reward") is not None)
     if stage.done:
         nnx.update(model, stage.restore_state(nnx.state(model, trainable)))
         return _em_result(stage.result["em"], model), stage.result["heldout"]
     stage.start()
     result = fit()
+    model = result.model
     for row in result.history:
-        ctx.metrics.write(stage.name, row["round"], {k: v for k, v in row.items() if k != "round"})
+        ctx.metrics.write(stage.name, row["round"], {k: v for k, v in row.items()  # numbers only, not who assigned
+                                                     if k != "round" and v is not None and not isinstance(v, str)})
     check_fit_history(result.history, where=stage.name, m_steps=m_steps,
                       learning_rate="rewards.em.m_step.learning_rate")
     for name in ("weights", "responsibilities"):
@@ -154,11 +158,15 @@ def reward_models(ctx, models: Models, prefs: Preferences | None) -> Rewards:
         raise ConfigError("preferences: required to fit reward models (or set rewards.source: load)")
     em_cfg = dataclasses.replace(source.em, progress=ctx.progress)
     trainable = trainable_filter(lora=_lora(ctx, "reward") is not None)
-    mixture = _reward_model(ctx, models.reward, source.em.num_groups, ctx.cfg.seed + 1)
+    stage = ctx.stage("rewards/mixture")
+    k = source.em.num_groups
+    if k == "auto":  # fit_em gives the backbone the chosen K's heads; a finished stage recorded K
+        k = int(stage.result["em"]["num_groups"]) if stage.done else 1
+    mixture = _reward_model(ctx, models.reward, k, ctx.cfg.seed + 1)
     em, heldout_mixture = _fit_stage(
-        ctx, ctx.stage("rewards/mixture"), mixture,
-        lambda: fit_em(mixture, prefs.train, em_cfg, mesh=ctx.mesh, trainable=trainable), prefs,
+        ctx, stage, mixture, lambda: fit_em(mixture, prefs.train, em_cfg, mesh=ctx.mesh, trainable=trainable), prefs,
         m_steps=source.em.steps_per_round)
+    mixture = em.model
     heldout = {"mixture": heldout_mixture}
     single = single_fit = None
     if source.single_reward_steps:
@@ -176,7 +184,10 @@ def reward_models(ctx, models: Models, prefs: Preferences | None) -> Rewards:
     report = {**clustering, "weights": em.weights.tolist(), "cluster_groups": clusters, "history": em.history,
               "heldout": heldout if prefs.heldout is not None else None, "users": prefs.train.num_users,
               "single_reward_history": single_fit.history if single_fit is not None else None}
+    report["num_groups"], report["warnings"] = em.num_groups, fit_warnings(em)
     ctx.log(f"EM: ARI {clustering['ari']}, weights {np.round(em.weights, 3).tolist()}, clusters {clusters}")
+    for message in report["warnings"]:
+        ctx.log(f"EM warning: {message}")
     return Rewards(mixture, em.weights, single, clusters, report, em, (em.user_ids, em.responsibilities))
 
 

@@ -14,36 +14,20 @@ gives the pipeline what it reads of a built-in world on top of that:
 
 from __future__ import annotations
 
-import importlib
 from collections import Counter
 from collections.abc import Sequence
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
-PROTOCOL = ("group_names", "tokenizer", "prompts", "true_rewards", "user_groups", "preference_rows")
-
-
-def resolve_factory(path: str, where: str) -> Callable[..., Any]:
-    """The function or class at "package.module:function"; ValueError naming `where` and the path otherwise."""
-    module_name, sep, attr = path.partition(":")
-    if not sep or not module_name or not attr:
-        raise ValueError(f"{where}: expected 'package.module:function', got {path!r}")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ValueError(f"{where}: cannot import module {module_name!r} of {path!r} ({e})") from e
-    factory = getattr(module, attr, None)
-    if not callable(factory):
-        raise ValueError(f"{where}: module {module_name!r} has no function or class {attr!r}")
-    return factory
+from maxmin_jax.data.world import PROTOCOL, missing_members
 
 
 class ProtocolWorld:
     """A world built by a factory, seen through the pipeline's interface (module docstring)."""
 
     def __init__(self, world: Any, factory: str):
-        missing = [name for name in PROTOCOL if not hasattr(world, name)]
+        missing = missing_members(world)
         if missing:
             raise ValueError(f"{factory} returned a {type(world).__name__} without {', '.join(missing)}: a world "
                              f"needs {', '.join(PROTOCOL)} (docs/worlds.md)")
@@ -101,4 +85,4 @@ def text_true_rewards(world, tokenizer, prompts: np.ndarray, prompt_mask: np.nda
     return world.true_rewards(decode(prompts, prompt_mask), decode(tokens, mask))
 
 
-__all__ = ["PROTOCOL", "ProtocolWorld", "resolve_factory", "text_true_rewards"]
+__all__ = ["ProtocolWorld", "text_true_rewards"]

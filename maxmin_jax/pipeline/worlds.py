@@ -71,7 +71,7 @@ class WorldSpec:
 
     @classmethod
     def _load_factory(cls, data: dict, where: str, base: WorldSpec | None) -> WorldSpec:
-        from maxmin_jax.pipeline.user_world import resolve_factory
+        from maxmin_jax.data.world import resolve_factory
 
         path = data.pop("factory")
         if "name" in data:
@@ -100,7 +100,8 @@ class WorldSpec:
 @functools.lru_cache(maxsize=64)
 def _build_world(name: str, options: tuple, factory: bool = False):
     if factory:
-        from maxmin_jax.pipeline.user_world import ProtocolWorld, resolve_factory
+        from maxmin_jax.data.world import resolve_factory
+        from maxmin_jax.pipeline.user_world import ProtocolWorld
 
         return ProtocolWorld(resolve_factory(name, "world.factory")(**dict(options)), name)
     return worlds()[name](**dict(options))

@@ -1,73 +1,99 @@
-"""EM over users for a mixture of K Bradley-Terry reward models (Chakraborty et al. 2024).
+"""EM over users for a mixture of K Bradley-Terry reward models (Chakraborty et al. 2024), and its defaults.
 
-User h's log-likelihood under group k is `L_hk = sum_{pairs of h} log sigmoid(r_k(chosen) - r_k(rejected))`.
-- E-step: all pairs scored by all K heads in one jitted pass (`lax.map` over fixed-size chunks), then a segment
-  sum by user. Hard (the paper's): `z_h = argmax_k L_hk`. Soft: `gamma_hk = softmax_k(log w_k + L_hk)`.
-- M-step: `steps_per_round` optimiser steps on `-sum_n sum_k gamma[user(n), k] log sigmoid(margin_nk)` over
-  minibatches of pairs (one jitted step, compiled once); `w_k = mean_h gamma_hk`.
-- Objective recorded per round: `sum_h logsumexp_k(log w_k + L_hk)`, the marginal log-likelihood that soft EM
-  ascends. A few optimiser steps are only a generalised M-step, and minibatch noise can lower it; the guard
-  (`EMConfig.guard`) undoes such a step, so the recorded objective never decreases.
+The loop (`fit_em`), each round: an M-step of optimiser steps on the responsibility-weighted BT loss
+(`mstep.m_step`, one jitted step), then an E-step scoring every pair by every head (`estep`) and updating each
+user's responsibilities. Objective recorded per round: `sum_h logsumexp_k(log w_k + L_hk)`. A few optimiser steps
+are only a generalised M-step and minibatch noise can lower it; the guard (`EMConfig.guard`) undoes such a step.
+
+What the defaults add to the paper's loop (measured on the world zoo, `docs/em.md`):
+- init="features": start from a mixture of linear BT models on token-count features, fitted with a leave-one-
+  user-out E-step from many k-means++ starts (`init`). A reward model trained from scratch on a few hundred pairs
+  predicts unseen pairs barely better than chance, so its first E-steps move users by noise, and once it has
+  memorised its members every partition looks self-consistent: EM stays wherever it starts.
+- assign_by="heldout": a share of each user's pairs is held out; after each M-step, users are assigned by
+  whichever model predicts those held-out pairs better: the reward model (its E-step) or the token-feature mixture
+  (its leave-one-user-out E-step). A strong pretrained backbone takes over; a weak one cannot scramble the groups.
+- num_groups="auto": K chosen by the token-feature mixture's leave-one-user-out log-likelihood (`init`).
+- Optimiser steps per round scaled to the data (`epochs_per_round`).
+The paper's setting, `EMConfig.paper(K)`: hard EM from a round-robin start, the reward model's E-step, fixed
+rounds and steps.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
+import itertools
+import logging
 import math
-from typing import Literal, NamedTuple
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
-from jaxtyping import Array, Float, Int
+from jaxtyping import Float
 from tqdm.auto import tqdm
 
 from maxmin_jax.data.batching import PairBatch, minibatches
-from maxmin_jax.rewards.bt import bt_loss, pair_log_likelihood, pairwise_accuracy
-from maxmin_jax.rewards.model import score_pairs
+from maxmin_jax.errors import ConfigError, DataError, NumericalFault
+from maxmin_jax.guards import raise_on_fault
+from maxmin_jax.rewards.estep import (LOG_FLOOR, PairChunks, chunk_log_likelihoods, e_step_soft,
+                                      log_likelihood_matrix, mixing_log_weights, mixture_log_likelihood,
+                                      pair_rewards, score_chunks, user_log_likelihoods)
+from maxmin_jax.rewards.init import (FeatureMixture, KSelection, adjusted_rand, fit_feature_mixture,
+                                     initial_assignments, select_num_groups)
+from maxmin_jax.rewards.features import pair_features
+from maxmin_jax.rewards.linear_mixture import fit_linear_mixture
+from maxmin_jax.rewards.mstep import M_STEP_LIMITS, MStepConfig, copy_tree, em_update, m_step, make_optimizer, minibatch
 from maxmin_jax.sharding import replicate_on_mesh_of
+from maxmin_jax.validate import check_value
 
-_LOG_FLOOR = 1e-12  # log(w) of an emptied group stays finite, so no NaN reaches the objective
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class MStepConfig:
-    """Optimiser and loss of the M-step; hashable, so the jitted step treats it as static."""
-
-    learning_rate: float = 1e-4
-    """Adam(W) step size."""
-    weight_decay: float = 0.0
-    """Decoupled weight decay (AdamW)."""
-    max_grad_norm: float | None = 1.0
-    """Global-norm gradient clipping; None disables it."""
-    margin: float = 0.0
-    """Bradley-Terry margin used in training only (the E-step scores plain BT likelihoods)."""
-    center_coef: float = 0.0
-    """Weight of the reward-centring penalty mean(r^2)."""
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class EMConfig:
-    """Everything `fit_em` needs besides the model and the data."""
+    """Everything `fit_em` needs besides the model and the data. The defaults are this library's; `paper(K)`
+    gives the paper's setting."""
 
-    num_groups: int
-    """K, the number of reward models / user groups."""
+    num_groups: int | Literal["auto"]
+    """K, the number of reward models / user groups; "auto" chooses it in `k_range` (module docstring)."""
+    k_range: tuple[int, int] = (1, 6)
+    """Smallest and largest K tried by num_groups="auto" (the largest is capped at the number of users)."""
     method: Literal["hard", "soft"] = "hard"
-    """hard: argmax assignment (the paper); soft: posterior responsibilities."""
-    init: Literal["round_robin", "random"] = "round_robin"
-    """Initial assignment: user_index % K (the paper's code) or a random balanced partition."""
+    """The reward model's E-step: hard (argmax assignment, the paper) or soft (posterior responsibilities)."""
+    init: Literal["features", "round_robin", "random"] = "features"
+    """Initial assignment: the token-feature mixture (default), user_index % K (the paper's code), or a random
+    balanced partition."""
+    assign_by: Literal["heldout", "reward_model"] = "heldout"
+    """Who assigns users after each M-step: "heldout" (the model, reward model or token-feature mixture, that
+    predicts the held-out pairs better; needs init="features") or "reward_model" (always its E-step, the paper)."""
     restarts: int = 1
-    """Independent fits; the one with the best held-out likelihood is kept. Restarts after the first use a random
-    initial assignment and fresh heads (a repeated round-robin start would only differ in minibatch order)."""
+    """Independent fits of the reward model; the one with the best held-out likelihood is kept. Restarts after
+    the first start from the token-feature mixture of another seed (init="features") or a random partition."""
+    init_restarts: int = 16
+    """k-means++ starts of the token-feature mixture, fitted at once; the best leave-one-user-out one is kept."""
+    feature_clusters: int = 16
+    """Word clusters (by co-occurrence) whose counts are token features (`features.pair_features`)."""
+    feature_tokens: int = 16
+    """Most frequent tokens that are token features on their own."""
+    feature_seeds: int = 3
+    """Word clusterings (k-means seeds) tried for the token features; the one whose mixture predicts left-out
+    users best is kept (the clustering of a small vocabulary varies with the seed)."""
+    prompt_features: Literal["auto", "on", "off"] = "auto"
+    """Add prompt-relevance features (does the response use the prompt's word clusters; does the prompt change
+    the preferred length)? "auto": only when they raise the leave-one-user-out log-likelihood."""
+    feature_l2: float = 3.0
+    """L2 penalty of the token-feature mixture's linear heads."""
     heldout_fraction: float = 0.2
-    """With restarts > 1 and no held-out batch given: fraction of each user's pairs held out to choose a restart."""
-    rounds: int = 10
+    """Share of each user's pairs held out (users with one pair keep it for training) when assign_by="heldout"
+    or restarts > 1 need held-out pairs and none are given."""
+    rounds: int = 3
     """Maximum EM rounds (M-step then E-step)."""
-    steps_per_round: int = 50
-    """Optimiser steps per M-step."""
+    epochs_per_round: float = 2.0
+    """Optimiser steps per M-step as passes over the training pairs (used unless steps_per_round is set)."""
+    steps_per_round: int | None = None
+    """Optimiser steps per M-step; None: ceil(epochs_per_round * pairs / batch_size)."""
     batch_size: int = 32
     """Pairs per M-step minibatch."""
     chunk_size: int = 64
@@ -75,29 +101,52 @@ class EMConfig:
     tol: float = 0.0
     """Stop once the fraction of users whose (arg-max) group changed in a round is <= tol ..."""
     patience: int = 2
-    """... in this many consecutive rounds with an accepted M-step. More than one, because the M-step is inexact:
-    heads keep improving after assignments stop moving, and the next round can still move users."""
+    """... in this many consecutive rounds with an accepted M-step."""
     guard: bool = True
-    """Undo an M-step that lowers the EM objective on the whole data (generalised EM; one extra on-device copy of
-    the parameters). Makes the recorded objective non-decreasing; False trusts every M-step, as the paper does."""
+    """Undo an M-step that lowers the EM objective on the training pairs (generalised EM; one extra on-device copy
+    of the trained parameters). False trusts every M-step, as the paper does."""
     seed: int = 0
     m_step: MStepConfig = MStepConfig()
     progress: bool = True
     """tqdm progress bars for rounds and steps."""
 
     def __post_init__(self):
-        if self.num_groups < 1:
-            raise ValueError(f"num_groups must be >= 1, got {self.num_groups}")
-        if self.method not in ("hard", "soft"):
-            raise ValueError(f"method must be 'hard' or 'soft', got {self.method!r}")
-        if self.init not in ("round_robin", "random"):
-            raise ValueError(f"init must be 'round_robin' or 'random', got {self.init!r}")
-        if min(self.restarts, self.rounds, self.batch_size, self.chunk_size, self.patience) < 1:
-            raise ValueError("restarts, rounds, batch_size, chunk_size and patience must be >= 1")
-        if self.steps_per_round < 0:
-            raise ValueError(f"steps_per_round must be >= 0, got {self.steps_per_round}")
+        if self.num_groups != "auto":
+            check_value(self.num_groups, "positive_int", "EMConfig.num_groups")
+        if len(self.k_range) != 2 or not all(isinstance(k, int) for k in self.k_range) or not (
+                1 <= self.k_range[0] <= self.k_range[1]):
+            raise ConfigError(f"EMConfig.k_range: expected [lo, hi] with 1 <= lo <= hi, got {list(self.k_range)}",
+                              key="k_range")
+        for name, allowed in (("method", ("hard", "soft")), ("init", ("features", "round_robin", "random")),
+                              ("assign_by", ("heldout", "reward_model")), ("prompt_features", ("auto", "on", "off"))):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"EMConfig.{name}: expected one of {allowed}, got {getattr(self, name)!r}", key=name)
+        if self.num_groups == "auto" and self.init != "features":
+            raise ConfigError("EMConfig.init: num_groups='auto' chooses K with the token-feature mixture, so it needs "
+                              f"init='features', got {self.init!r}", key="init")
+        for name in ("restarts", "init_restarts", "rounds", "batch_size", "chunk_size", "patience",
+                     "feature_clusters", "feature_seeds"):
+            check_value(getattr(self, name), "positive_int", f"EMConfig.{name}")
+        check_value(self.feature_tokens, "non_negative_int", "EMConfig.feature_tokens")
+        check_value(self.steps_per_round, "non_negative_int", "EMConfig.steps_per_round", optional=True)
+        check_value(self.epochs_per_round, "positive", "EMConfig.epochs_per_round")
+        check_value(self.feature_l2, "positive", "EMConfig.feature_l2")
         if not 0.0 < self.heldout_fraction < 1.0:
-            raise ValueError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
+            raise ConfigError(f"EMConfig.heldout_fraction: expected a number in (0, 1), got {self.heldout_fraction!r}",
+                              key="heldout_fraction")
+
+    @classmethod
+    def paper(cls, num_groups: int, **overrides) -> EMConfig:
+        """The paper's setting: hard EM from a round-robin start, users assigned by the reward model's E-step,
+        10 rounds of 50 optimiser steps, every M-step trusted."""
+        settings = dict(method="hard", init="round_robin", assign_by="reward_model", rounds=10, steps_per_round=50,
+                        tol=-1.0, guard=False)
+        return cls(num_groups=num_groups, **{**settings, **overrides})
+
+    def steps_for(self, num_pairs: int) -> int:
+        if self.steps_per_round is not None:
+            return self.steps_per_round
+        return max(1, math.ceil(self.epochs_per_round * num_pairs / self.batch_size))
 
 
 @dataclasses.dataclass
@@ -108,273 +157,360 @@ class EMResult:
     responsibilities: np.ndarray  # [U, K]
     weights: np.ndarray  # [K] mixing weights w_k
     history: list[dict]  # one dict per round of the kept restart
-    model: nnx.Module  # RewardModel or SeparateRewardModels, fitted
+    model: nnx.Module  # RewardModel or SeparateRewardModels with num_groups heads, fitted
     user_ids: tuple[str, ...]
     restart_scores: list[float] = dataclasses.field(default_factory=list)  # held-out log-lik per restart
     best_restart: int = 0
     metrics: dict = dataclasses.field(default_factory=dict)  # e.g. ARI and purity when true groups are known
+    num_groups: int = 0  # K of the fit (the chosen one with num_groups="auto")
+    diagnostics: dict = dataclasses.field(default_factory=dict)  # init, K selection, restart agreement, warnings
+
+    def __post_init__(self):
+        if not self.num_groups:
+            self.num_groups = int(self.responsibilities.shape[-1])
 
     def assignment_dict(self) -> dict[str, int]:
         return {u: int(k) for u, k in zip(self.user_ids, self.assignments)}
 
 
-class PairArrays(NamedTuple):
-    """The device-resident arrays of a PairBatch, rows padded (by wrapping around) to a multiple of the chunk size,
-    so one compiled E-step and M-step serve every data set of the same bucket (e.g. each restart's split).
-    Padded rows carry user index U: never sampled by the M-step, dropped by the E-step's segment sum."""
-
-    chosen_ids: jax.Array
-    chosen_mask: jax.Array
-    rejected_ids: jax.Array
-    rejected_mask: jax.Array
-    user_index: jax.Array
-
-    @classmethod
-    def from_batch(cls, batch: PairBatch, multiple: int, sharding=None) -> PairArrays:
-        if batch.num_pairs == 0:
-            raise ValueError("no pairs to score")
-        rows = np.resize(np.arange(batch.num_pairs), math.ceil(batch.num_pairs / multiple) * multiple)
-        arrays = {f: np.asarray(getattr(batch, f))[rows] for f in cls._fields}
-        arrays["user_index"][batch.num_pairs:] = batch.num_users
-        return cls(**{f: jax.device_put(a, sharding) for f, a in arrays.items()})
-
-
-# E-step pieces: pure functions ------------------------------------------------------------------------------
-@functools.partial(jax.jit, static_argnames="num_users")
-def user_log_likelihoods(chosen: Float[Array, "n k"], rejected: Float[Array, "n k"], user_index: Int[Array, "n"],
-                         num_users: int) -> Float[Array, "u k"]:
-    """L [U, K]: per-pair BT log-likelihoods summed by user (rows with user index outside [0, U) are dropped)."""
-    return jax.ops.segment_sum(pair_log_likelihood(chosen, rejected), user_index, num_segments=num_users)
-
-
-@jax.jit
-def e_step_hard(L: Float[Array, "u k"]) -> Float[Array, "u k"]:
-    """One-hot responsibilities of argmax_k L_hk (the paper's hard assignment; ignores w)."""
-    return jax.nn.one_hot(jnp.argmax(L, axis=-1), L.shape[-1], dtype=jnp.float32)
-
-
-@jax.jit
-def e_step_soft(L: Float[Array, "u k"], log_w: Float[Array, "k"]) -> Float[Array, "u k"]:
-    """Posterior responsibilities gamma_hk = softmax_k(log w_k + L_hk)."""
-    return jax.nn.softmax(log_w + L, axis=-1)
-
-
-@jax.jit
-def mixture_log_likelihood(L: Float[Array, "u k"], log_w: Float[Array, "k"]) -> Float[Array, ""]:
-    """sum_h logsumexp_k(log w_k + L_hk): the marginal log-likelihood soft EM ascends."""
-    return jnp.sum(jax.nn.logsumexp(log_w + L, axis=-1))
-
-
-def mixing_log_weights(gamma: Float[Array, "u k"]) -> Float[Array, "k"]:
-    """log w_k = log mean_h gamma_hk, the exact M-step for the weights."""
-    return jnp.log(jnp.maximum(jnp.mean(gamma, axis=0), _LOG_FLOOR))
-
-
-# Scoring all pairs by all heads -----------------------------------------------------------------------------
-@functools.partial(jax.jit, static_argnames=("graphdef", "chunk_size"))
-def _all_rewards(graphdef, states, arrays: PairArrays, chunk_size: int):
-    """Rewards [N_pad, K] of both responses of every pair: `lax.map` over fixed-size chunks, so memory holds one
-    chunk's activations and the whole pass is one dispatch."""
-    model = nnx.merge(graphdef, *states)
-
-    def chunk(i):
-        rows = [jax.lax.dynamic_slice_in_dim(a, i * chunk_size, chunk_size) for a in arrays[:4]]
-        return score_pairs(model, *rows)
-
-    c, r = jax.lax.map(chunk, jnp.arange(arrays.user_index.shape[0] // chunk_size))
-    return c.reshape(-1, c.shape[-1]), r.reshape(-1, r.shape[-1])
-
-
-def pair_rewards(model: nnx.Module, batch: PairBatch, *, chunk_size: int = 64
-                 ) -> tuple[Float[Array, "n k"], Float[Array, "n k"]]:
-    """Rewards [N, K] of the chosen and rejected responses of every pair of `batch` (on device)."""
-    graphdef, *states = nnx.split(model, nnx.Param, ...)
-    chosen, rejected = _all_rewards(graphdef, tuple(states), PairArrays.from_batch(batch, chunk_size), chunk_size)
-    return chosen[:batch.num_pairs], rejected[:batch.num_pairs]
-
-
-def _likelihoods(split, arrays: PairArrays, num_users: int, chunk_size: int) -> Float[Array, "u k"]:
-    graphdef, *states = split
-    chosen, rejected = _all_rewards(graphdef, tuple(states), arrays, chunk_size)
-    return user_log_likelihoods(chosen, rejected, arrays.user_index, num_users)
-
-
-def log_likelihood_matrix(model: nnx.Module, batch: PairBatch, *, chunk_size: int = 64) -> Float[Array, "u k"]:
-    """L [U, K] for every user of `batch` under every head of `model` (the E-step's input)."""
-    return _likelihoods(nnx.split(model, nnx.Param, ...), PairArrays.from_batch(batch, chunk_size), batch.num_users,
-                        chunk_size)
-
-
-# M-step ---------------------------------------------------------------------------------------------------------
-def make_optimizer(cfg: MStepConfig) -> optax.GradientTransformation:
-    clip = [optax.clip_by_global_norm(cfg.max_grad_norm)] if cfg.max_grad_norm else []
-    return optax.chain(*clip, optax.adamw(cfg.learning_rate, weight_decay=cfg.weight_decay))
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "cfg"), donate_argnames=("params", "opt_state"))
-def m_step(graphdef, cfg: MStepConfig, params, rest, opt_state, data: PairArrays, gamma, idx):
-    """One optimiser step on the responsibility-weighted BT loss of the minibatch `idx` -> (params, opt, metrics).
-
-    The whole data set is an argument (not a constant) and the minibatch is gathered on device, so the step
-    compiles once per data shape and the host only sends `batch_size` indices."""
-    w = gamma[data.user_index[idx]]  # [B, K]: each pair counts for each head as much as its user belongs there
-
-    def loss_fn(p):
-        rc, rr = score_pairs(nnx.merge(graphdef, p, rest), data.chosen_ids[idx], data.chosen_mask[idx],
-                             data.rejected_ids[idx], data.rejected_mask[idx])
-        return bt_loss(rc, rr, w, margin=cfg.margin, center_coef=cfg.center_coef), (rc, rr)
-
-    (loss, (rc, rr)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    updates, opt_state = make_optimizer(cfg).update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, {"loss": loss, "accuracy": pairwise_accuracy(rc, rr, w)}
-
-
-@functools.partial(jax.jit, static_argnames=("method", "guard"))
-def em_update(gamma, L_old, L_new, *, method: str, guard: bool):
-    """Close a round after the reward M-step: w's exact update, the guard, the E-step and the round's statistics.
-
-    Generalised EM guard: the new rewards are kept only if they raise sum_hk gamma_hk L_hk (the M-step objective
-    on all pairs). With w's exact update this raises Q, hence the marginal (soft) or classification (hard)
-    log-likelihood, so minibatch noise never makes the recorded objective go down."""
-    log_w = mixing_log_weights(gamma)
-    accepted = jnp.sum(gamma * L_new) >= jnp.sum(gamma * L_old) if guard else jnp.array(True)
-    L = jnp.where(accepted, L_new, L_old)
-    new_gamma = e_step_hard(L) if method == "hard" else e_step_soft(L, log_w)
-    z = jnp.argmax(new_gamma, -1)
-    stats = {"log_likelihood": mixture_log_likelihood(L, log_w),
-             "classification_log_likelihood": jnp.sum(jnp.max(L, axis=-1)),
-             "changed_users": jnp.sum(z != jnp.argmax(gamma, -1)),
-             "weights": jnp.exp(log_w),
-             "group_sizes": jnp.sum(jax.nn.one_hot(z, gamma.shape[-1], dtype=jnp.int32), axis=0)}
-    return accepted, L, new_gamma, stats
-
-
-_copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))  # one compiled copy per tree, not one per leaf shape
-
-
-# The loop -------------------------------------------------------------------------------------------------------
-def initial_assignments(num_users: int, num_groups: int, init: str, rng: np.random.Generator) -> np.ndarray:
-    """round_robin: user_index % K (the paper's code); random: a random permutation of that (balanced, every
-    group non-empty when U >= K)."""
-    labels = np.arange(num_users) % num_groups
-    return labels if init == "round_robin" else rng.permutation(labels)
-
-
-def _fit_once(model: nnx.Module, data: PairArrays, n: int, num_users: int, cfg: EMConfig, assign0: np.ndarray,
-              rng: np.random.Generator, label: str, trainable: nnx.filterlib.Filter):
-    """One EM run from `assign0` on the first `n` rows of `data`; updates `model` in place;
-    returns (gamma [U, K], log_w [K], history)."""
-    graphdef, params, rest = nnx.split(model, trainable, ...)
-    params = _copy(params)  # the step donates params; keep the caller's arrays alive
-    # On a mesh, the optimiser's step count goes where m_step returns it, so the step compiles once.
-    opt_state = replicate_on_mesh_of(make_optimizer(cfg.m_step).init(params), params)
-    gamma = jax.device_put(np.eye(cfg.num_groups, dtype=np.float32)[assign0])
-    L = (_likelihoods((graphdef, params, rest), data, num_users, cfg.chunk_size) if cfg.guard
-         else jnp.zeros((num_users, cfg.num_groups)))  # the guard's reference point; unused without it
-    batches = (idx for _ in iter(int, 1) for idx in minibatches(n, cfg.batch_size, rng))  # endless epochs
-    history, settled = [], 0
-    for r in tqdm(range(cfg.rounds), desc=f"EM {label}", disable=not cfg.progress):
-        saved = _copy(params) if cfg.guard else None
-        metrics = []
-        for _ in tqdm(range(cfg.steps_per_round), desc="M-step", leave=False, disable=not cfg.progress):
-            params, opt_state, m = m_step(graphdef, cfg.m_step, params, rest, opt_state, data, gamma,
-                                          jax.device_put(next(batches)))
-            metrics.append(m)
-        L_new = _likelihoods((graphdef, params, rest), data, num_users, cfg.chunk_size)
-        accepted, L, new_gamma, stats = em_update(gamma, L, L_new, method=cfg.method, guard=cfg.guard)
-        stats, metrics, accepted = jax.device_get((stats, metrics, accepted))  # one transfer per round
-        if not accepted:
-            params = saved  # Adam's moments are kept: still a fair estimate of the gradient's scale
-        changed = int(stats["changed_users"])
-        history.append({
-            "round": r + 1,
-            "log_likelihood": float(stats["log_likelihood"]),
-            "classification_log_likelihood": float(stats["classification_log_likelihood"]),
-            "changed_users": changed,
-            "changed_fraction": changed / num_users,
-            "weights": [round(float(w), 6) for w in stats["weights"]],
-            "group_sizes": [int(k) for k in stats["group_sizes"]],
-            "m_step_accepted": bool(accepted),
-            "m_step_loss": float(np.mean([m["loss"] for m in metrics])) if metrics else math.nan,
-            "m_step_accuracy": float(np.mean([m["accuracy"] for m in metrics])) if metrics else math.nan,
-        })
-        gamma = new_gamma
-        if accepted:  # a rejected step says nothing about convergence: the next round tries new minibatches
-            settled = settled + 1 if changed / num_users <= cfg.tol else 0
-        if settled >= cfg.patience:
-            break
-    nnx.update(model, params)
-    return gamma, mixing_log_weights(gamma), history
-
-
-def split_heldout(batch: PairBatch, fraction: float, rng: np.random.Generator) -> tuple[PairBatch, PairBatch]:
-    """Hold out ~fraction of each user's pairs (each user keeps at least one training pair)."""
+def _split_rows(batch: PairBatch, fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Row indices (train, held out): ~fraction of each user's pairs held out, each user keeping one to train."""
     train, held = [], []
     for u in range(batch.num_users):
         idx = rng.permutation(np.flatnonzero(batch.user_index == u))
         k = min(int(round(fraction * len(idx))), len(idx) - 1)
         held.append(idx[:k])
         train.append(idx[k:])
-    return batch.take(np.sort(np.concatenate(train))), batch.take(np.sort(np.concatenate(held)))
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(held))
+
+
+def split_heldout(batch: PairBatch, fraction: float, rng: np.random.Generator) -> tuple[PairBatch, PairBatch]:
+    """Hold out ~fraction of each user's pairs (each user keeps at least one training pair)."""
+    train, held = _split_rows(batch, fraction, rng)
+    return batch.take(train), batch.take(held)
+
+
+# Inputs: checks with clear messages ------------------------------------------------------------------------------
+def _check_inputs(model: nnx.Module, batch: PairBatch, config: EMConfig, trainable) -> list[str]:
+    """Raise on what EM cannot do; return warnings for what it does with reduced power."""
+    if not jax.tree.leaves(nnx.state(model, trainable)):
+        raise ValueError(f"the trainable filter {trainable!r} selects no variable of the reward model")
+    if batch.num_pairs == 0 or batch.num_users == 0:
+        raise DataError("fit_em: no preference pairs")
+    counts = np.bincount(batch.user_index, minlength=batch.num_users)
+    if np.any(counts == 0):
+        missing = [batch.user_ids[u] for u in np.flatnonzero(counts == 0)[:5]]
+        raise DataError(f"fit_em: users without pairs in the batch, e.g. {missing}: drop them from user_ids")
+    k = config.num_groups
+    if k != "auto":
+        if model.num_groups != k:
+            raise ValueError(f"model has {model.num_groups} heads but config.num_groups={k}")
+        if batch.num_users < k:
+            raise ConfigError(f"EMConfig.num_groups: {k} is more than the {batch.num_users} users, who cannot fill "
+                              f"{k} groups; expected at most {batch.num_users}", key="num_groups")
+    if k != 1 and np.all(counts < 2):
+        raise DataError(f"fit_em: every one of the {batch.num_users} users has a single pair: EM groups users by "
+                        "the preferences their pairs share, so it needs users with several pairs each")
+    warnings = []
+    if k != 1 and np.any(counts < 2):
+        warnings.append(f"{int(np.sum(counts < 2))} of {batch.num_users} users have a single pair: they are "
+                        "assigned on that one pair's evidence and none of it is held out")
+    return warnings
+
+
+# The reward-model EM loop ----------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class _Heldout:
+    """Held-out pairs of the training users, with the token-feature mixture's view of them when there is one."""
+
+    chunks: PairChunks
+    features: np.ndarray | None  # [N_held, d]
+    user_index: np.ndarray  # [N_held]
+
+
+def _heldout_log_likelihood(L_held: np.ndarray, gamma: np.ndarray) -> float:
+    """Predictive log-likelihood of held-out pairs, each user's responsibilities as their prior over groups."""
+    log_prior = np.log(np.maximum(np.asarray(gamma, np.float64), LOG_FLOOR))
+    return float(np.sum(np.logaddexp.reduce(log_prior + np.asarray(L_held, np.float64), axis=-1)))
+
+
+def _linear_fit(features: np.ndarray, user_index: np.ndarray, num_users: int, gamma: np.ndarray, l2: float,
+                hard_iters: int = 0):
+    """The token-feature mixture from responsibilities `gamma` after `hard_iters` hard EM rounds:
+    (responsibilities [U, K], heads [K, d], leave-one-user-out scores [U, K])."""
+    fit = fit_linear_mixture(jnp.asarray(features), jnp.asarray(user_index), jnp.asarray(gamma[None], jnp.float32),
+                             num_users=num_users, l2=l2, soft_iters=0, hard_iters=hard_iters)
+    return np.asarray(fit.gamma[0]), np.asarray(fit.theta[0]), np.asarray(fit.loo[0])
+
+
+def _linear_heldout_L(held: _Heldout, theta: np.ndarray, num_users: int) -> np.ndarray:
+    m = held.features @ theta.T
+    out = np.zeros((num_users, theta.shape[0]))
+    np.add.at(out, held.user_index, -np.logaddexp(0.0, -m))
+    return out
+
+
+@dataclasses.dataclass
+class _Features:
+    """Token features of every pair (training and held-out rows of one batch) for the token-feature mixture."""
+
+    x: np.ndarray  # [N, d]
+    user_index: np.ndarray  # [N]
+    train_rows: np.ndarray
+
+
+def _fit_once(model: nnx.Module, train: PairBatch, train_chunks: PairChunks, config: EMConfig, gamma0: np.ndarray,
+              rng: np.random.Generator, label: str, trainable, sharding, held: _Heldout | None,
+              features: _Features | None) -> tuple[np.ndarray, list[dict]]:
+    """One EM run of the reward model from responsibilities `gamma0`; trains `model` in place; returns the final
+    responsibilities [U, K] and the per-round history."""
+    k, num_users = gamma0.shape[1], train.num_users
+    graphdef, params, rest = nnx.split(model, trainable, ...)
+    params = copy_tree(params)  # the step donates params; keep the caller's arrays alive
+    # On a mesh, the optimiser's step count goes where m_step returns it, so the step compiles once.
+    opt_state = replicate_on_mesh_of(make_optimizer(config.m_step).init(params), params)
+    gamma = np.asarray(gamma0, np.float32)
+    L = (chunk_log_likelihoods((graphdef, params, rest), train_chunks, k) if config.guard
+         else jnp.zeros((num_users, k)))  # the guard's reference point; unused without it
+    steps = config.steps_for(train.num_pairs)
+    batches = (idx for _ in iter(int, 1) for idx in minibatches(train.num_pairs, config.batch_size, rng))
+    compare = held is not None and config.assign_by == "heldout" and features is not None
+    history, settled = [], 0
+    for r in tqdm(range(config.rounds), desc=f"EM {label}", disable=not config.progress):
+        saved = copy_tree(params) if config.guard else None
+        metrics = []
+        for _ in tqdm(range(steps), desc="M-step", leave=False, disable=not config.progress):
+            pairs, weights = minibatch(train, gamma, next(batches), sharding)
+            params, opt_state, m = m_step(graphdef, config.m_step, params, rest, opt_state, pairs, weights)
+            metrics.append(m)
+        L_new = chunk_log_likelihoods((graphdef, params, rest), train_chunks, k)
+        accepted, L, reward_gamma, stats = em_update(jnp.asarray(gamma), L, L_new, method=config.method,
+                                                     guard=config.guard)
+        stats, metrics, accepted, reward_gamma, L_check = jax.device_get((stats, metrics, accepted, reward_gamma,
+                                                                          L_new))
+        _raise_on_fault(metrics, L_check, r, steps, label)
+        if not accepted:
+            params = saved  # Adam's moments are kept: still a fair estimate of the gradient's scale
+        entry = {"round": r + 1, "log_likelihood": float(stats["log_likelihood"]),
+                 "classification_log_likelihood": float(stats["classification_log_likelihood"]),
+                 "weights": [round(float(w), 6) for w in stats["weights"]], "m_step_accepted": bool(accepted),
+                 "m_step_steps": steps,
+                 "m_step_loss": float(np.mean([m["loss"] for m in metrics])) if metrics else None,
+                 "m_step_accuracy": float(np.mean([m["accuracy"] for m in metrics])) if metrics else None}
+        new_gamma, assigned_by = np.asarray(reward_gamma), "reward_model"
+        if held is not None:
+            L_held = np.asarray(chunk_log_likelihoods((graphdef, params, rest), held.chunks, k))
+            entry["heldout_log_likelihood"] = _heldout_log_likelihood(L_held, gamma)
+            entry["heldout_pairs"] = held.chunks.num_pairs
+        if compare:  # the same held-out pairs, the same priors: which model predicts them better?
+            rows = features.train_rows
+            _, theta, _ = _linear_fit(features.x[rows], features.user_index[rows], num_users, gamma,
+                                      config.feature_l2)
+            entry["heldout_log_likelihood_features"] = _heldout_log_likelihood(
+                _linear_heldout_L(held, theta, num_users), gamma)
+            if entry["heldout_log_likelihood_features"] >= entry["heldout_log_likelihood"]:
+                assigned_by = "token_features"  # the mixture's leave-one-user-out EM on all pairs, from gamma
+                new_gamma, _, _ = _linear_fit(features.x, features.user_index, num_users, gamma,
+                                              config.feature_l2, hard_iters=4)
+        z_old, z_new = np.argmax(gamma, -1), np.argmax(new_gamma, -1)
+        changed = int(np.sum(z_old != z_new))
+        entry.update({"assigned_by": assigned_by, "changed_users": changed, "changed_fraction": changed / num_users,
+                      "group_sizes": np.bincount(z_new, minlength=k).tolist()})
+        history.append(entry)
+        gamma = np.asarray(new_gamma, np.float32)
+        if accepted:  # a rejected step says nothing about convergence: the next round tries new minibatches
+            settled = settled + 1 if changed / num_users <= config.tol else 0
+        if settled >= config.patience:
+            break
+    if config.guard and steps and not any(h["m_step_accepted"] for h in history):
+        raise NumericalFault(
+            f"fit_em ({label}): the guard rejected the M-step of every one of {len(history)} rounds (each lowered "
+            "the training pairs' likelihood), so the reward model never trained; nothing is written. Usual fixes: "
+            "lower m_step.learning_rate (--learning-rate), or check the data.",
+            quantity="m_step_accepted", value=0, step=len(history) * steps)
+    nnx.update(model, params)
+    return gamma, history
+
+
+_FAULT_HINT = "lower m_step.learning_rate (--learning-rate) or set m_step.max_grad_norm, or check the data"
+
+
+def _raise_on_fault(metrics: list[dict], L_new: np.ndarray, round_index: int, steps: int, label: str) -> None:
+    """NumericalFault at the first M-step whose loss or gradient norm diverged, or when the new rewards give a
+    non-finite log-likelihood: a diverged reward model is never kept, assigned by, or written."""
+    where = f"fit_em ({label}, round {round_index + 1})"
+    for i, m in enumerate(metrics):
+        raise_on_fault(m, where=where, step=round_index * steps + i + 1, limits=M_STEP_LIMITS, hint=_FAULT_HINT)
+    if not np.all(np.isfinite(L_new)):
+        raise NumericalFault(f"{where}: the users' log-likelihoods under the new rewards are not finite; the run is "
+                             f"stopped and nothing is written. Usual fixes: {_FAULT_HINT}.",
+                             quantity="log_likelihood", value=L_new, step=(round_index + 1) * steps)
+
+
+def _starting_points(config: EMConfig, k: int, num_users: int, restart: int, rng: np.random.Generator,
+                     features: np.ndarray | None, user_index: np.ndarray, first_fit: FeatureMixture | None
+                     ) -> tuple[np.ndarray, FeatureMixture | None]:
+    if config.init == "features":
+        fit = first_fit if restart == 0 and first_fit is not None else fit_feature_mixture(
+            features, user_index, num_users, k, restarts=config.init_restarts, l2=config.feature_l2,
+            seed=config.seed + restart)
+        return fit.responsibilities, fit
+    init = config.init if restart == 0 else "random"
+    return np.eye(k, dtype=np.float32)[initial_assignments(num_users, k, init, rng)], None
+
+
+def _feature_mixture(everything: PairBatch, num_train_pairs: int, user_index: np.ndarray, num_users: int,
+                     config: EMConfig):
+    """Token features of `everything` (the batch's pairs, then any held-out ones) and the token-feature mixture
+    on the batch's pairs, at config.num_groups or at the K chosen in k_range; with prompt_features="auto", with
+    or without the prompt terms, whichever predicts left-out users better.
+    Returns (features, mixture, K selection or None, whether prompt terms are used)."""
+    options = {"on": [True], "off": [False], "auto": [False, True]}[config.prompt_features]
+    sets = {(p, s): pair_features(everything, clusters=config.feature_clusters, tokens=config.feature_tokens,
+                                  prompt_terms=p, seed=config.seed + s)
+            for p, s in itertools.product(options, range(config.feature_seeds))}
+    width = max(x.shape[1] for x in sets.values())  # one width: every feature set shares one compiled fit
+    fits = {}
+    for (prompt_terms, feature_seed), x in sets.items():
+        x = np.pad(x, ((0, 0), (0, width - x.shape[1])))  # zero columns: the same fit
+        train = x[:num_train_pairs]
+        if config.num_groups == "auto":
+            selection = select_num_groups(train, user_index, num_users, config.k_range,
+                                          restarts=config.init_restarts, l2=config.feature_l2, seed=config.seed)
+            fit, best = selection.fits[selection.chosen], max(selection.scores)
+        else:
+            selection = None
+            fit = fit_feature_mixture(train, user_index, num_users, config.num_groups,
+                                      restarts=config.init_restarts, l2=config.feature_l2, seed=config.seed)
+            best = fit.score
+        fits[prompt_terms, feature_seed] = (best, x, fit, selection)
+    prompt_terms, feature_seed = max(fits, key=lambda p: fits[p][0])
+    _, x, fit, selection = fits[prompt_terms, feature_seed]
+    return x, fit, selection, prompt_terms
 
 
 def fit_em(model: nnx.Module, batch: PairBatch, config: EMConfig, *, heldout: PairBatch | None = None,
            mesh=None, trainable: nnx.filterlib.Filter = nnx.Param) -> EMResult:
-    """Fit a K-group mixture by EM. `model` (RewardModel or SeparateRewardModels with K heads) is trained in place
-    and returned in the result. With restarts > 1 each restart starts from the model's initial backbone; the one
-    with the best predictive log-likelihood on `heldout` (default: a split of each user's pairs) is kept.
+    """Fit a K-group mixture by EM (module docstring). `model` (RewardModel or SeparateRewardModels) is trained in
+    place and returned in the result; with num_groups="auto" the result's model is `model.with_num_groups(K)`
+    (the same backbone, fresh heads) unless `model` already has the chosen K heads.
 
-    `trainable` selects the variables the M-step trains (an nnx filter); e.g. only LoRA adapters and the heads:
-    `nnx.Any(nnx.LoRAParam, nnx.PathContains("head"), nnx.PathContains("head_bias"))`. The rest stay as they are."""
-    if not jax.tree.leaves(nnx.state(model, trainable)):
-        raise ValueError(f"the trainable filter {trainable!r} selects no variable of the reward model")
-    if model.num_groups != config.num_groups:
-        raise ValueError(f"model has {model.num_groups} heads but config.num_groups={config.num_groups}")
-    if batch.num_users < config.num_groups:
-        raise ValueError(f"{batch.num_users} users cannot fill {config.num_groups} groups")
+    `heldout`: pairs of the same users held out from training (default: `heldout_fraction` of each user's pairs,
+    when assign_by="heldout" or restarts > 1 need them). `trainable` selects the variables the M-step trains (an
+    nnx filter), e.g. only LoRA adapters and the heads:
+    `nnx.Any(nnx.LoRAParam, nnx.PathContains("head"), nnx.PathContains("head_bias"))`."""
+    warnings = _check_inputs(model, batch, config, trainable)
     rng = np.random.default_rng(config.seed)
-    train = batch
-    if config.restarts > 1 and heldout is None:
-        train, heldout = split_heldout(batch, config.heldout_fraction, rng)
-        if heldout.num_pairs == 0:
-            raise ValueError("restarts > 1 need held-out pairs to compare restarts, but every user has a single "
-                             "pair; pass heldout= or use restarts=1")
+    train_rows, held_rows = np.arange(batch.num_pairs), np.zeros(0, np.int64)
+    needs_heldout = config.restarts > 1 or (config.assign_by == "heldout" and config.init == "features")
+    if heldout is None and needs_heldout:
+        train_rows, held_rows = _split_rows(batch, config.heldout_fraction, rng)
+    train = batch.take(train_rows)
+    held_batch = heldout if heldout is not None else (batch.take(held_rows) if len(held_rows) else None)
+    if held_batch is not None and heldout is not None:
+        held_batch = _align_users(heldout, batch)
+
+    features, selection, first_fit, k = None, None, None, config.num_groups
+    if config.init == "features":
+        everything = batch if heldout is None else _concat(batch, held_batch)
+        x, first_fit, selection, prompt_terms = _feature_mixture(everything, batch.num_pairs, batch.user_index,
+                                                                 batch.num_users, config)
+        if heldout is None:
+            features, held_x = _Features(x, batch.user_index, train_rows), x[held_rows]
+        else:
+            features = _Features(x[:batch.num_pairs], batch.user_index, np.arange(batch.num_pairs))
+            held_x = x[batch.num_pairs:]
+        k = first_fit.num_groups
+        if model.num_groups != k:
+            model = model.with_num_groups(k, nnx.Rngs(config.seed))
+
     sharding = None
     if mesh is not None:
         from maxmin_jax.sharding import replicated, shard_module
 
         shard_module(model, mesh)
-        sharding = replicated(mesh)  # minibatches are gathered from it on device; XLA shards the compute
-    data = PairArrays.from_batch(train, config.chunk_size, sharding)
-    initial = _copy(nnx.state(model)) if config.restarts > 1 else None  # a 7B base is not copied for nothing
-    best, scores = None, []
+        sharding = replicated(mesh)  # minibatches arrive whole; XLA splits the compute over the mesh
+    train_chunks = PairChunks.from_batch(train, config.chunk_size, sharding)
+    held = None
+    if held_batch is not None and held_batch.num_pairs:
+        held = _Heldout(PairChunks.from_batch(held_batch, config.chunk_size, sharding),
+                        held_x if features is not None else None, held_batch.user_index)
+    initial = copy_tree(nnx.state(model)) if config.restarts > 1 else None  # a 7B base is not copied for nothing
+    best, scores, finals, inits = None, [], [], []
     for restart in range(config.restarts):
         if restart:
-            nnx.update(model, _copy(initial))
+            nnx.update(model, copy_tree(initial))
             model.reinit_heads(jax.random.fold_in(jax.random.key(config.seed), restart))
-        init = config.init if restart == 0 else "random"
-        assign0 = initial_assignments(batch.num_users, config.num_groups, init, rng)
-        gamma, log_w, history = _fit_once(model, data, train.num_pairs, batch.num_users, config, assign0, rng,
-                                          f"restart {restart + 1}/{config.restarts}", trainable)
-        gamma, log_w = jax.device_get((gamma, log_w))
+        gamma0, fit = _starting_points(config, k, batch.num_users, restart, rng,
+                                       None if features is None else features.x, batch.user_index, first_fit)
+        inits.append(fit)
+        gamma, history = _fit_once(model, train, train_chunks, config, gamma0, rng,
+                                   f"restart {restart + 1}/{config.restarts}", trainable, sharding, held, features)
+        finals.append(np.argmax(gamma, -1))
+        log_w = np.log(np.maximum(gamma.mean(0), LOG_FLOOR))
         result = EMResult(assignments=np.argmax(gamma, -1), responsibilities=gamma, weights=np.exp(log_w),
-                          history=history, model=model, user_ids=batch.user_ids)
+                          history=history, model=model, user_ids=batch.user_ids, num_groups=k)
         if config.restarts == 1:
-            return result
-        scores.append(evaluate_pairs(result, heldout, chunk_size=config.chunk_size)["log_likelihood"])
+            best = (0, result, None)
+            break
+        scores.append(history[-1].get("heldout_log_likelihood", -math.inf))
         if best is None or scores[-1] > scores[best[0]]:
-            best = (restart, result, _copy(nnx.state(model)))
+            best = (restart, result, copy_tree(nnx.state(model)))
     restart, result, state = best
-    nnx.update(model, state)
-    return dataclasses.replace(result, restart_scores=scores, best_restart=restart)
+    if state is not None:
+        nnx.update(model, state)
+    diagnostics = {"warnings": warnings, "train_pairs": train.num_pairs,
+                   "heldout_pairs": 0 if held is None else held.chunks.num_pairs}
+    if inits[restart] is not None:
+        fit = inits[restart]
+        diagnostics["init"] = {"method": "features", "features": int(features.x.shape[1]),
+                               "prompt_features": prompt_terms,
+                               "leave_one_user_out_log_likelihood": fit.score,
+                               "restart_scores": fit.restart_scores, "restart_agreement": fit.restart_agreement}
+    else:
+        diagnostics["init"] = {"method": config.init}
+    if config.restarts > 1:
+        diagnostics["restart_agreement"] = float(np.mean([adjusted_rand(finals[restart], f)
+                                                          for i, f in enumerate(finals) if i != restart]))
+    if selection is not None:
+        diagnostics["k_selection"] = selection.to_json()
+    return dataclasses.replace(result, restart_scores=scores, best_restart=restart, diagnostics=diagnostics)
+
+
+def _align_users(heldout: PairBatch, batch: PairBatch) -> PairBatch:
+    """`heldout` re-indexed to `batch`'s users (refusing users the training batch does not have)."""
+    index = {u: i for i, u in enumerate(batch.user_ids)}
+    unknown = [u for u in heldout.user_ids if u not in index]
+    if unknown:
+        raise ValueError(f"heldout has users the training pairs do not, e.g. {unknown[:5]}")
+    remap = np.array([index[u] for u in heldout.user_ids], np.int32)
+    return dataclasses.replace(heldout, user_index=remap[heldout.user_index], user_ids=batch.user_ids,
+                               groups=batch.groups)
+
+
+def _concat(a: PairBatch, b: PairBatch) -> PairBatch:
+    """Pairs of `a` then `b` (same users, as `_align_users` makes them), padded to one length."""
+    t = max(a.chosen_ids.shape[1], b.chosen_ids.shape[1])
+
+    def pad(x):
+        return np.pad(x, ((0, 0), (t - x.shape[1], 0)))
+
+    fields = {f: np.concatenate([pad(getattr(a, f)), pad(getattr(b, f))])
+              for f in ("chosen_ids", "chosen_mask", "rejected_ids", "rejected_mask")}
+    return dataclasses.replace(a, **fields, user_index=np.concatenate([a.user_index, b.user_index]))
 
 
 def fit_single_reward(model: nnx.Module, batch: PairBatch, *, steps: int, batch_size: int = 32,
                       m_step_config: MStepConfig = MStepConfig(), seed: int = 0, progress: bool = True,
                       trainable: nnx.filterlib.Filter = nnx.Param) -> EMResult:
-    """The standard-RLHF baseline: one BT reward (K = 1) on the pooled pairs, by the same machinery."""
+    """The standard-RLHF baseline: one BT reward (K = 1) trained on the pooled pairs for `steps` optimiser steps.
+    With one group there is nothing to assign, so every step is kept: EM's guard would judge all `steps` by one
+    comparison of the training likelihood and could silently return the untrained model. Divergence still stops
+    it (NumericalFault), as in `fit_em`."""
+    if model.num_groups != 1:
+        raise ValueError(f"fit_single_reward trains one reward head; the model has {model.num_groups}")
     cfg = EMConfig(num_groups=1, rounds=1, steps_per_round=steps, batch_size=batch_size, m_step=m_step_config,
-                   seed=seed, progress=progress)
+                   seed=seed, progress=progress, init="round_robin", assign_by="reward_model", guard=False)
     return fit_em(model, batch, cfg, trainable=trainable)
 
 
@@ -385,11 +521,9 @@ def evaluate_pairs(result: EMResult, batch: PairBatch, *, chunk_size: int = 64) 
     pairwise accuracy of each pair under its user's most likely group (per true group when the batch has them)."""
     known = {u: i for i, u in enumerate(result.user_ids)}
     prior = np.stack([result.responsibilities[known[u]] if u in known else result.weights for u in batch.user_ids])
-    log_prior = np.log(np.maximum(prior, _LOG_FLOOR)).astype(np.float32)
-    arrays = PairArrays.from_batch(batch, chunk_size)
-    graphdef, *states = nnx.split(result.model, nnx.Param, ...)
-    chosen, rejected = jax.device_get(_all_rewards(graphdef, tuple(states), arrays, chunk_size))
-    L = user_log_likelihoods(chosen, rejected, arrays.user_index, batch.num_users)
+    log_prior = np.log(np.maximum(prior, LOG_FLOOR)).astype(np.float32)
+    chosen, rejected = jax.device_get(pair_rewards(result.model, batch, chunk_size=chunk_size))
+    L = user_log_likelihoods(chosen, rejected, batch.user_index, batch.num_users)
     head = np.argmax(log_prior, axis=-1)[batch.user_index]  # [N]: each pair's user's group
     rows = np.arange(batch.num_pairs)
     c, r = chosen[rows, head], rejected[rows, head]
@@ -402,13 +536,12 @@ def evaluate_pairs(result: EMResult, batch: PairBatch, *, chunk_size: int = 64) 
     return out
 
 
-def assign_user(model: nnx.Module, pairs: PairBatch, weights: Float[Array, "k"], *, chunk_size: int = 64
+def assign_user(model: nnx.Module, pairs: PairBatch, weights: Float[np.ndarray, "k"], *, chunk_size: int = 64
                 ) -> np.ndarray:
     """Posterior over groups [K] of one new user from a few labelled pairs: softmax(log w + sum_n log-lik)."""
-    arrays = PairArrays.from_batch(dataclasses.replace(pairs, user_index=np.zeros_like(pairs.user_index),
-                                                       user_ids=("new",), groups=None), chunk_size)
-    L = _likelihoods(nnx.split(model, nnx.Param, ...), arrays, 1, chunk_size)  # all pairs as one user: [1, K]
-    log_w = np.log(np.maximum(np.asarray(weights, np.float32), _LOG_FLOOR))
+    one = dataclasses.replace(pairs, user_index=np.zeros_like(pairs.user_index), user_ids=("new",), groups=None)
+    L = log_likelihood_matrix(model, one, chunk_size=chunk_size)  # all pairs as one user: [1, K]
+    log_w = np.log(np.maximum(np.asarray(weights, np.float32), LOG_FLOOR))
     return np.asarray(e_step_soft(L, log_w)[0])
 
 
@@ -421,3 +554,8 @@ def clustering_metrics(assignments: np.ndarray, true_groups) -> dict[str, float]
     np.add.at(counts, (np.asarray(assignments), truth), 1)
     return {"ari": float(adjusted_rand_score(truth, assignments)),
             "purity": float(counts.max(axis=1).sum() / len(truth))}
+
+
+__all__ = ["EMConfig", "EMResult", "MStepConfig", "assign_user", "clustering_metrics", "evaluate_pairs", "fit_em",
+           "fit_single_reward", "log_likelihood_matrix", "mixing_log_weights", "pair_rewards", "score_chunks",
+           "split_heldout"]

@@ -2,15 +2,19 @@
 
 Output directory:
 - assignments.json   `{user_id: cluster}`
-- em_history.json    per-round history, mixing weights, responsibilities, restart scores, clustering metrics
+- em_history.json    per-round history (training and held-out log-likelihoods, group sizes, changed users, M-step
+                     accuracy, who assigned users), the initialisation and K selection, restart agreement,
+                     warnings, mixing weights, responsibilities, clustering metrics, the config (strict JSON)
+- em_history.png     the same at a glance
 - reward_model/      reward_model.json (model config, num_groups, shared_backbone) + state/ (Orbax)
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
+import logging
 import os
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -22,8 +26,12 @@ from maxmin_jax.data.schema import PreferenceRow
 from maxmin_jax.models import ModelConfig, build_model
 from maxmin_jax.models.config import config_from_hf
 from maxmin_jax.models.hf import CheckpointError, load_pretrained
-from maxmin_jax.rewards.em import EMConfig, EMResult, MStepConfig, clustering_metrics, fit_em
+from maxmin_jax.rewards.diagnostics import fit_warnings, plot_history, write_history
+from maxmin_jax.rewards.em import EMConfig, EMResult, clustering_metrics, fit_em
 from maxmin_jax.rewards.model import build_reward_model
+from maxmin_jax.rewards.mstep import MStepConfig
+
+logger = logging.getLogger(__name__)
 
 META_FILE = "reward_model.json"
 STATE_DIR = "state"
@@ -31,18 +39,26 @@ FORMAT = "maxmin-jax-reward-model/1"
 
 
 def fit_rewards(data: Iterable[PreferenceRow] | PairBatch, *, model_path_or_config: str | os.PathLike | ModelConfig,
-                tokenizer=None, num_groups: int, method: str = "hard", init: str = "round_robin",
-                restarts: int = 1, seed: int = 0, rounds: int = 10, steps_per_round: int = 50, batch_size: int = 32,
-                learning_rate: float = 1e-4, shared_backbone: bool = True, out_dir: str | os.PathLike | None = None,
-                heldout: PairBatch | None = None, tol: float = 0.0, patience: int = 2, chunk_size: int = 64,
-                m_step: MStepConfig | None = None, guard: bool = True, progress: bool = True, mesh=None
-                ) -> EMResult:
+                tokenizer=None, num_groups: int | str, out_dir: str | os.PathLike | None = None,
+                shared_backbone: bool = True, heldout: PairBatch | None = None, config: EMConfig | None = None,
+                learning_rate: float | None = None, m_step: MStepConfig | None = None, progress: bool = True,
+                mesh=None, **em_options) -> EMResult:
     """Fit K reward models by EM over users and (with `out_dir`) write assignments, history and the model.
 
     `model_path_or_config`: an HF checkpoint directory (its tokenizer is loaded from the same directory with
     `transformers.AutoTokenizer` unless `tokenizer` is given), or a model config for a randomly initialised
-    backbone (then `tokenizer` is needed to tokenise rows). `m_step` overrides `learning_rate` when given.
+    backbone (then `tokenizer` is needed to tokenise rows). EM's settings: `config`, or `EMConfig`'s defaults
+    overridden by `em_options` (any EMConfig field, e.g. `method="soft"`, `rounds=5`, `seed=1`); `learning_rate`
+    or `m_step` set the M-step's optimiser. With `out_dir`, warnings about the fit (a group of fewer than 2 users,
+    restarts that disagree) are logged and written to em_history.json.
     """
+    if config is None:
+        if m_step is None:
+            m_step = MStepConfig() if learning_rate is None else MStepConfig(learning_rate=learning_rate)
+        config = EMConfig(num_groups=num_groups, m_step=m_step, progress=progress, **em_options)
+    elif em_options or learning_rate is not None or m_step is not None:
+        raise ValueError("fit_rewards: pass either config= or individual EM options, not both")
+    seed = config.seed
     if isinstance(model_path_or_config, (str, os.PathLike)):
         path = model_path_or_config
         backbone = load_pretrained(path, mesh=mesh)
@@ -60,33 +76,26 @@ def fit_rewards(data: Iterable[PreferenceRow] | PairBatch, *, model_path_or_conf
         if tokenizer is None:
             raise ValueError("fit_rewards: rows need a tokenizer (pass tokenizer=, or a checkpoint directory)")
         batch = tokenize_pairs(tokenizer, list(data), max_length=backbone.config.max_position_embeddings)
-    model = build_reward_model(backbone, num_groups, shared_backbone=shared_backbone, rngs=nnx.Rngs(seed))
-    config = EMConfig(num_groups=num_groups, method=method, init=init, restarts=restarts, rounds=rounds,
-                      steps_per_round=steps_per_round, batch_size=batch_size, chunk_size=chunk_size, tol=tol,
-                      patience=patience, seed=seed, guard=guard, progress=progress,
-                      m_step=m_step or MStepConfig(learning_rate=learning_rate))
+    heads = config.num_groups if config.num_groups != "auto" else 1  # fit_em resizes to the chosen K
+    model = build_reward_model(backbone, heads, shared_backbone=shared_backbone, rngs=nnx.Rngs(seed))
     result = fit_em(model, batch, config, heldout=heldout, mesh=mesh)
     if batch.groups is not None:
         result.metrics.update(clustering_metrics(result.assignments, batch.groups))
+    for message in fit_warnings(result):
+        logger.warning(message)
+        warnings.warn(message, stacklevel=2)
     if out_dir is not None:
         write_result(result, out_dir, config=config)
     return result
 
 
 def write_result(result: EMResult, out_dir: str | os.PathLike, *, config: EMConfig | None = None) -> Path:
+    """assignments.json, em_history.json, em_history.png and reward_model/ in `out_dir`."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "assignments.json").write_text(json.dumps(result.assignment_dict(), indent=2))
-    history = {
-        "history": result.history,
-        "weights": result.weights.tolist(),
-        "responsibilities": {u: row.tolist() for u, row in zip(result.user_ids, result.responsibilities)},
-        "restart_scores": result.restart_scores,
-        "best_restart": result.best_restart,
-        "metrics": result.metrics,
-        "config": dataclasses.asdict(config) if config is not None else None,
-    }
-    (out / "em_history.json").write_text(json.dumps(history, indent=2))
+    write_history(result, out / "em_history.json", config)
+    plot_history(result, out / "em_history.png")
     save_reward_model(result.model, out / "reward_model")
     return out
 

@@ -79,6 +79,10 @@ class RewardModel(_HeadsMixin, nnx.Module):
     def from_config(cls, config: ModelConfig, num_groups: int, rngs: nnx.Rngs, **model_kwargs) -> RewardModel:
         return cls(build_model(config, rngs=rngs, **model_kwargs), num_groups, rngs=rngs)
 
+    def with_num_groups(self, num_groups: int, rngs: nnx.Rngs) -> RewardModel:
+        """A reward model with `num_groups` fresh heads on this very backbone (shared, not copied)."""
+        return type(self)(self.backbone, num_groups, rngs=rngs)
+
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, num_groups: int, rngs: nnx.Rngs, *, dtype=jnp.float32,
                         mesh=None) -> RewardModel:
@@ -127,6 +131,16 @@ class SeparateRewardModels(_HeadsMixin, nnx.Module):
     def from_backbone(cls, backbone: CausalLM, num_groups: int, rngs: nnx.Rngs) -> SeparateRewardModels:
         """K copies of one (pretrained) backbone: every group's model starts from the same LM, as in the paper."""
         return cls([backbone] * num_groups, rngs=rngs)
+
+    def with_num_groups(self, num_groups: int, rngs: nnx.Rngs) -> SeparateRewardModels:
+        """`num_groups` copies of this model's first backbone, with fresh heads."""
+        graphdef, state = nnx.split(self.stacked)
+        flat = []
+        for path, var in nnx.to_flat_state(state):
+            axes = var.get_metadata().get("logical_axes")
+            flat.append((path, var.replace(var.get_value()[0], logical_axes=axes[1:] if axes else None)))
+        first = nnx.merge(graphdef, nnx.from_flat_state(flat))
+        return type(self).from_backbone(first, num_groups, rngs)
 
     @classmethod
     def from_config(cls, config: ModelConfig, num_groups: int, rngs: nnx.Rngs, **model_kwargs

@@ -1,0 +1,204 @@
+"""A mixture of K linear Bradley-Terry models over users, on fixed pair features: EM's initialisation.
+
+Pair n of user h has features x_n (chosen minus rejected, `features.pair_features`); group k's reward difference
+is `x_n . theta_k`. The same EM as the neural mixture, but each M-step is a few Newton steps of an L2-regularised
+logistic regression per group (weighted by the responsibilities), so a whole fit takes milliseconds and many
+restarts run at once (vectorised over a leading restart axis, one compiled program).
+
+The E-step scores each user with heads fitted *without that user* (leave-one-user-out, one Newton step from the
+fitted heads: `theta_k^(-h) = theta_k - (H_k - H_hk)^-1 g_hk`, g_hk and H_hk the gradient and curvature of user
+h's weighted log-likelihood). Pairs are regrouped per user ([U, P, d], `by_user`), so these per-user terms are
+contractions over each user's pairs. With
+the user's own pairs in the fit, a head partly memorises its members, so every partition looks self-consistent
+and EM stays wherever it starts; scored out of sample, a user moves to the group that predicts them best, and the
+final leave-one-user-out log-likelihood is an honest score for choosing between restarts and between K.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, Int
+
+_STEPS = (1.0, 0.5, 0.25, 0.125, 0.0)  # Newton step sizes tried in parallel (0: keep the old heads)
+FEATURE_BUCKET = 16  # features padded with zero columns to a multiple of this
+PAIR_BUCKET = 8  # pairs per user padded (masked) to a multiple of this
+
+
+class LinearMixtureFit(NamedTuple):
+    """Responsibilities [R, U, K], heads [R, K, d], leave-one-user-out scores L [R, U, K] and the mixture's
+    leave-one-user-out log-likelihood [R] (sum over users) for each of R restarts."""
+
+    gamma: Array
+    theta: Array
+    loo: Array
+    score: Array
+
+
+def by_user(x: np.ndarray, user_index: np.ndarray, num_users: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs regrouped per user: features [U, P, d] and a 0/1 mask [U, P], P the most pairs any user has."""
+    counts = np.bincount(user_index, minlength=num_users)
+    order = np.argsort(user_index, kind="stable")
+    slot = np.arange(len(user_index)) - np.repeat(np.cumsum(counts) - counts, counts)
+    out = np.zeros((num_users, max(int(counts.max()), 1), x.shape[1]), np.float32)
+    mask = np.zeros(out.shape[:2], np.float32)
+    out[user_index[order], slot] = x[order]
+    mask[user_index[order], slot] = 1.0
+    return out, mask
+
+
+def _objective(x, w, theta, l2):
+    """Weighted negative log-likelihood + L2 of each head: [R, K]. x [U, P, d], w [R, U, P, K]."""
+    m = jnp.einsum("upd,rkd->rupk", x, theta)
+    return -jnp.einsum("rupk,rupk->rk", w, jax.nn.log_sigmoid(m)) + 0.5 * l2 * jnp.sum(theta**2, -1)
+
+
+def _newton(x, w, theta, l2, steps: int):
+    """`steps` damped Newton steps on every head at once (the best of a few step sizes, so it never goes up).
+    Returns the heads and the per-user Hessian contributions [R, U, K, d, d]."""
+    eye = jnp.eye(x.shape[-1], dtype=x.dtype)
+
+    def curvature(theta):
+        s = jax.nn.sigmoid(jnp.einsum("upd,rkd->rupk", x, theta))
+        return jnp.einsum("upd,rupk,upe->rukde", x, w * s * (1 - s), x), s
+
+    def step(theta, _):
+        own, s = curvature(theta)
+        h = jnp.sum(own, axis=1) + l2 * eye
+        grad = -jnp.einsum("rupk,upd->rkd", w * (1 - s), x) + l2 * theta
+        delta = jnp.linalg.solve(h, grad[..., None])[..., 0]
+        candidates = theta[None] - jnp.asarray(_STEPS)[:, None, None, None] * delta[None]  # [S, R, K, d]
+        values = jax.vmap(lambda t: _objective(x, w, t, l2))(candidates)  # [S, R, K]
+        best = jnp.argmin(values, axis=0)
+        return jnp.take_along_axis(candidates, best[None, ..., None], axis=0)[0], None
+
+    theta, _ = jax.lax.scan(step, theta, None, length=steps)
+    return theta, curvature(theta)[0]
+
+
+@functools.partial(jax.jit, static_argnames=("soft_iters", "hard_iters", "newton_steps"))
+def _fit(x, mask, gamma0, active, l2, soft_iters: int, hard_iters: int, newton_steps: int) -> LinearMixtureFit:
+    r, _, k = gamma0.shape
+    theta = jnp.zeros((r, k, x.shape[-1]), x.dtype)
+    pair_mask = mask[None, :, :, None]  # [1, U, P, 1]
+
+    def m_step(gamma, theta, steps):
+        w = gamma[:, :, None, :] * pair_mask  # [R, U, P, K]: each pair weighted by its user's responsibilities
+        theta, own = _newton(x, w, theta, l2, steps)
+        return theta, _loo(x, w, theta, own, l2, pair_mask)
+
+    def log_weights(gamma):  # [R, 1, K]; groups switched off by `active` get none of the mass
+        return jnp.where(active > 0, jnp.log(jnp.maximum(jnp.mean(gamma, axis=1), 1e-6)), -1e30)[:, None, :]
+
+    def soft(carry, _):
+        gamma, theta = carry
+        theta, loo = m_step(gamma, theta, newton_steps)
+        return (jax.nn.softmax(log_weights(gamma) + loo, axis=-1), theta), None
+
+    def hard(carry, _):
+        gamma, theta = carry
+        theta, loo = m_step(gamma, theta, newton_steps)
+        return (jax.nn.one_hot(jnp.argmax(log_weights(gamma) + loo, -1), k, dtype=x.dtype), theta), None
+
+    theta, _ = m_step(gamma0, theta, 2 * newton_steps)  # the first M-step starts from zero heads
+    (gamma, theta), _ = jax.lax.scan(soft, (gamma0, theta), None, length=soft_iters)
+    (gamma, theta), _ = jax.lax.scan(hard, (gamma, theta), None, length=hard_iters)
+    theta, loo = m_step(gamma, theta, newton_steps)
+    score = jnp.sum(jax.nn.logsumexp(log_weights(gamma) + loo, axis=-1), axis=-1)
+    return LinearMixtureFit(gamma, theta, loo, score)
+
+
+def _loo(x, w, theta, own, l2, pair_mask):
+    """L [R, U, K]: each user's log-likelihood (real pairs only) under each head refitted without them, by one
+    Newton step of the objective without the user from the fitted heads: theta - (H_k - H_hk)^-1 g_hk, g_hk the
+    gradient of user h's weighted log-likelihood. Taking the user's own curvature out matters for small groups,
+    where one user is a large part of the fit."""
+    s = jax.nn.sigmoid(jnp.einsum("upd,rkd->rupk", x, theta))
+    g = jnp.einsum("rupk,upd->rukd", w * (1 - s), x)
+    h = jnp.sum(own, axis=1, keepdims=True) + l2 * jnp.eye(x.shape[-1], dtype=x.dtype)
+    shift = jnp.linalg.solve(h - own, g[..., None])[..., 0]  # [R, U, K, d]
+    m = jnp.einsum("upd,rkd->rupk", x, theta) - jnp.einsum("upd,rukd->rupk", x, shift)
+    return jnp.sum(jax.nn.log_sigmoid(m) * pair_mask, axis=2)
+
+
+def fit_linear_mixture(x: Float[Array, "n d"], user_index: Int[Array, "n"], gamma0: Float[Array, "r u k"], *,
+                       num_users: int, l2: float = 1.0, soft_iters: int = 12, hard_iters: int = 8,
+                       newton_steps: int = 2, active: np.ndarray | None = None) -> LinearMixtureFit:
+    """EM from R initial responsibilities at once: `soft_iters` soft rounds (posterior responsibilities) then
+    `hard_iters` hard ones (argmax), each an M-step of `newton_steps` Newton steps from the previous heads and a
+    leave-one-user-out E-step. `active` [K] (default all): groups with 0 stay empty, so fits of every K up to
+    the array's K share one compiled program (one per shape: users, R, K, and the most pairs per user and the
+    features rounded up to `PAIR_BUCKET` and `FEATURE_BUCKET`, so feature sets of one run share it too)."""
+    x = np.asarray(x, np.float32)
+    d = x.shape[1]
+    x = np.pad(x, ((0, 0), (0, -x.shape[1] % FEATURE_BUCKET)))  # zero columns keep zero heads: same fit
+    xu, mask = by_user(x, np.asarray(user_index), num_users)
+    xu, mask = (np.pad(a, ((0, 0), (0, -a.shape[1] % PAIR_BUCKET)) + ((0, 0),) * (a.ndim - 2)) for a in (xu, mask))
+    k = np.shape(gamma0)[-1]
+    active = np.ones(k, np.float32) if active is None else np.asarray(active, np.float32)
+    fit = _fit(jnp.asarray(xu), jnp.asarray(mask), jnp.asarray(gamma0, jnp.float32), jnp.asarray(active),
+               jnp.float32(l2), soft_iters=soft_iters, hard_iters=hard_iters, newton_steps=newton_steps)
+    return fit._replace(theta=fit.theta[..., :d])
+
+
+# Initial partitions ---------------------------------------------------------------------------------------------
+def _sigmoid(x):
+    return 0.5 * (1.0 + np.tanh(0.5 * x))
+
+
+def user_score_embedding(x: np.ndarray, user_index: np.ndarray, num_users: int, *, l2: float = 1.0,
+                         rank: int = 8) -> np.ndarray:
+    """[U, rank]: how each user departs from the pooled preference.
+
+    Fit one logistic head to all pairs; each user's gradient of their own log-likelihood there points to what
+    they want that the pooled reward does not give; whitened by the pooled Fisher information (so each direction
+    counts by how well the data determine it) and reduced to its top principal directions across users."""
+    x = np.asarray(x, np.float64)
+    theta = np.zeros(x.shape[1])
+    for _ in range(25):  # Newton with step halving: pooled logistic regression
+        s = _sigmoid(x @ theta)
+        grad = -x.T @ (1 - s) + l2 * theta
+        hess = (x * (s * (1 - s))[:, None]).T @ x + l2 * np.eye(x.shape[1])
+        delta = np.linalg.solve(hess, grad)
+        objective = lambda t: np.sum(np.logaddexp(0, -(x @ t))) + 0.5 * l2 * t @ t  # noqa: E731
+        step, old = 1.0, objective(theta)
+        while step > 1e-3 and objective(theta - step * delta) > old:
+            step /= 2
+        theta = theta - step * delta
+        if np.max(np.abs(step * delta)) < 1e-6:
+            break
+    s = _sigmoid(x @ theta)
+    hess = (x * (s * (1 - s))[:, None]).T @ x + l2 * np.eye(x.shape[1])
+    g = np.zeros((num_users, x.shape[1]))
+    np.add.at(g, user_index, (1 - s)[:, None] * x)
+    eigvals, eigvecs = np.linalg.eigh(hess)
+    e = g @ (eigvecs / np.sqrt(np.maximum(eigvals, 1e-12)))
+    e -= e.mean(axis=0)
+    _, _, vt = np.linalg.svd(e, full_matrices=False)
+    return e @ vt[:rank].T
+
+
+def kmeans_plus_plus(points: np.ndarray, k: int, rng: np.random.Generator, iters: int = 25) -> np.ndarray:
+    """Lloyd's k-means from a k-means++ start; returns labels [U] with every cluster non-empty when U >= k."""
+    n = len(points)
+    centres = [points[rng.integers(n)]]
+    for _ in range(1, k):
+        d2 = np.min([np.sum((points - c) ** 2, axis=1) for c in centres], axis=0)
+        centres.append(points[rng.choice(n, p=d2 / d2.sum())] if d2.sum() > 0 else points[rng.integers(n)])
+    centres = np.stack(centres)
+    labels = np.zeros(n, np.int64)
+    for _ in range(iters):
+        labels = np.argmin(((points[:, None] - centres[None]) ** 2).sum(-1), axis=1)
+        for j in range(k):
+            if not np.any(labels == j):  # re-seed an empty cluster at the point farthest from its centre
+                far = int(np.argmax(((points - centres[labels]) ** 2).sum(-1)))
+                labels[far] = j
+            centres[j] = points[labels == j].mean(axis=0)
+    return labels
+
+
+__all__ = ["LinearMixtureFit", "fit_linear_mixture", "kmeans_plus_plus", "user_score_embedding"]
