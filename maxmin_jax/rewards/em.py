@@ -40,13 +40,13 @@ from maxmin_jax.guards import raise_on_fault
 from maxmin_jax.rewards.estep import (LOG_FLOOR, PairChunks, chunk_log_likelihoods, e_step_soft,
                                       log_likelihood_matrix, mixing_log_weights, mixture_log_likelihood,
                                       pair_rewards, score_chunks, user_log_likelihoods)
-from maxmin_jax.rewards.init import (FeatureMixture, KSelection, adjusted_rand, fit_feature_mixture,
+from maxmin_jax.rewards.init import (FeatureMixture, adjusted_rand, fit_feature_mixture,
                                      initial_assignments, select_num_groups)
 from maxmin_jax.rewards.features import pair_features
 from maxmin_jax.rewards.linear_mixture import fit_linear_mixture
 from maxmin_jax.rewards.mstep import M_STEP_LIMITS, MStepConfig, copy_tree, em_update, m_step, make_optimizer, minibatch
 from maxmin_jax.sharding import replicate_on_mesh_of
-from maxmin_jax.validate import check_value
+from maxmin_jax import validate
 
 logger = logging.getLogger(__name__)
 
@@ -112,28 +112,23 @@ class EMConfig:
 
     def __post_init__(self):
         if self.num_groups != "auto":
-            check_value(self.num_groups, "positive_int", "EMConfig.num_groups")
-        if len(self.k_range) != 2 or not all(isinstance(k, int) for k in self.k_range) or not (
-                1 <= self.k_range[0] <= self.k_range[1]):
-            raise ConfigError(f"EMConfig.k_range: expected [lo, hi] with 1 <= lo <= hi, got {list(self.k_range)}",
-                              key="k_range")
+            validate.positive_int(self, "num_groups")
+        validate.require(len(self.k_range) == 2 and all(isinstance(k, int) for k in self.k_range)
+                         and 1 <= self.k_range[0] <= self.k_range[1], self, "k_range",
+                         f"expected [lo, hi] with 1 <= lo <= hi, got {list(self.k_range)}")
         for name, allowed in (("method", ("hard", "soft")), ("init", ("features", "round_robin", "random")),
                               ("assign_by", ("heldout", "reward_model")), ("prompt_features", ("auto", "on", "off"))):
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"EMConfig.{name}: expected one of {allowed}, got {getattr(self, name)!r}", key=name)
-        if self.num_groups == "auto" and self.init != "features":
-            raise ConfigError("EMConfig.init: num_groups='auto' chooses K with the token-feature mixture, so it needs "
-                              f"init='features', got {self.init!r}", key="init")
-        for name in ("restarts", "init_restarts", "rounds", "batch_size", "chunk_size", "patience",
-                     "feature_clusters", "feature_seeds"):
-            check_value(getattr(self, name), "positive_int", f"EMConfig.{name}")
-        check_value(self.feature_tokens, "non_negative_int", "EMConfig.feature_tokens")
-        check_value(self.steps_per_round, "non_negative_int", "EMConfig.steps_per_round", optional=True)
-        check_value(self.epochs_per_round, "positive", "EMConfig.epochs_per_round")
-        check_value(self.feature_l2, "positive", "EMConfig.feature_l2")
-        if not 0.0 < self.heldout_fraction < 1.0:
-            raise ConfigError(f"EMConfig.heldout_fraction: expected a number in (0, 1), got {self.heldout_fraction!r}",
-                              key="heldout_fraction")
+            validate.one_of(self, name, allowed)
+        validate.require(self.num_groups != "auto" or self.init == "features", self, "init",
+                         "num_groups='auto' chooses K with the token-feature mixture, so it needs init='features', "
+                         f"got {self.init!r}")
+        validate.positive_int(self, "restarts", "init_restarts", "rounds", "batch_size", "chunk_size", "patience",
+                              "feature_clusters", "feature_seeds")
+        validate.non_negative_int(self, "feature_tokens")
+        validate.non_negative_int(self, "steps_per_round", optional=True)
+        validate.positive(self, "epochs_per_round", "feature_l2")
+        validate.require(0.0 < self.heldout_fraction < 1.0, self, "heldout_fraction",
+                         f"expected a number in (0, 1), got {self.heldout_fraction!r}")
 
     @classmethod
     def paper(cls, num_groups: int, **overrides) -> EMConfig:
