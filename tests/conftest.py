@@ -84,6 +84,19 @@ def tiny_llama_dirs(tmp_path_factory):
     }
 
 
+def left_padded_prompts(vocab_size: int, batch: int = 8, length: int = 6, seed: int = 0):
+    """Random prompt ids [batch, length] with every other row left-padded by two (pad id 0, tokens from 3 up)."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(3, vocab_size, (batch, length)).astype(np.int32)
+    mask = np.ones_like(ids)
+    mask[::2, :2] = 0
+    ids[mask == 0] = 0
+    return jnp.asarray(ids), jnp.asarray(mask)
+
+
 def read_tfevents(directory: Path) -> dict[str, list[tuple[int, float]]]:
     """Scalars of TensorBoard event files, read with tensorboardX's protobufs (TFRecord framing by hand)."""
     import struct

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import left_padded_prompts
 from maxmin_jax.errors import ConfigError
 from maxmin_jax.models import GPT2Config, build_model
 from maxmin_jax.models.lora import add_lora
@@ -37,12 +38,7 @@ class TokenTableReward(nnx.Module):
 
 
 def prompts(batch=8, length=6, seed=0):
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(3, CONFIG.vocab_size, (batch, length)).astype(np.int32)
-    mask = np.ones_like(ids)
-    mask[::2, :2] = 0
-    ids[mask == 0] = 0
-    return jnp.asarray(ids), jnp.asarray(mask)
+    return left_padded_prompts(CONFIG.vocab_size, batch, length, seed)
 
 
 def flat(tree):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import left_padded_prompts
 from maxmin_jax.generate import SamplingConfig, generate
 from maxmin_jax.models import GPT2Config, build_model
 from maxmin_jax.policy.model import PolicyWithValue
@@ -24,12 +25,7 @@ PPO = PPOConfig(learning_rate=1e-3, epochs=2, minibatches=2)
 
 
 def prompts(batch=8, length=6, seed=0):
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(3, CONFIG.vocab_size, (batch, length)).astype(np.int32)
-    mask = np.ones_like(ids)
-    mask[::2, :2] = 0
-    ids[mask == 0] = 0
-    return jnp.asarray(ids), jnp.asarray(mask)
+    return left_padded_prompts(CONFIG.vocab_size, batch, length, seed)
 
 
 def make_trainer(objective="maxmin", *, lora=False, sampling=SAMPLING, **kwargs):
