@@ -209,13 +209,13 @@ def generate(model: CausalLM, input_ids: Int[Array, "b t"], attention_mask: Int[
     input_ids = jnp.asarray(input_ids, jnp.int32)
     b, t = input_ids.shape
     attention_mask = jnp.ones_like(input_ids) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
-    SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)  # validates
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
     limit = model.config.max_position_embeddings
     if t + max_new_tokens > limit:
         raise ValueError(f"prompt length {t} + max_new_tokens {max_new_tokens} exceeds the model's "
                          f"max_position_embeddings {limit}")
-    if top_k is not None and top_k > model.config.vocab_size:
-        raise ValueError(f"top_k must be in [1, vocab_size={model.config.vocab_size}], got {top_k}")
+    validate.require(top_k is None or top_k <= model.config.vocab_size, sampling, "top_k",
+                     f"expected an integer in [1, vocab_size={model.config.vocab_size}], got {top_k}")
     padded = bucket_length(t, multiple=bucket_multiple, minimum=bucket_multiple)
     pad = padded - t
     ids = jnp.pad(input_ids, ((0, 0), (pad, 0)), constant_values=pad_token_id)

@@ -112,5 +112,5 @@ def test_top_p_and_top_k_outside_their_range_are_refused(gpt2):
     ids, mask = left_padded_batch()
     for bad in (dict(top_p=0.0), dict(top_p=-0.1), dict(top_p=1.2), dict(top_k=0), dict(top_k=-3),
                 dict(top_k=gpt2.config.vocab_size + 1)):
-        with pytest.raises(ValueError, match=r"top_[kp](: expected| must be)"):
+        with pytest.raises(ValueError, match=r"top_[kp]: expected"):
             generate(gpt2, ids, mask, max_new_tokens=4, rng=jax.random.key(0), **bad)
