@@ -105,3 +105,22 @@ def test_internal_bugs_keep_their_traceback(monkeypatch, tmp_path):
     monkeypatch.setattr("maxmin_jax.pipeline.run", broken)
     with pytest.raises(ValueError, match="an internal invariant broke"):
         main(["demo", "--out", str(tmp_path / "demo")])
+
+
+def test_the_parser_and_the_top_level_names_import_only_what_they_use():
+    """`maxmin-jax --help` and config parsing skip transformers, datasets and orbax (a second's import); every name
+    the lazy packages export resolves."""
+    import subprocess
+    import sys
+
+    code = ("import sys, maxmin_jax, maxmin_jax.data as data, maxmin_jax.pipeline as pipeline\n"
+            "from maxmin_jax.cli import build_parser\n"
+            "build_parser()\n"
+            "heavy = [m for m in ('transformers', 'datasets', 'orbax.checkpoint') if m in sys.modules]\n"
+            "assert not heavy, heavy\n"
+            "for package in (maxmin_jax, data, pipeline):\n"
+            "    assert set(dir(package)) >= set(package.__all__)\n"
+            "    [getattr(package, name) for name in package.__all__]\n"
+            "assert maxmin_jax.run is pipeline.run\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

@@ -9,12 +9,15 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
-from transformers import PreTrainedTokenizerBase
 
 from maxmin_jax.data.schema import DataError, PreferenceRow, ValidatedRows, settle_problems
+
+if TYPE_CHECKING:  # transformers is imported by whoever builds the tokenizer
+    from transformers import PreTrainedTokenizerBase
 
 
 def bucket_length(n: int, *, multiple: int = 16, minimum: int = 16) -> int:

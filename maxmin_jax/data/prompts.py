@@ -12,12 +12,14 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
-
-from transformers import PreTrainedTokenizerBase
+from typing import TYPE_CHECKING
 
 from maxmin_jax.data.batching import encode
 from maxmin_jax.data.files import EXPECTED, iter_json_lines, iter_lines
 from maxmin_jax.data.schema import DataError, describe, settle_problems
+
+if TYPE_CHECKING:  # transformers is imported by whoever builds the tokenizer
+    from transformers import PreTrainedTokenizerBase
 
 _TABLE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 

@@ -22,13 +22,16 @@ import functools
 import math
 import re
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import jax.numpy as jnp
 import numpy as np
-from transformers import PreTrainedTokenizerFast
 
 from maxmin_jax.data.tokenizer import EOS, PAD, UNK, build_word_tokenizer
 from maxmin_jax.data.world import RngLike, SyntheticWorld, scale_sizes
+
+if TYPE_CHECKING:  # transformers is imported by whoever builds the tokenizer
+    from transformers import PreTrainedTokenizerFast
 
 NOUNS = ("movie", "film", "plot", "acting", "story", "ending", "cast", "music", "script", "director", "scenes",
          "dialogue")

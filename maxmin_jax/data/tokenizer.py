@@ -8,9 +8,12 @@ tiny. It is a real ``transformers`` fast tokenizer, so it goes through ``save_pr
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
 SPECIAL_TOKENS = (PAD, EOS, UNK)  # ids 0, 1, 2: pad = 0 matches generate()'s default pad_token_id
@@ -27,6 +30,8 @@ def build_word_tokenizer(words: Iterable[str]) -> PreTrainedTokenizerFast:
         if not word or any(ch.isspace() for ch in word):
             raise ValueError(f"vocabulary words must be non-empty and contain no whitespace, got {word!r}")
         vocab.setdefault(word, len(vocab))
+    from transformers import PreTrainedTokenizerFast  # on use: importing transformers costs ~0.5 s
+
     backend = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     return PreTrainedTokenizerFast(

@@ -6,10 +6,25 @@ evaluation -> report, as stage functions over one config tree (`RunConfig`), wit
     report = mm.run(cfg, "out/demo")              # rerun to resume; a changed config is refused
 """
 
+from typing import TYPE_CHECKING
+
 from maxmin_jax.pipeline.config import (EvaluationConfig, FilePreferences, FitRewards, LoadRewards, LoraConfig,
                                         LoraSpec, MeshConfig, PolicyConfig, PretrainedModel, PromptsConfig,
                                         PSoupsPreferences, RunConfig, ScratchModel, WorldPreferences, WorldSpec)
-from maxmin_jax.pipeline.runners import fit_rewards, run, stage_plan, train_policy
+
+if TYPE_CHECKING:
+    from maxmin_jax.pipeline.runners import fit_rewards, run, stage_plan, train_policy
+
+_RUNNERS = ("fit_rewards", "run", "stage_plan", "train_policy")
+
+
+def __getattr__(name: str):
+    """The runners on first use (PEP 562): they pull in orbax and datasets, which reading a config does not need."""
+    if name not in _RUNNERS:
+        raise AttributeError(f"module 'maxmin_jax.pipeline' has no attribute {name!r}")
+    from maxmin_jax.pipeline import runners
+
+    return getattr(runners, name)
 
 
 def load_config(path=None, *, overrides=()) -> RunConfig:
