@@ -27,6 +27,10 @@ def __getattr__(name: str):
     return getattr(runners, name)
 
 
+def __dir__():
+    return sorted(set(globals()) | set(_RUNNERS))
+
+
 def load_config(path=None, *, overrides=()) -> RunConfig:
     """A RunConfig from a YAML file (None: the demo defaults) with `key.path=value` overrides applied."""
     from maxmin_jax.config_io import load_yaml
