@@ -31,8 +31,9 @@ from maxmin_jax.models.transformer import CausalLM
 from maxmin_jax.policy.advantages import LOSS_KL_KINDS, Estimator, group_view, policy_gradient_loss
 from maxmin_jax.policy.objectives import Objective, ObjectiveState, RewardStandardizer
 from maxmin_jax.policy.ppo import masked_entropy, masked_mean, terminal_rewards
-from maxmin_jax.policy.training import (flag_faults, make_optimizer, minibatch_updates, reference_logprobs,
-                                        response_outputs, rollout_and_score, split_policy, start_state)
+from maxmin_jax.policy.training import (Frozen, flag_faults, fresh_copy, make_optimizer, minibatch_updates,
+                                        reference_logprobs, response_outputs, rollout_and_score, split_online,
+                                        start_state)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -78,13 +79,6 @@ class CriticFreeState(NamedTuple):
     step: jax.Array
 
 
-class CriticFreeFrozen(NamedTuple):
-    policy_rest: nnx.State  # the policy's variables outside the trainable selection (the base weights under LoRA)
-    reference: nnx.State | None  # a separate reference model; None: the policy with adapters off (or no KL term)
-    reward: nnx.State
-    standardizer: RewardStandardizer
-
-
 class _Static(NamedTuple):
     """Everything the compiled iteration depends on besides array values; hashable."""
 
@@ -98,7 +92,7 @@ class _Static(NamedTuple):
 
 
 @partial(jax.jit, static_argnums=0, donate_argnums=1)
-def _iteration(static: _Static, state: CriticFreeState, frozen: CriticFreeFrozen, prompts, prompt_mask, key):
+def _iteration(static: _Static, state: CriticFreeState, frozen: Frozen, prompts, prompt_mask, key):
     """One iteration on P left-padded prompts: P x G responses sampled, scored and learned from."""
     cfg, sampling, group_size = static.config, static.sampling, static.estimator.group_size
     key_rollout, key_shuffle = jax.random.split(jax.random.fold_in(key, state.step))
@@ -187,13 +181,12 @@ class CriticFreeTrainer:
             raise ConfigError(f"critic-free estimators compare {estimator.group_size} samples of each prompt, "
                               f"which greedy decoding makes identical: sampling.temperature must be > 0, got "
                               f"{sampling.temperature}", key="temperature")
-        kl = config.kl_coef > 0
-        policy_def, params, rest = split_policy(policy, trainable, adapters_off_reference=reference is None and kl)
-        reward_def, reward_state = nnx.split(reward_model)
-        reference_def, reference_state = nnx.split(reference) if reference is not None and kl else (None, None)
-        self.static = _Static(policy_def, reference_def, reward_def, objective, estimator, config, sampling)
-        self.frozen = CriticFreeFrozen(rest, reference_state, reward_state, standardizer)
-        self._initial_params = params
+        parts = split_online(policy, reward_model, standardizer, reference=reference, trainable=trainable,
+                             uses_reference=config.kl_coef > 0)
+        self.static = _Static(parts.policy_def, parts.reference_def, parts.reward_def, objective, estimator, config,
+                              sampling)
+        self.frozen = parts.frozen
+        self._initial_params = parts.params
 
     @property
     def config(self) -> CriticFreeConfig:
@@ -208,8 +201,7 @@ class CriticFreeTrainer:
         return self.static.sampling
 
     def init_state(self) -> CriticFreeState:
-        # A copy: the state is donated each step, and the initial weights may share buffers with the reference.
-        params = jax.tree.map(jnp.copy, self._initial_params)
+        params = fresh_copy(self._initial_params)
         num_groups = self.frozen.standardizer.mean.shape[0]
         state = CriticFreeState(params, make_optimizer(self.config.learning_rate, self.config.max_grad_norm).init(
             params), self.static.objective.init(num_groups), jnp.zeros((), jnp.int32))
@@ -234,4 +226,4 @@ class CriticFreeTrainer:
         return _iteration(self.static, state, self.frozen, prompts, prompt_mask, key)
 
 
-__all__ = ["CriticFreeConfig", "CriticFreeFrozen", "CriticFreeState", "CriticFreeTrainer"]
+__all__ = ["CriticFreeConfig", "CriticFreeState", "CriticFreeTrainer"]

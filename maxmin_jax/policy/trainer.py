@@ -27,8 +27,9 @@ from maxmin_jax.policy.model import PolicyWithValue
 from maxmin_jax.policy.objectives import Objective, ObjectiveState, RewardStandardizer
 from maxmin_jax.policy.ppo import (KLControllerState, PPOConfig, gae, kl_controller, masked_entropy, masked_mean,
                                    policy_loss, token_rewards, value_loss, whiten)
-from maxmin_jax.policy.training import (flag_faults, make_optimizer, minibatch_updates, reference_logprobs,
-                                        response_outputs, rollout_and_score, split_policy, start_state)
+from maxmin_jax.policy.training import (Frozen, flag_faults, fresh_copy, make_optimizer, minibatch_updates,
+                                        reference_logprobs, response_outputs, rollout_and_score, split_online,
+                                        start_state)
 
 
 class PPOState(NamedTuple):
@@ -37,13 +38,6 @@ class PPOState(NamedTuple):
     kl: KLControllerState
     objective: ObjectiveState
     step: jax.Array
-
-
-class Frozen(NamedTuple):
-    policy_rest: nnx.State  # the policy's variables outside the trainable selection (the base weights under LoRA)
-    reference: nnx.State | None  # a separate reference model; None means the policy with its adapters off
-    reward: nnx.State
-    standardizer: RewardStandardizer
 
 
 class _Static(NamedTuple):
@@ -76,12 +70,10 @@ class PPOTrainer:
                  sampling: SamplingConfig = SamplingConfig(), trainable: nnx.filterlib.Filter = nnx.Param):
         if sampling.temperature == 0:
             raise ValueError("PPO needs a stochastic policy: sampling.temperature must be > 0 (0 is greedy)")
-        policy_def, params, rest = split_policy(policy, trainable, adapters_off_reference=reference is None)
-        reward_def, reward_state = nnx.split(reward_model)
-        reference_def, reference_state = nnx.split(reference) if reference is not None else (None, None)
-        self.static = _Static(policy_def, reference_def, reward_def, objective, ppo, sampling)
-        self.frozen = Frozen(rest, reference_state, reward_state, standardizer)
-        self._initial_params = params
+        parts = split_online(policy, reward_model, standardizer, reference=reference, trainable=trainable)
+        self.static = _Static(parts.policy_def, parts.reference_def, parts.reward_def, objective, ppo, sampling)
+        self.frozen = parts.frozen
+        self._initial_params = parts.params
 
     @property
     def ppo(self) -> PPOConfig:
@@ -92,8 +84,7 @@ class PPOTrainer:
         return self.static.sampling
 
     def init_state(self) -> PPOState:
-        # A copy: the state is donated each step, and the initial weights may share buffers with the reference.
-        params = jax.tree.map(jnp.copy, self._initial_params)
+        params = fresh_copy(self._initial_params)
         num_groups = self.frozen.standardizer.mean.shape[0]
         state = PPOState(params, optimizer(self.ppo).init(params), kl_controller(self.ppo).init(),
                          self.static.objective.init(num_groups), jnp.zeros((), jnp.int32))
@@ -166,4 +157,4 @@ def _iteration(static: _Static, state: PPOState, frozen: Frozen, prompts, prompt
     return PPOState(trainable, opt_state, kl_state, rollout.objective, state.step + 1), metrics
 
 
-__all__ = ["Frozen", "PPOState", "PPOTrainer", "optimizer"]
+__all__ = ["PPOState", "PPOTrainer", "optimizer"]

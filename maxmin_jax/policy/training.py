@@ -2,7 +2,9 @@
 
 - `split_policy`: the graph, the trainable variables (the `trainable` filter's selection) and the rest, with the
   checks every trainer makes (the filter selects something; a reference that is the policy with its adapters off
-  needs adapters and frozen base weights).
+  needs adapters and frozen base weights). `split_online` adds the reward model and the reference for the online
+  trainers (PPO, critic-free): their graphs, and the `Frozen` state their iteration reads; `fresh_copy` the
+  starting weights of a new state.
 - `make_optimizer` and `start_state`: Adam behind a global-norm clip, and the starting state placed exactly as the
   jitted step returns it (one compile).
 - `rollout_and_score`: sample a response per prompt, score it by the K reward heads, standardise, apply the
@@ -52,6 +54,45 @@ def split_policy(policy: nnx.Module, trainable: nnx.filterlib.Filter, *, adapter
                               f"the trainable filter {trainable!r} selects some; use "
                               "maxmin_jax.trainable.trainable_filter(lora=True)", key="trainable")
     return nnx.split(policy, trainable, ...)
+
+
+class Frozen(NamedTuple):
+    """What an online trainer's jitted iteration reads and never updates."""
+
+    policy_rest: nnx.State  # the policy's variables outside the trainable selection (the base weights under LoRA)
+    reference: nnx.State | None  # a separate reference model; None: the policy with adapters off (or no KL term)
+    reward: nnx.State
+    standardizer: RewardStandardizer
+
+
+class OnlineParts(NamedTuple):
+    """An online trainer's models taken apart: graph definitions (static), starting weights, frozen state."""
+
+    policy_def: nnx.GraphDef
+    reference_def: nnx.GraphDef | None
+    reward_def: nnx.GraphDef
+    params: nnx.State
+    frozen: Frozen
+
+
+def split_online(policy: nnx.Module, reward_model: nnx.Module, standardizer: RewardStandardizer, *,
+                 reference: nnx.Module | None, trainable: nnx.filterlib.Filter, uses_reference: bool = True
+                 ) -> OnlineParts:
+    """The parts PPO and the critic-free trainers share. `uses_reference=False` (no KL term) keeps no reference at
+    all; otherwise `reference=None` means the policy with its adapters off (`split_policy` checks that it can)."""
+    policy_def, params, rest = split_policy(policy, trainable, adapters_off_reference=reference is None
+                                            and uses_reference)
+    reward_def, reward_state = nnx.split(reward_model)
+    reference_def, reference_state = (nnx.split(reference) if reference is not None and uses_reference
+                                      else (None, None))
+    return OnlineParts(policy_def, reference_def, reward_def, params,
+                       Frozen(rest, reference_state, reward_state, standardizer))
+
+
+def fresh_copy(params: nnx.State) -> nnx.State:
+    """The starting weights for a new state: a copy, because each step donates its state and the starting weights
+    may share buffers with the reference."""
+    return jax.tree.map(jnp.copy, params)
 
 
 def make_optimizer(learning_rate: float, max_grad_norm: float | None) -> optax.GradientTransformation:
@@ -168,6 +209,6 @@ def check_step(metrics: dict, *, where: str, step: int, last_good_step: int | No
                    hint=f"lower the learning rate ({option(learning_rate)}), or check the rewards and the data")
 
 
-__all__ = ["FAULT_LIMITS", "ResponseOutputs", "ScoredRollout", "check_step", "flag_faults", "make_optimizer",
-           "minibatch_updates",
-           "reference_logprobs", "response_outputs", "rollout_and_score", "split_policy", "start_state"]
+__all__ = ["FAULT_LIMITS", "Frozen", "OnlineParts", "ResponseOutputs", "ScoredRollout", "check_step", "flag_faults",
+           "fresh_copy", "make_optimizer", "minibatch_updates", "reference_logprobs", "response_outputs",
+           "rollout_and_score", "split_online", "split_policy", "start_state"]
