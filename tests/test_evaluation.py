@@ -164,6 +164,23 @@ def test_table_marks_the_best_worst_group_and_its_ties():
     assert rows["x"].count("*") == 1 and "=" in rows["y"] and "=" not in rows["z"] and "*" not in rows["z"]
 
 
+def test_a_report_is_replaced_whole_and_a_nan_in_it_is_refused(tmp_path):
+    from maxmin_jax.pipeline import load_config
+    from maxmin_jax.report import FIGURES, write_report
+    from maxmin_jax.strict_json import NonFiniteJSONError
+
+    report = fake_run_report(load_config())
+    write_report(report, tmp_path)
+    written = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert set(written) == {"report.json", "table.txt", *FIGURES}
+    assert json.loads(written["report.json"]) == json.loads(json.dumps(report))
+    report["policies"]["maxmin"]["group_reward"]["concise"] = float("nan")
+    with pytest.raises(NonFiniteJSONError, match=r"policies\.maxmin\.group_reward\.concise"):
+        write_report(report, tmp_path)
+    assert (tmp_path / "report.json").read_bytes() == written["report.json"]  # the last good report stays
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(written)  # no temporary files left behind
+
+
 def fake_run_report(cfg, seed_offset: float = 0.0) -> dict:
     """The report a run of `cfg` (a review world) would give, from constructed per-prompt rewards: `single` serves
     the majority and loses the minority more the smaller it is; `maxmin` holds both groups up."""
