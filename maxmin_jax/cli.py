@@ -76,6 +76,41 @@ def _run_config(path: Path | None, overrides: list[str]):
     return load_config(path, overrides=overrides)
 
 
+# Settings named in errors, as this command line takes them ------------------------------------------------------
+# The config key behind each flag that is not a config flag (`add_config_flags`' `em:` ones map to rewards.em.*).
+_FLAG_KEYS = {
+    "fit-rewards": {"skip_invalid": ("preferences.skip_invalid",), "coerce_user_id": ("preferences.coerce_user_id",)},
+    "train-policy": {"learning_rate": ("policy.ppo.learning_rate", "policy.critic_free.learning_rate"),
+                     "kl_coef": ("policy.ppo.init_kl_coef", "policy.critic_free.kl_coef")},
+}
+_CONFIG_COMMANDS = ("demo", "run", "sweep")  # a whole config: any key can be set with --set
+
+
+def flag_spelling(command: str, subparser: argparse.ArgumentParser):
+    """`spell` for `errors.render`: a setting an error names (a config key, or `overwrite`) as `command` takes it:
+    its flag (`--skip-invalid`, `--learning-rate`), `--set KEY=VALUE` where the command reads a whole config, else
+    None (the message keeps the config key)."""
+    flags = {}
+    for action in subparser._actions:
+        if not action.option_strings:
+            continue
+        flag = min(action.option_strings, key=len)  # an alias (--learning-rate) over the long form
+        keys = (("rewards.em." + action.dest[3:],) if action.dest.startswith("em:")
+                else _FLAG_KEYS.get(command, {}).get(action.dest, (action.dest,)))
+        for key in keys:
+            flags[key] = (flag, action.nargs == 0)
+
+    def spell(option) -> str | None:
+        if option.key in flags:
+            flag, switch = flags[option.key]
+            return flag if switch or option.value is None else f"{flag} {option.value}"
+        if command in _CONFIG_COMMANDS and "." in option.key:
+            value = "VALUE" if option.value is None else yaml.safe_dump(option.value, default_flow_style=True).strip()
+            return f"--set {option.key}={value.removesuffix(chr(10) + '...')}"
+        return None
+    return spell
+
+
 # Commands -----------------------------------------------------------------------------------------------------------
 def _algorithms(args) -> list[str]:
     """`--algorithm` flags as an override placed first, so an explicit --set still wins."""
@@ -269,11 +304,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0)
     overwrite(train)
     train.set_defaults(func=cmd_train_policy)
+    for command, subparser in sub.choices.items():
+        subparser.set_defaults(spell=flag_spelling(command, subparser))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    from maxmin_jax.errors import InputError, NumericalFault
+    from maxmin_jax.errors import InputError, NumericalFault, render
 
     args = build_parser().parse_args(argv)
     from maxmin_jax.distributed import initialize
@@ -281,12 +318,10 @@ def main(argv: list[str] | None = None) -> int:
     initialize()  # joins a multi-host run when the cluster environment describes one; no-op on one host
     try:
         return args.func(args)
-    except InputError as e:
-        print(f"maxmin-jax {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except NumericalFault as e:
-        print(f"maxmin-jax {args.command}: numerical fault: {e}", file=sys.stderr)
-        return 3
+    except (InputError, NumericalFault) as e:
+        kind, code = ("error", 2) if isinstance(e, InputError) else ("numerical fault", 3)
+        print(f"maxmin-jax {args.command}: {kind}: {render(e, args.spell)}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

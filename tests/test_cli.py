@@ -86,6 +86,22 @@ def test_bad_rows_are_reported_with_file_and_row(checkpoint_and_data, tmp_path, 
                  "--num-groups", "2", "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert code == 2 and "bad.jsonl" in err and "row 1" in err and "Traceback" not in err
+    assert "skip invalid rows: --skip-invalid)" in err  # the fix as this command takes it, not a config key
+
+
+def test_settings_named_in_errors_are_spelled_as_each_command_takes_them():
+    from maxmin_jax.cli import build_parser
+    from maxmin_jax.errors import DataError, option, render
+
+    commands = build_parser()._subparsers._group_actions[0].choices
+    error = DataError(f"fix: {option('rewards.em.m_step.learning_rate')}, {option('preferences.skip_invalid', True)}, "
+                      f"{option('rewards.em.num_groups', 3)}, {option('overwrite', True)}")
+    spelled = {name: render(error, commands[name].get_default("spell")) for name in ("fit-rewards", "run")}
+    assert spelled["fit-rewards"] == "fix: --learning-rate, --skip-invalid, --num-groups 3, --overwrite"
+    assert spelled["run"] == ("fix: --set rewards.em.m_step.learning_rate=VALUE, --set preferences.skip_invalid=true, "
+                              "--set rewards.em.num_groups=3, --overwrite")
+    assert render(error, commands["train-policy"].get_default("spell")).startswith(
+        "fix: rewards.em.m_step.learning_rate, preferences.skip_invalid=True")  # no such flag: the config key
 
 
 def test_flags_are_typed_by_the_config_they_set(capsys):

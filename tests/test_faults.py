@@ -1,6 +1,7 @@
 """Fault injection: each bad input or fault is named in one clear error (file, row, field), and nothing is lost
 (skipped rows are counted, good checkpoint steps kept, previous outputs intact)."""
 
+import dataclasses
 import json
 import logging
 import os
@@ -111,6 +112,34 @@ def test_prompt_longer_than_the_model_names_file_and_row_and_is_skipped_on_reque
     assert np.random.default_rng(0).choice(prompts, 4).shape == (4,)  # still usable as a list of prompts
     with pytest.raises(DataError, match="would leave none"):  # skipping everything is never a result
         read_prompts(path, tokenizer=tok, max_length=1, skip_invalid=True)
+
+
+def test_the_pipeline_reads_prompts_strictly_by_row_unless_told_to_skip(tmp_path, tok):
+    """The run's prompts (`prompts:` in a config) go through `read_prompts`: an empty or over-long prompt (after the
+    template) is an error naming file and row and the config key that skips it; `max_prompts` reads only the first
+    rows (a bad row after them is never read)."""
+    from maxmin_jax.pipeline.config import PromptsConfig
+    from maxmin_jax.pipeline.sources import load_prompt_ids
+
+    lines = [{"prompt": "the movie"}, {"prompt": " "}, {"prompt": "review : the movie was great ."},
+             {"prompt": "review :"}, {"prompt": 7}]
+    path = _write(tmp_path / "prompts.jsonl", _jsonl(*lines))
+    cfg = PromptsConfig(source=str(path), max_prompts=4)
+
+    def template(text):
+        return f"review : {text}"
+
+    with pytest.raises(DataError) as err:
+        load_prompt_ids(cfg, tok, limit=5, template=template)
+    message = str(err.value)
+    assert "2 of 4 prompts are invalid" in message and "row 2: field 'prompt': expected non-empty text" in message
+    assert "row 3: field 'prompt': 9 tokens; expected 1 to max_length=5" in message
+    assert "prompts.skip_invalid=True" in message and "row 5" not in message
+    ids, skipped = load_prompt_ids(dataclasses.replace(cfg, skip_invalid=True), tok, limit=5, template=template)
+    assert ids == [tok("review : the movie")["input_ids"], tok("review : review :")["input_ids"]] and skipped == 2
+    cut = dataclasses.replace(cfg, max_tokens=2, max_prompts=3, skip_invalid=True)  # the cut comes before the template
+    assert load_prompt_ids(cut, tok, limit=5, template=template) == (
+        [tok("review : the movie")["input_ids"], tok("review : review :")["input_ids"]], 1)
 
 
 def test_pair_too_long_for_the_model_names_file_and_row_and_is_skipped_on_request(tmp_path, tok, caplog):

@@ -10,11 +10,13 @@ line of a line-based file, else the data row.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
+from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from maxmin_jax.data.batching import encode
+from maxmin_jax.data.batching import encode as encode_texts
 from maxmin_jax.data.files import EXPECTED, iter_json_lines, iter_lines
 from maxmin_jax.data.schema import DataError, describe, settle_problems
 
@@ -33,6 +35,7 @@ class ValidatedPrompts(Sequence):
     rows: list[int]
     skipped: list[tuple[int, str]] = dataclasses.field(default_factory=list)
     source: str = "<prompts>"
+    ids: list[list[int]] | None = None  # each prompt's token ids, when they were checked against a max_length
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -49,6 +52,8 @@ def read_prompts(
     tokenizer: PreTrainedTokenizerBase | None = None,
     max_length: int | None = None,
     skip_invalid: bool = False,
+    max_rows: int | None = None,
+    encode: Callable[[list[str]], list[list[int]]] | None = None,
 ) -> ValidatedPrompts:
     """Reads and validates prompts.
 
@@ -60,16 +65,23 @@ def read_prompts(
         ``tokenize_prompts`` does; for generation, the model's positions minus the response budget) or of no
         tokens at all is invalid.
       skip_invalid: skip invalid rows (logged, listed in ``skipped``) instead of raising.
+      max_rows: read only the first N rows of the source (None: all).
+      encode: texts -> token ids for the length check, instead of ``tokenizer`` (e.g. a cut to the first N tokens
+        and a chat template around them, as the pipeline makes its prompts).
 
     Raises:
       DataError: naming the file, the row and what was expected: a missing file, bytes that are not UTF-8,
         malformed JSON, a row that is not an object, a missing, non-string or empty prompt, one too long; and, in
         either mode, a file with no usable prompt.
     """
-    if (tokenizer is None) != (max_length is None):
-        raise ValueError("tokenizer and max_length must be given together")
+    if tokenizer is not None and encode is not None:
+        raise ValueError("give tokenizer or encode, not both")
+    if (tokenizer is None and encode is None) != (max_length is None):
+        raise ValueError("max_length needs a tokenizer (or encode), and they need max_length")
+    if tokenizer is not None:
+        encode = partial(encode_texts, tokenizer)
     name = str(path)
-    numbered, label = _read_rows(Path(path), name, column, split)
+    numbered, label = _read_rows(Path(path), name, column, split, max_rows)
     texts, rows, problems = [], [], []
     for row, value in numbered:
         if not isinstance(value, str):
@@ -79,32 +91,32 @@ def read_prompts(
         else:
             texts.append(value)
             rows.append(row)
-    if tokenizer is not None and texts:
-        lengths = [len(ids) for ids in encode(tokenizer, texts)]
-        keep = [0 < n <= max_length for n in lengths]
-        problems += [(row, f"{label}: {n} tokens; expected 1 to max_length={max_length} (the model's "
-                      "positions left for the prompt)") for row, n, ok in zip(rows, lengths, keep) if not ok]
-        texts = [t for t, ok in zip(texts, keep) if ok]
-        rows = [r for r, ok in zip(rows, keep) if ok]
+    ids = None
+    if encode is not None:
+        ids = encode(texts) if texts else []
+        keep = [0 < len(seq) <= max_length for seq in ids]
+        problems += [(row, f"{label}: {len(seq)} tokens; expected 1 to max_length={max_length} (the model's "
+                      "positions left for the prompt)") for row, seq, ok in zip(rows, ids, keep) if not ok]
+        texts, rows, ids = ([x for x, ok in zip(column_, keep) if ok] for column_ in (texts, rows, ids))
     problems.sort()
     settle_problems(problems, total=len(numbered), kept=len(texts), source=name, skip_invalid=skip_invalid,
                     noun="prompts")
-    return ValidatedPrompts(prompts=texts, rows=rows, skipped=problems, source=name)
+    return ValidatedPrompts(prompts=texts, rows=rows, skipped=problems, source=name, ids=ids)
 
 
-def _read_rows(path: Path, name: str, column: str, split: str):
+def _read_rows(path: Path, name: str, column: str, split: str, max_rows: int | None):
     """([(row number, raw prompt value)], how messages call the prompt); file-level problems (encoding, JSON
     syntax, emptiness) raise at once, naming the line."""
     suffix = path.suffix.lower()
     if suffix in (".txt", ".jsonl") and not path.is_file():
         raise DataError(f"{name}: prompts file not found", source=name)
     if path.is_file() and suffix not in _TABLE_SUFFIXES:  # .txt, or any other file: one prompt per line
-        rows = [(n, line) for n, line in iter_lines(path, name=name) if line.strip()]
+        rows = list(islice(((n, line) for n, line in iter_lines(path, name=name) if line.strip()), max_rows))
         if not rows:
             raise DataError(f"{name}: the file is empty; expected {EXPECTED['txt']}", source=name)
         return rows, "prompt"
     if suffix == ".jsonl":
-        rows = [(n, record.get(column)) for n, record in iter_json_lines(path, name=name)]
+        rows = [(n, record.get(column)) for n, record in islice(iter_json_lines(path, name=name), max_rows)]
         if not rows:
             raise DataError(f"{name}: the file is empty; expected {EXPECTED['jsonl']}", source=name)
         return rows, f"field '{column}'"
@@ -114,4 +126,6 @@ def _read_rows(path: Path, name: str, column: str, split: str):
     if column not in table.column_names:
         raise DataError(f"{name}: no column {column!r} for the prompts; the table has columns {table.column_names}",
                         source=name, field=column)
+    if max_rows is not None:
+        table = table.select(range(min(max_rows, table.num_rows)))
     return list(enumerate(table[column], start=1)), f"field '{column}'"

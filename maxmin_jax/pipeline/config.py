@@ -231,8 +231,9 @@ class PromptsConfig:
     column: str = "prompt"
     """Column holding the prompt text (tables and datasets; ignored for .txt)."""
     max_tokens: int | None = None
-    """Keep only the first N tokens of each prompt (the paper uses the first 8 tokens of IMDB reviews). With None,
-    prompts too long for the model next to `sampling.max_new_tokens` are skipped and counted."""
+    """Keep only the first N tokens of each prompt (the paper uses the first 8 tokens of IMDB reviews), before the
+    prompt template goes around them. A prompt still too long for the model next to `sampling.max_new_tokens` is
+    an invalid row (see `skip_invalid`)."""
     max_prompts: int | None = None
     """Use only the first N rows of the source (None: all)."""
     skip_invalid: bool = False

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from pathlib import Path
 from typing import Any, Callable
 
 import jax
@@ -17,9 +16,10 @@ import numpy as np
 from flax import nnx
 
 from maxmin_jax.data.batching import PairBatch, bucket_length, check_pair_lengths, tokenize_pairs
-from maxmin_jax.data.loaders import load_grouped, load_preferences, load_psoups, read_table
+from maxmin_jax.data.loaders import load_grouped, load_preferences, load_psoups
+from maxmin_jax.data.prompts import read_prompts
 from maxmin_jax.data.schema import DataError, ValidatedRows
-from maxmin_jax.errors import ConfigError
+from maxmin_jax.errors import ConfigError, options_under
 from maxmin_jax.models.transformer import CausalLM
 from maxmin_jax.pipeline.config import (FilePreferences, PromptsConfig, PSoupsPreferences, ScratchModel,
                                         WorldPreferences)
@@ -142,16 +142,17 @@ def read_preference_rows(cfg) -> PreferenceRows:
     source = cfg.preferences
     if isinstance(source, WorldPreferences):
         return PreferenceRows(source.world.build().preference_rows(), 0, f"world {source.world.name}")
-    if isinstance(source, PSoupsPreferences):
-        loaded = load_psoups(source.files, users_per_group=source.users_per_group, split=source.split,
-                             skip_invalid=source.skip_invalid)
-    elif isinstance(source, FilePreferences) and isinstance(source.files, str):
-        loaded = load_preferences(source.files, columns=source.columns, split=source.split,
-                                  skip_invalid=source.skip_invalid, coerce_user_id=source.coerce_user_id)
-    else:
-        loaded = load_grouped(source.files, columns=source.columns, users_per_group=source.users_per_group,
-                              split=source.split, skip_invalid=source.skip_invalid,
-                              coerce_user_id=source.coerce_user_id)
+    with options_under("preferences"):  # a hint names preferences.skip_invalid, not the loader's keyword
+        if isinstance(source, PSoupsPreferences):
+            loaded = load_psoups(source.files, users_per_group=source.users_per_group, split=source.split,
+                                 skip_invalid=source.skip_invalid)
+        elif isinstance(source, FilePreferences) and isinstance(source.files, str):
+            loaded = load_preferences(source.files, columns=source.columns, split=source.split,
+                                      skip_invalid=source.skip_invalid, coerce_user_id=source.coerce_user_id)
+        else:
+            loaded = load_grouped(source.files, columns=source.columns, users_per_group=source.users_per_group,
+                                  split=source.split, skip_invalid=source.skip_invalid,
+                                  coerce_user_id=source.coerce_user_id)
     return PreferenceRows(loaded.rows, len(loaded.skipped), loaded.source)
 
 
@@ -223,7 +224,7 @@ def prompt_source(ctx, models: Models) -> tuple[PromptSource, dict]:
         longest = max(map(len, draw(256, np.random.default_rng(0))))
         info = {"prompts": f"world {cfg.preferences.world.name}"}
     else:
-        ids, dropped = load_prompt_ids(cfg.prompts, tokenizer, limit=limit,
+        ids, skipped = load_prompt_ids(cfg.prompts, tokenizer, limit=limit,
                                        template=cfg.format_prompt if cfg.prompt_template else None)
         check_ids(max(max(seq) for seq in ids), models.policy, "the prompts")
 
@@ -231,42 +232,30 @@ def prompt_source(ctx, models: Models) -> tuple[PromptSource, dict]:
             return [ids[i] for i in rng.choice(len(ids), n, replace=n > len(ids))]
 
         longest = max(map(len, ids))
-        info = {"prompts": len(ids), "prompts_dropped_too_long": dropped}
+        info = {"prompts": len(ids), "prompts_skipped": skipped}
     length = min(bucket_length(longest), limit)
     return (PromptSource(draw, length=length, pad_id=int(tokenizer.pad_token_id), seed=cfg.seed, mesh=ctx.mesh),
             {**info, "prompt_length": length})
 
 
 def load_prompt_ids(cfg: PromptsConfig, tokenizer, *, limit: int, template=None) -> tuple[list[list[int]], int]:
-    """Token ids of every prompt, cut to the first `cfg.max_tokens` (before `template` is applied); prompts over
-    `limit` tokens (the model's positions minus the response budget) are dropped. Returns (ids, number dropped)."""
-    path = Path(cfg.source)
-    if path.suffix.lower() == ".txt":
-        if not path.is_file():
-            raise DataError(f"{cfg.source}: prompts file not found")
-        texts = [line for line in path.read_text().splitlines() if line.strip()]
-        name = cfg.source
-    else:  # tables by extension, dataset folders and hub ids through datasets.load_dataset, as preferences are
-        table, name = read_table(cfg.source, cfg.split)
-        if cfg.column not in table.column_names:
-            raise DataError(f"{name}: no column {cfg.column!r} (prompts.column); columns: {table.column_names}")
-        if cfg.max_prompts is not None:
-            table = table.select(range(min(cfg.max_prompts, table.num_rows)))
-        texts = list(table[cfg.column])
-    texts = texts[:cfg.max_prompts] if cfg.max_prompts is not None else texts
-    bad = next((n for n, t in enumerate(texts, 1) if not isinstance(t, str) or not t.strip()), None)
-    if bad is not None:
-        raise DataError(f"{name}: prompt {bad}: expected non-empty text, got {texts[bad - 1]!r}")
-    # The first N tokens of the text itself, as the paper cuts IMDB reviews; a template goes around the cut text.
-    kwargs = {"truncation": True, "max_length": cfg.max_tokens} if cfg.max_tokens else {}
-    ids = tokenizer(list(texts), add_special_tokens=False, **kwargs)["input_ids"]
-    if template is not None:
+    """Token ids of the prompts `read_prompts` accepts: every bad row (not text, empty, over `limit` tokens: the
+    model's positions minus the response budget) is an error naming file and row, or skipped and counted with
+    `cfg.skip_invalid`. Each prompt is cut to its first `cfg.max_tokens` tokens, then `template` goes around it.
+    Returns (ids, rows skipped)."""
+    def encode(texts: list[str]) -> list[list[int]]:
+        # The first N tokens of the text itself, as the paper cuts IMDB reviews; a template goes around the cut.
+        kwargs = {"truncation": True, "max_length": cfg.max_tokens} if cfg.max_tokens else {}
+        ids = tokenizer(texts, add_special_tokens=False, **kwargs)["input_ids"]
+        if template is None:
+            return ids
         texts = tokenizer.batch_decode(ids) if cfg.max_tokens else texts
-        ids = tokenizer([template(t) for t in texts], add_special_tokens=False)["input_ids"]
-    kept = [seq for seq in ids if 0 < len(seq) <= limit]
-    if not kept:
-        raise DataError(f"{name}: no usable prompts (all empty or longer than {limit} tokens; set prompts.max_tokens)")
-    return kept, len(ids) - len(kept)
+        return tokenizer([template(t) for t in texts], add_special_tokens=False)["input_ids"]
+
+    with options_under("prompts"):
+        prompts = read_prompts(cfg.source, column=cfg.column, split=cfg.split, encode=encode, max_length=limit,
+                               skip_invalid=cfg.skip_invalid, max_rows=cfg.max_prompts)
+    return prompts.ids, len(prompts.skipped)
 
 
 __all__ = ["Models", "PreferenceRows", "Preferences", "PromptSource", "Stream", "build_models",
