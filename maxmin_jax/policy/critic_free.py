@@ -31,9 +31,8 @@ from maxmin_jax.models.transformer import CausalLM
 from maxmin_jax.policy.advantages import LOSS_KL_KINDS, Estimator, group_view, policy_gradient_loss
 from maxmin_jax.policy.objectives import Objective, ObjectiveState, RewardStandardizer
 from maxmin_jax.policy.ppo import masked_entropy, masked_mean, terminal_rewards
-from maxmin_jax.policy.training import (Frozen, flag_faults, fresh_copy, make_optimizer, minibatch_updates,
-                                        reference_logprobs, response_outputs, rollout_and_score, split_online,
-                                        start_state)
+from maxmin_jax.policy.training import (Frozen, OnlineTrainer, flag_faults, make_optimizer, minibatch_updates,
+                                        reference_logprobs, response_outputs, rollout_and_score, split_online)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -155,7 +154,7 @@ def _iteration(static: _Static, state: CriticFreeState, frozen: Frozen, prompts,
     return CriticFreeState(trainable, opt_state, rollout.objective, state.step + 1), metrics
 
 
-class CriticFreeTrainer:
+class CriticFreeTrainer(OnlineTrainer):
     """Critic-free RL on the reward chosen by a social-choice `objective` over the K group rewards of
     `reward_model`, with the advantages of a critic-free `estimator` (grpo, dr_grpo, rloo).
 
@@ -183,10 +182,8 @@ class CriticFreeTrainer:
                               f"{sampling.temperature}", key="temperature")
         parts = split_online(policy, reward_model, standardizer, reference=reference, trainable=trainable,
                              uses_reference=config.kl_coef > 0)
-        self.static = _Static(parts.policy_def, parts.reference_def, parts.reward_def, objective, estimator, config,
-                              sampling)
-        self.frozen = parts.frozen
-        self._initial_params = parts.params
+        super().__init__(_Static(parts.policy_def, parts.reference_def, parts.reward_def, objective, estimator,
+                                 config, sampling), parts)
 
     @property
     def config(self) -> CriticFreeConfig:
@@ -196,34 +193,19 @@ class CriticFreeTrainer:
     def estimator(self) -> Estimator:
         return self.static.estimator
 
-    @property
-    def sampling(self) -> SamplingConfig:
-        return self.static.sampling
-
-    def init_state(self) -> CriticFreeState:
-        params = fresh_copy(self._initial_params)
-        num_groups = self.frozen.standardizer.mean.shape[0]
-        state = CriticFreeState(params, make_optimizer(self.config.learning_rate, self.config.max_grad_norm).init(
+    def initial_state(self, params: nnx.State, num_groups: int) -> CriticFreeState:
+        return CriticFreeState(params, make_optimizer(self.config.learning_rate, self.config.max_grad_norm).init(
             params), self.static.objective.init(num_groups), jnp.zeros((), jnp.int32))
-        return start_state(state, params)
 
-    def policy(self, state: CriticFreeState) -> CausalLM:
-        return nnx.merge(self.static.policy, state.trainable, self.frozen.policy_rest)
-
-    def lower(self, state: CriticFreeState, prompts, prompt_mask, key) -> jax.stages.Lowered:
-        """The jitted step lowered for these arguments: `.compile()` gives the executable (called with `state,
-        trainer.frozen` and the inputs), whose `memory_analysis()` is what the step holds."""
-        return _iteration.lower(self.static, state, self.frozen, prompts, prompt_mask, key)
-
-    def step(self, state: CriticFreeState, prompts, prompt_mask, key) -> tuple[CriticFreeState, dict]:
-        """One iteration on a batch of P left-padded prompts (P x G responses). `state` is donated: use the
-        returned one."""
+    def check_batch(self, prompts: jax.Array) -> None:
+        """P prompts, each sampled G times: P x G responses split into the minibatches."""
         responses = prompts.shape[0] * self.estimator.group_size
         if responses % self.config.minibatches:
             raise ConfigError(f"{prompts.shape[0]} prompts x {self.estimator.group_size} samples = {responses} "
                               f"responses, not divisible by CriticFreeConfig.minibatches={self.config.minibatches}",
                               key="minibatches")
-        return _iteration(self.static, state, self.frozen, prompts, prompt_mask, key)
+
+    iteration = staticmethod(_iteration)
 
 
 __all__ = ["CriticFreeConfig", "CriticFreeState", "CriticFreeTrainer"]

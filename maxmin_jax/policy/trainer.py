@@ -27,9 +27,8 @@ from maxmin_jax.policy.model import PolicyWithValue
 from maxmin_jax.policy.objectives import Objective, ObjectiveState, RewardStandardizer
 from maxmin_jax.policy.ppo import (KLControllerState, PPOConfig, gae, kl_controller, masked_entropy, masked_mean,
                                    policy_loss, token_rewards, value_loss, whiten)
-from maxmin_jax.policy.training import (Frozen, flag_faults, fresh_copy, make_optimizer, minibatch_updates,
-                                        reference_logprobs, response_outputs, rollout_and_score, split_online,
-                                        start_state)
+from maxmin_jax.policy.training import (Frozen, OnlineTrainer, flag_faults, make_optimizer, minibatch_updates,
+                                        reference_logprobs, response_outputs, rollout_and_score, split_online)
 
 
 class PPOState(NamedTuple):
@@ -55,7 +54,7 @@ def optimizer(ppo: PPOConfig) -> optax.GradientTransformation:
     return make_optimizer(ppo.learning_rate, ppo.max_grad_norm)
 
 
-class PPOTrainer:
+class PPOTrainer(OnlineTrainer):
     """PPO on the reward chosen by a social-choice `objective` over the K group rewards of `reward_model`.
 
     `reward_model(ids, mask) -> [B, K]` is any NNX module (the EM mixture; K=1 for the `single` baseline).
@@ -71,39 +70,21 @@ class PPOTrainer:
         if sampling.temperature == 0:
             raise ValueError("PPO needs a stochastic policy: sampling.temperature must be > 0 (0 is greedy)")
         parts = split_online(policy, reward_model, standardizer, reference=reference, trainable=trainable)
-        self.static = _Static(parts.policy_def, parts.reference_def, parts.reward_def, objective, ppo, sampling)
-        self.frozen = parts.frozen
-        self._initial_params = parts.params
+        super().__init__(_Static(parts.policy_def, parts.reference_def, parts.reward_def, objective, ppo, sampling),
+                         parts)
 
     @property
     def ppo(self) -> PPOConfig:
         return self.static.ppo
 
-    @property
-    def sampling(self) -> SamplingConfig:
-        return self.static.sampling
+    def initial_state(self, params: nnx.State, num_groups: int) -> PPOState:
+        return PPOState(params, optimizer(self.ppo).init(params), kl_controller(self.ppo).init(),
+                        self.static.objective.init(num_groups), jnp.zeros((), jnp.int32))
 
-    def init_state(self) -> PPOState:
-        params = fresh_copy(self._initial_params)
-        num_groups = self.frozen.standardizer.mean.shape[0]
-        state = PPOState(params, optimizer(self.ppo).init(params), kl_controller(self.ppo).init(),
-                         self.static.objective.init(num_groups), jnp.zeros((), jnp.int32))
-        return start_state(state, params)
-
-    def policy(self, state: PPOState) -> PolicyWithValue:
-        return nnx.merge(self.static.policy, state.trainable, self.frozen.policy_rest)
-
-    def lower(self, state: PPOState, prompts, prompt_mask, key) -> jax.stages.Lowered:
-        """The jitted step lowered for these arguments: `.compile()` gives the executable (called with `state,
-        trainer.frozen` and the inputs), whose `memory_analysis()` is what the step holds."""
-        return _iteration.lower(self.static, state, self.frozen, prompts, prompt_mask, key)
-
-    def step(self, state: PPOState, prompts, prompt_mask, key) -> tuple[PPOState, dict]:
-        """One PPO iteration on a batch of left-padded prompts. `state` is donated: use the returned one."""
+    def check_batch(self, prompts: jax.Array) -> None:
         b = prompts.shape[0]
         if b % self.ppo.minibatches:
             raise ValueError(f"prompt batch {b} is not divisible by PPOConfig.minibatches={self.ppo.minibatches}")
-        return _iteration(self.static, state, self.frozen, prompts, prompt_mask, key)
 
 
 # The jitted body ----------------------------------------------------------------------------------------------
@@ -156,5 +137,7 @@ def _iteration(static: _Static, state: PPOState, frozen: Frozen, prompts, prompt
     metrics |= flag_faults(metrics)  # checked on the host (`check_step`) before the iteration is checkpointed
     return PPOState(trainable, opt_state, kl_state, rollout.objective, state.step + 1), metrics
 
+
+PPOTrainer.iteration = staticmethod(_iteration)  # here, as the jitted body comes after the class
 
 __all__ = ["PPOState", "PPOTrainer", "optimizer"]

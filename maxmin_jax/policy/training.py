@@ -3,8 +3,8 @@
 - `split_policy`: the graph, the trainable variables (the `trainable` filter's selection) and the rest, with the
   checks every trainer makes (the filter selects something; a reference that is the policy with its adapters off
   needs adapters and frozen base weights). `split_online` adds the reward model and the reference for the online
-  trainers (PPO, critic-free): their graphs, and the `Frozen` state their iteration reads; `fresh_copy` the
-  starting weights of a new state.
+  trainers (PPO, critic-free): their graphs, and the `Frozen` state their iteration reads; `OnlineTrainer` is
+  their common interface (state, step, policy, lower).
 - `make_optimizer` and `start_state`: Adam behind a global-norm clip, and the starting state placed exactly as the
   jitted step returns it (one compile).
 - `rollout_and_score`: sample a response per prompt, score it by the K reward heads, standardise, apply the
@@ -89,10 +89,45 @@ def split_online(policy: nnx.Module, reward_model: nnx.Module, standardizer: Rew
                        Frozen(rest, reference_state, reward_state, standardizer))
 
 
-def fresh_copy(params: nnx.State) -> nnx.State:
-    """The starting weights for a new state: a copy, because each step donates its state and the starting weights
-    may share buffers with the reference."""
-    return jax.tree.map(jnp.copy, params)
+class OnlineTrainer:
+    """What the online trainers (PPO, critic-free) share: `init_state()`, `step(state, prompts, prompt_mask, key) ->
+    (state, metrics)` with `state` donated, `policy(state)`, `lower(...)` (the compiled step's memory). A subclass
+    builds its hashable `static` (graph definitions from `split_online`, configs) and provides `iteration` (its
+    jitted step, called `(static, state, frozen, prompts, prompt_mask, key)`), `initial_state(params, num_groups)`
+    and `check_batch(prompts)`."""
+
+    iteration: Callable
+
+    def __init__(self, static: Any, parts: OnlineParts):
+        self.static, self.frozen, self._initial_params = static, parts.frozen, parts.params
+
+    @property
+    def sampling(self) -> SamplingConfig:
+        return self.static.sampling
+
+    def initial_state(self, params: nnx.State, num_groups: int) -> Any:
+        raise NotImplementedError
+
+    def check_batch(self, prompts: jax.Array) -> None:
+        raise NotImplementedError
+
+    def init_state(self) -> Any:
+        # A copy: each step donates its state, and the starting weights may share buffers with the reference.
+        params = jax.tree.map(jnp.copy, self._initial_params)
+        return start_state(self.initial_state(params, self.frozen.standardizer.mean.shape[0]), params)
+
+    def policy(self, state) -> nnx.Module:
+        return nnx.merge(self.static.policy, state.trainable, self.frozen.policy_rest)
+
+    def lower(self, state, prompts, prompt_mask, key) -> jax.stages.Lowered:
+        """The jitted step lowered for these arguments: `.compile()` gives the executable (called with `state,
+        trainer.frozen` and the inputs), whose `memory_analysis()` is what the step holds."""
+        return self.iteration.lower(self.static, state, self.frozen, prompts, prompt_mask, key)
+
+    def step(self, state, prompts, prompt_mask, key) -> tuple[Any, dict]:
+        """One iteration on a batch of left-padded prompts. `state` is donated: use the returned one."""
+        self.check_batch(prompts)
+        return self.iteration(self.static, state, self.frozen, prompts, prompt_mask, key)
 
 
 def make_optimizer(learning_rate: float, max_grad_norm: float | None) -> optax.GradientTransformation:
@@ -209,6 +244,6 @@ def check_step(metrics: dict, *, where: str, step: int, last_good_step: int | No
                    hint=f"lower the learning rate ({option(learning_rate)}), or check the rewards and the data")
 
 
-__all__ = ["FAULT_LIMITS", "Frozen", "OnlineParts", "ResponseOutputs", "ScoredRollout", "check_step", "flag_faults",
-           "fresh_copy", "make_optimizer", "minibatch_updates", "reference_logprobs", "response_outputs",
+__all__ = ["FAULT_LIMITS", "Frozen", "OnlineParts", "OnlineTrainer", "ResponseOutputs", "ScoredRollout", "check_step", "flag_faults",
+           "make_optimizer", "minibatch_updates", "reference_logprobs", "response_outputs",
            "rollout_and_score", "split_online", "split_policy", "start_state"]
