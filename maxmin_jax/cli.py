@@ -88,8 +88,8 @@ _CONFIG_COMMANDS = ("demo", "run", "sweep")  # a whole config: any key can be se
 
 def flag_spelling(command: str, subparser: argparse.ArgumentParser):
     """`spell` for `errors.render`: a setting an error names (a config key, or `overwrite`) as `command` takes it:
-    its flag (`--skip-invalid`, `--learning-rate`), `--set KEY=VALUE` where the command reads a whole config, else
-    None (the message keeps the config key)."""
+    its flag (`--skip-invalid`, `--learning-rate`), `--set KEY=VALUE` for a fix with a value where the command
+    reads a whole config, else None (the message keeps the config key)."""
     flags = {}
     for action in subparser._actions:
         if not action.option_strings:
@@ -104,10 +104,10 @@ def flag_spelling(command: str, subparser: argparse.ArgumentParser):
         if option.key in flags:
             flag, switch = flags[option.key]
             return flag if switch or option.value is None else f"{flag} {option.value}"
-        if command in _CONFIG_COMMANDS and "." in option.key:
-            value = "VALUE" if option.value is None else yaml.safe_dump(option.value, default_flow_style=True).strip()
-            return f"--set {option.key}={value.removesuffix(chr(10) + '...')}"
-        return None
+        if command in _CONFIG_COMMANDS and "." in option.key and option.value is not None:
+            value = yaml.safe_dump(option.value, default_flow_style=True).strip().removesuffix("\n...")
+            return f"--set {option.key}={value}"
+        return None  # the config key, as the config file spells it
     return spell
 
 
@@ -176,7 +176,7 @@ def cmd_fit_rewards(args) -> int:
     if args.paper and flags["num_groups"] == "auto":
         raise ConfigError("--paper: the paper's setting fixes K; give --num-groups an integer", key="num_groups")
     base = EMConfig.paper(flags["num_groups"]) if args.paper else None
-    em = from_dict(EMConfig, flags, where="fit-rewards", base=base)
+    em = from_dict(EMConfig, flags, where="rewards.em", base=base)  # keys as the flags spell
     cfg = RunConfig(seed=args.seed, model=PretrainedModel(policy=args.model),
                     preferences=FilePreferences(files=args.data, skip_invalid=args.skip_invalid,
                                                 coerce_user_id=args.coerce_user_id, heldout_fraction=0.0),

@@ -98,7 +98,7 @@ def test_settings_named_in_errors_are_spelled_as_each_command_takes_them():
                       f"{option('rewards.em.num_groups', 3)}, {option('overwrite', True)}")
     spelled = {name: render(error, commands[name].get_default("spell")) for name in ("fit-rewards", "run")}
     assert spelled["fit-rewards"] == "fix: --learning-rate, --skip-invalid, --num-groups 3, --overwrite"
-    assert spelled["run"] == ("fix: --set rewards.em.m_step.learning_rate=VALUE, --set preferences.skip_invalid=true, "
+    assert spelled["run"] == ("fix: rewards.em.m_step.learning_rate, --set preferences.skip_invalid=true, "
                               "--set rewards.em.num_groups=3, --overwrite")
     assert render(error, commands["train-policy"].get_default("spell")).startswith(
         "fix: rewards.em.m_step.learning_rate, preferences.skip_invalid=True")  # no such flag: the config key

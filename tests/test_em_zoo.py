@@ -117,7 +117,7 @@ def test_bad_numbers_of_groups_are_refused(worlds, model_config, capsys):
     with pytest.raises(ConfigError, match="init='features'"):
         EMConfig(num_groups="auto", init="round_robin")
     assert main(["fit-rewards", "--data", "x", "--model", "y", "--out", "z", "--num-groups", "0"]) == 2
-    assert "num_groups: expected an integer >= 1, got 0" in capsys.readouterr().err
+    assert "error: --num-groups: expected an integer >= 1, got 0" in capsys.readouterr().err
     assert main(["fit-rewards", "--data", "x", "--model", "y", "--out", "z", "--num-groups", "auto", "--paper"]) == 2
     assert "--paper" in capsys.readouterr().err
 
