@@ -98,7 +98,9 @@ def test_cpu_suite_quick(tmp_path, capsys):
     for name in ("sample_gpt2_greedy", "sample_gpt2_temperature"):
         assert by_name[name]["ratios"][0]["target"] == 1.5
         assert by_name[name]["config"]["hf_generate"]["min_new_tokens"] == by_name[name]["config"]["new_tokens"]
-    assert 0.0 <= by_name["sample_gpt2_greedy"]["extra"]["greedy_token_agreement_vs_hf"] <= 1.0
+    # Same weights in float32, greedy: every generated token equals transformers' (a near-tie flipping one would be
+    # a parity bug worth seeing).
+    assert by_name["sample_gpt2_greedy"]["extra"]["greedy_token_agreement_vs_hf"] == 1.0
     memory = by_name["critic_free_iteration"]["extra"]["memory_mib"]  # PPO and GRPO compiled, memory read
     assert set(memory) == {"PPO", "GRPO"} and all(m["total"] > 0 for m in memory.values())
     assert [r["name"] for r in by_name["critic_free_iteration"]["ratios"]][0].startswith("GRPO vs PPO")
