@@ -11,7 +11,8 @@ from maxmin_jax.policy.training import minibatch_updates
 
 
 def drift(trainable, rows):
-    """A parameter that plain gradient descent (step 1) moves by exactly 1 a step, and a 'KL' that is the square of how far it went."""
+    """A parameter that plain gradient descent (step 1) moves by exactly 1 a step, and a 'KL' that is the square of
+    how far it went."""
     w = trainable["w"]
     return -w, {"approx_kl": jnp.square(w), "w": w}
 

@@ -136,6 +136,7 @@ def sweep_entry(name: str, setting: dict[str, Any], report: dict, minority: str 
     return {"setting": setting, "directory": name, "groups": groups, "group_sizes": sizes,
             "minority": minority, "majority": next(g for g in reversed(by_size) if g != minority), "em_ari": ari,
             "group_reward_correlation": report.get("group_reward_correlation"),
+            "group_heads": report.get("group_heads"),
             "policies": {policy: {k: entry[k] for k in SWEEP_FIELDS if k in entry}
                          for policy, entry in report["policies"].items()}}
 
