@@ -269,6 +269,16 @@ def test_sweep_runs_every_setting_and_writes_sweep_json_and_plot(tmp_path, fake_
     assert [line.split()[3] for line in table.splitlines()[3::2]] == ["ok", "ok", "ok", "chance"]
 
 
+def test_setting_names_are_plain_directory_names(tmp_path):
+    from maxmin_jax.pipeline.experiments import load_sweep
+
+    path = tmp_path / "sweep.yaml"
+    path.write_text("preferences: {world: {name: planted, num_groups: 2, group_sizes: [1, 1]}}\n"
+                    "sweep: {preferences.world.group_sizes: [[1, 1], [9, 1]], model.sft.learning_rate: [0.003]}\n")
+    assert [name for name, _, _ in load_sweep(path).points] == ["group_sizes=1_1,learning_rate=0.003",
+                                                                "group_sizes=9_1,learning_rate=0.003"]
+
+
 def test_bad_sweep_files_are_refused_before_anything_runs(tmp_path, fake_runs):
     from maxmin_jax.pipeline.experiments import load_sweep
 

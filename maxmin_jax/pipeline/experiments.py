@@ -16,6 +16,7 @@ import copy
 import dataclasses
 import itertools
 import json
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -89,10 +90,19 @@ def _set(data: dict, key: str, value: Any) -> dict:
 
 
 def _setting_name(setting: dict[str, Any]) -> str:
+    """The setting's directory name, e.g. `majority_share=0.9091,distance=0.5` or `group_sizes=9_1`: short keys
+    (unless two end alike), list items joined by "_", and nothing a path or Orbax's checkpoint paths would read
+    differently (brackets, spaces, slashes become "_")."""
     short = [k.rsplit(".", 1)[-1] for k in setting]
     keys = short if len(set(short)) == len(short) else list(setting)
-    text = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
-    return ",".join(f"{k}={text(v)}" for k, v in zip(keys, setting.values())).replace("/", "_")
+
+    def text(v) -> str:
+        if isinstance(v, (list, tuple)):
+            return "_".join(map(text, v))
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    name = ",".join(f"{k}={text(v)}" for k, v in zip(keys, setting.values()))
+    return re.sub(r"[^A-Za-z0-9._=,+-]", "_", name)
 
 
 def load_sweep(path: str | Path, *, overrides: tuple[str, ...] | list[str] = ()) -> Sweep:
