@@ -266,7 +266,7 @@ def test_sweep_runs_every_setting_and_writes_sweep_json_and_plot(tmp_path, fake_
     # 75% right on 13 held-out pairs (4 users) cannot be told from chance; on 32 (10 users) it can.
     heads = [e["group_heads"]["concise"]["status"] for e in saved["settings"][::2]]
     assert heads == ["ok", "ok", "ok", "near_chance"]
-    assert [line.split()[3] for line in table.splitlines()[3::2]] == ["ok", "ok", "ok", "chance"]
+    assert [line.split()[4] for line in table.splitlines()[3::2]] == ["ok", "ok", "ok", "chance"]
 
 
 def test_setting_names_are_plain_directory_names(tmp_path):

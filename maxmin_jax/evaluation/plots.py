@@ -131,13 +131,18 @@ def _ratio(entry: dict) -> float:
 
 def plot_sweep(sweep: dict, path: Path) -> None:
     """Minority reward and minority win rate (against the reference) of each policy against the majority:minority
-    ratio (or the sweep's first key), one line per policy and setting of the other keys, with intervals."""
+    ratio (when the sweep's first key sets a share or the group sizes; else against that key's values, in order when
+    they are not numbers), one line per policy and setting of the other keys, with intervals."""
     plt = _pyplot()
     settings = sweep["settings"]
     if not settings:
         return
     first, others = sweep["keys"][0], sweep["keys"][1:]
-    by_share = first.endswith("share")
+    by_share = first.endswith(("share", "group_sizes"))
+    values = list(dict.fromkeys(str(e["setting"][first]) for e in settings))
+    numeric = all(isinstance(e["setting"][first], (int, float)) for e in settings)
+    position = (lambda e: _ratio(e)) if by_share else (  # noqa: E731
+        (lambda e: e["setting"][first]) if numeric else (lambda e: values.index(str(e["setting"][first]))))
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     lines: dict = {}
     for entry in settings:
@@ -147,8 +152,8 @@ def plot_sweep(sweep: dict, path: Path) -> None:
                 continue
             lines.setdefault((policy, label_rest), []).append((entry, p))
     for (policy, rest), points in lines.items():
-        points.sort(key=lambda ep: _ratio(ep[0]) if by_share else ep[0]["setting"][first])
-        x = np.array([_ratio(e) if by_share else e["setting"][first] for e, _ in points], float)
+        points.sort(key=lambda ep: position(ep[0]))
+        x = np.array([position(e) for e, _ in points], float)
         label = f"{policy}" + (f" ({rest})" if rest else "")
         minority = [e["minority"] for e, _ in points]
         reward = np.array([p["group_reward"][g] for (_, p), g in zip(points, minority)], float)
@@ -171,6 +176,8 @@ def plot_sweep(sweep: dict, path: Path) -> None:
             ax.set_xlabel("majority : minority users (log scale)")
         else:
             ax.set_xlabel(first)
+            if not numeric:
+                ax.set_xticks(range(len(values)), values)
         ax.legend(fontsize=7)
     axes[0].axhline(0, color="grey", linewidth=0.8)
     axes[1].axhline(0.5, color="grey", linewidth=0.8)

@@ -112,7 +112,8 @@ def aggregate(reports: dict[int, dict], level: float = LEVEL) -> dict:
         "comparisons": comparisons,
         "comparison_test": SEED_TEST.format(level=level),
         "em": {"ari": [r.get("em", {}).get("ari") for r in runs],
-               "cluster_groups": [r.get("em", {}).get("cluster_groups") for r in runs]},
+               "cluster_groups": [r.get("em", {}).get("cluster_groups") for r in runs],
+               "heldout": [r.get("em", {}).get("heldout") for r in runs]},
         "curves": mean_curves([r.get("curves", {}) for r in runs]),
     }
     if len(groups) < len(first["groups"]):

@@ -85,7 +85,7 @@ def format_sweep(sweep: dict) -> str:
     minority win rate against the reference."""
     settings = sweep["settings"]
     policies = [p for p in (settings[0]["policies"] if settings else {}) if p != "reference"]
-    header = ["setting", "sizes", "ARI", "minority head", *(f"{p} minority" for p in policies),
+    header = ["setting", "sizes", "ARI", "minority acc.", "minority head", *(f"{p} minority" for p in policies),
               *(f"{p} worst" for p in policies), *(f"{p} win" for p in policies)]
     rows = []
     for entry in settings:
@@ -93,15 +93,19 @@ def format_sweep(sweep: dict) -> str:
         ari = entry.get("em_ari")
         ari = ari if not isinstance(ari, list) else (sum(a for a in ari if a is not None) / len(ari) if ari else None)
         p, head = entry["policies"], (entry.get("group_heads") or {}).get(minority)
+        accuracy = entry.get("heldout_accuracy") or {}
+        accuracy = "/".join("n/a" if minority not in accuracy.get(m, {}) else f"{accuracy[m][minority]:.2f}"
+                            for m in ("single", "mixture"))
         rows.append([entry["directory"], ":".join(str(sizes.get(g, "?")) for g in entry["groups"]),
-                     "n/a" if ari is None else f"{ari:.2f}", head_summary(head),
+                     "n/a" if ari is None else f"{ari:.2f}", accuracy, head_summary(head),
                      *(_signed(p[n]["group_reward"][minority]) for n in policies),
                      *(_signed(p[n].get("worst_group_reward")) for n in policies),
                      *(f"{p[n]['win_rate_vs_reference'][minority]['rate']:.2f}"
                        if p[n].get("win_rate_vs_reference") else "-" for n in policies)])
     return "\n".join([f"Sweep over {', '.join(sweep['keys'])}: rewards in reference stds, win rate vs the "
-                      "reference (minority: the group smallest in most settings); minority head: whether its reward "
-                      "head beat chance on its held-out pairs (docs/report.md)", *_grid(header, rows)])
+                      "reference (minority: the group smallest in most settings); minority acc.: the single reward's "
+                      "and the mixture's accuracy on the minority's held-out pairs; minority head: whether its reward "
+                      "head beat chance on them (docs/report.md)", *_grid(header, rows)])
 
 
 __all__ = ["best_marks", "format_sweep", "format_table"]
