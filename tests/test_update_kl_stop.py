@@ -1,6 +1,6 @@
 """The update's KL early stop (`policy.training.minibatch_updates`): a step that moved the policy past the limit is
 undone, the rest of the iteration's steps are skipped, and the last step is measured too. (In the PPO trainer:
-tests/test_trainer.py.)"""
+the demo, tests/test_experiment.py.)"""
 
 import jax
 import jax.numpy as jnp
