@@ -210,4 +210,5 @@ def sweep(spec: Sweep, out: str | Path, *, progress: bool = True) -> dict:
     return result
 
 
-__all__ = ["Sweep", "heldout_accuracy", "load_sweep", "run_seeds", "seed_config", "sweep", "sweep_entry", "sweep_minority"]
+__all__ = ["Sweep", "heldout_accuracy", "load_sweep", "run_seeds", "seed_config", "sweep", "sweep_entry",
+           "sweep_minority"]
