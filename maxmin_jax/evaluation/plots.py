@@ -145,6 +145,7 @@ def plot_sweep(sweep: dict, path: Path) -> None:
         (lambda e: e["setting"][first]) if numeric else (lambda e: values.index(str(e["setting"][first]))))
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     lines: dict = {}
+    means: dict = {}
     for entry in settings:
         label_rest = ", ".join(f"{k.rsplit('.', 1)[-1]}={entry['setting'][k]}" for k in others)
         for policy, p in entry["policies"].items():
@@ -164,8 +165,10 @@ def plot_sweep(sweep: dict, path: Path) -> None:
         rate_ci = np.array([w["ci"] if w else [np.nan] * 2 for w in win], float)
         worst = np.array([p.get("worst_group_reward", np.nan) for _, p in points], float)
         worst_ci = np.array([p.get("worst_group_reward_ci", [np.nan] * 2) for _, p in points], float)
+        rate_ci = rate_ci.clip(0.0, 1.0)  # a t interval over few seeds can reach past the possible rates
         for ax, y, ci in ((axes[0], reward, reward_ci), (axes[1], rate, rate_ci), (axes[2], worst, worst_ci)):
             ax.errorbar(x, y, yerr=_errors(y, ci), marker="o", capsize=3, label=label)
+            means.setdefault(ax, []).extend(y[np.isfinite(y)].tolist())
     titles = ("Minority group's reward", "Minority group's win rate vs the reference", "Worst group's reward")
     ylabels = (REWARD_UNITS, "share of prompts preferred\n(ties count half)", REWARD_UNITS)
     for ax, title, ylabel in zip(axes, titles, ylabels):
@@ -179,6 +182,13 @@ def plot_sweep(sweep: dict, path: Path) -> None:
             if not numeric:
                 ax.set_xticks(range(len(values)), values)
         ax.legend(fontsize=7)
+    # Keep the means readable when intervals are wide (few seeds): the axes span the means and a margin, and wider
+    # intervals run off the edge.
+    for ax in (axes[0], axes[2]):
+        if means.get(ax):
+            lo, hi = min(means[ax]), max(means[ax])
+            ax.set_ylim(max(ax.get_ylim()[0], lo - 1.0), min(ax.get_ylim()[1], hi + 1.0))
+    axes[1].set_ylim(0.0, 1.0)
     axes[0].axhline(0, color="grey", linewidth=0.8)
     axes[1].axhline(0.5, color="grey", linewidth=0.8)
     axes[2].axhline(0, color="grey", linewidth=0.8)
