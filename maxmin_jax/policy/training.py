@@ -163,7 +163,7 @@ def minibatch_updates(loss_fn: Callable[[Any, jax.Array], tuple[jax.Array, dict]
     def measured_step(carry, idx):
         current, before, kept, _ = carry  # `before`: the variables and optimiser state before the last kept step
         trainable, opt_state, metrics = grad_step(*current, idx)
-        over = metrics["approx_kl"] > early_stop_kl
+        over = ~(metrics["approx_kl"] <= early_stop_kl)  # a non-finite KL is past any limit
         carry = (select(over, before, (trainable, opt_state)), select(over, before, current),
                  jnp.where(over, jnp.maximum(kept - 1, 0), kept + 1), over)
         return carry, (metrics, jnp.ones((), bool))
@@ -181,7 +181,7 @@ def minibatch_updates(loss_fn: Callable[[Any, jax.Array], tuple[jax.Array, dict]
 
     def last_step_kl(current, before, kept):  # the last step's own effect
         kl = loss_fn(current[0], order[0])[1]["approx_kl"]
-        over = kl > early_stop_kl
+        over = ~(kl <= early_stop_kl)
         return select(over, before, current), jnp.where(over, jnp.maximum(kept - 1, 0), kept), kl
 
     current, kept, final_kl = jax.lax.cond(
