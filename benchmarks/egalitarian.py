@@ -6,8 +6,9 @@ For every run (a directory with report.json and metrics, e.g. OUT/SETTING/seed-N
 group's true reward and the worst group's (reference-standardised), the KL and response length at evaluation beside
 those of the last training iteration's rollouts (the policy before its last update: a large jump means the last
 update moved the policy somewhere its rollouts never went), and from the training curves: how often the
-objective's group weights switched group between consecutive iterations and the learned reward of each head at the
-end of training. The run's EM line gives the ARI, the mixing weights and the clusters' group names, which say
+objective's group weights switched group between consecutive iterations, the learned reward of each head at the
+end of training, and in how many iterations the update's KL early stop undid a step (`update_steps` below the
+most any iteration kept). The run's EM line gives the ARI, the mixing weights and the clusters' group names, which say
 whether a minority head exists at all.
 """
 
@@ -49,10 +50,14 @@ def describe(run: Path) -> str:
         lo, hi = p.get("worst_group_reward_ci", [np.nan, np.nan])
         last = curve[-1] if curve else {}
         switches = switch_rate(curve)
+        stops = [m["update_steps"] for m in curve if "update_steps" in m]
+        full = max(stops, default=0)
+        stopped = f"  early stops {sum(k < full for k in stops)}/{len(stops)}" if stops else ""
         lines.append(f"  {name:12s} {rewards}  worst {p['worst_group_reward']:+.2f} [{lo:+.2f}, {hi:+.2f}]  "
                      f"KL {p['kl']:5.1f} (last it. {last.get('kl', np.nan):4.1f})  "
                      f"len {p['response_length']:4.1f} (last it. {last.get('response_length', np.nan):4.1f})  "
-                     f"switches {'-' if switches is None else f'{switches:.2f}'}  learned(end) {final_learned(curve)}")
+                     f"switches {'-' if switches is None else f'{switches:.2f}'}  learned(end) {final_learned(curve)}"
+                     f"{stopped}")
     return "\n".join(lines)
 
 

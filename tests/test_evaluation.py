@@ -181,6 +181,32 @@ def test_a_report_is_replaced_whole_and_a_nan_in_it_is_refused(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(written)  # no temporary files left behind
 
 
+def test_head_check_flags_a_group_its_head_cannot_protect():
+    from maxmin_jax.evaluation.heads import group_heads, wilson_interval
+
+    lo, hi = wilson_interval(7, 9)  # 7 of 9: the Wilson 95% interval, by its formula
+    z = scipy_stats.norm.ppf(0.975)
+    centre = (7 / 9 + z * z / 18) / (1 + z * z / 9)
+    half = z * math.sqrt(7 / 9 * 2 / 9 / 9 + z * z / 324) / (1 + z * z / 9)
+    assert (lo, hi) == pytest.approx((centre - half, centre + half)) and lo < 0.5
+    heads = group_heads(["positive", "concise", "terse", "silent"],
+                        heldout={"accuracy_by_group": {"positive": 0.93, "concise": 5 / 9, "terse": 0.7}},
+                        heldout_pairs={"positive": 300, "concise": 9, "terse": 40}, users={"positive": 100},
+                        cluster_groups=["positive", "concise", "silent"])
+    assert [heads[g]["status"] for g in heads] == ["ok", "near_chance", "no_own_head", "no_heldout_pairs"]
+    assert heads["positive"]["reason"] is None and heads["positive"]["accuracy_ci"][0] > 0.89
+    assert "56% of its 9 held-out pairs" in heads["concise"]["reason"]
+    # A head right on 7 of 9 still cannot be told from chance: too few pairs.
+    few = group_heads(["g"], heldout={"accuracy_by_group": {"g": 7 / 9}}, heldout_pairs={"g": 9}, users=None,
+                      cluster_groups=None)["g"]
+    assert few["status"] == "near_chance" and "too few pairs" in few["reason"]
+    report = {"groups": ["positive", "concise"], "group_heads": heads, "policies": {"reference": {
+        "group_reward": {"positive": 0.0, "concise": 0.0}, "worst_group_reward": 0.0, "kl": 0.0,
+        "response_length": 1.0}}}
+    table = format_table(report)
+    assert "! concise: concise's reward head is right on 56%" in table and "! positive" not in table
+
+
 def fake_run_report(cfg, seed_offset: float = 0.0) -> dict:
     """The report a run of `cfg` (a review world) would give, from constructed per-prompt rewards: `single` serves
     the majority and loses the minority more the smaller it is; `maxmin` holds both groups up."""
@@ -199,8 +225,14 @@ def fake_run_report(cfg, seed_offset: float = 0.0) -> dict:
                               kl=0.0 if name == "reference" else 1.0, response_length=5.0)
     curves = {n: [{"score": 0.1 * i, "kl": 0.01 * i, "group_reward_std": [0.1 * i, 0.05 * i]} for i in range(3)]
               for n in ("single", "maxmin")}
+    from maxmin_jax.evaluation.heads import group_heads
+
+    # The minority's held-out pairs shrink with it (16 pairs a user, a fifth held out); its head is right on 75%.
+    heldout_pairs = {g: round(3.2 * n) for g, n in sizes.items()}
+    heads = group_heads(list(sizes), heldout={"accuracy_by_group": {g: 0.75 for g in sizes}},
+                        heldout_pairs=heldout_pairs, users=sizes, cluster_groups=list(sizes))
     return {"groups": list(sizes), "group_sizes": sizes, "group_reward_kind": "true: constructed",
-            "interval_kind": "paired percentile bootstrap", **result, "policies": policies,
+            "group_heads": heads, "interval_kind": "paired percentile bootstrap", **result, "policies": policies,
             "em": {"ari": 1.0, "cluster_groups": list(sizes)}, "curves": curves}
 
 
@@ -248,6 +280,20 @@ def test_sweep_runs_every_setting_and_writes_sweep_json_and_plot(tmp_path, fake_
     assert set(entry["win_rate_vs_single"]) == {"positive", "concise"} and "worst_group_reward_ci" in entry
     table = format_sweep(result)
     assert len(table.splitlines()) == 2 + 1 + 8 and "single minority" in table
+    # 75% right on 13 held-out pairs (4 users) cannot be told from chance; on 32 (10 users) it can.
+    heads = [e["group_heads"]["concise"]["status"] for e in saved["settings"][::2]]
+    assert heads == ["ok", "ok", "ok", "near_chance"]
+    assert [line.split()[4] for line in table.splitlines()[3::2]] == ["ok", "ok", "ok", "chance"]
+
+
+def test_setting_names_are_plain_directory_names(tmp_path):
+    from maxmin_jax.pipeline.experiments import load_sweep
+
+    path = tmp_path / "sweep.yaml"
+    path.write_text("preferences: {world: {name: planted, num_groups: 2, group_sizes: [1, 1]}}\n"
+                    "sweep: {preferences.world.group_sizes: [[1, 1], [9, 1]], model.sft.learning_rate: [0.003]}\n")
+    assert [name for name, _, _ in load_sweep(path).points] == ["group_sizes=1_1,learning_rate=0.003",
+                                                                "group_sizes=9_1,learning_rate=0.003"]
 
 
 def test_bad_sweep_files_are_refused_before_anything_runs(tmp_path, fake_runs):
@@ -283,6 +329,8 @@ def test_seeds_run_the_pipeline_per_seed_and_write_the_aggregate(tmp_path, fake_
     for name in ("table.txt", "group_rewards.png", "win_rates.png", "curves.png", "config.yaml"):
         assert (tmp_path / name).stat().st_size > 0, name
     assert "Student t over 3 seeds" in (tmp_path / "table.txt").read_text()
+    heads = report["group_heads"]["concise"]
+    assert [e["status"] for e in heads["per_seed"]] == ["ok"] * 3 and heads["flagged_seeds"] == []
     (tmp_path / "single").mkdir()
     (tmp_path / "single" / "policy").mkdir(parents=True)
     with pytest.raises(RunDirError, match="holds a single run"):

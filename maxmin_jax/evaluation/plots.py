@@ -131,15 +131,21 @@ def _ratio(entry: dict) -> float:
 
 def plot_sweep(sweep: dict, path: Path) -> None:
     """Minority reward and minority win rate (against the reference) of each policy against the majority:minority
-    ratio (or the sweep's first key), one line per policy and setting of the other keys, with intervals."""
+    ratio (when the sweep's first key sets a share or the group sizes; else against that key's values, in order when
+    they are not numbers), one line per policy and setting of the other keys, with intervals."""
     plt = _pyplot()
     settings = sweep["settings"]
     if not settings:
         return
     first, others = sweep["keys"][0], sweep["keys"][1:]
-    by_share = first.endswith("share")
+    by_share = first.endswith(("share", "group_sizes"))
+    values = list(dict.fromkeys(str(e["setting"][first]) for e in settings))
+    numeric = all(isinstance(e["setting"][first], (int, float)) for e in settings)
+    position = (lambda e: _ratio(e)) if by_share else (  # noqa: E731
+        (lambda e: e["setting"][first]) if numeric else (lambda e: values.index(str(e["setting"][first]))))
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     lines: dict = {}
+    means: dict = {}
     for entry in settings:
         label_rest = ", ".join(f"{k.rsplit('.', 1)[-1]}={entry['setting'][k]}" for k in others)
         for policy, p in entry["policies"].items():
@@ -147,8 +153,8 @@ def plot_sweep(sweep: dict, path: Path) -> None:
                 continue
             lines.setdefault((policy, label_rest), []).append((entry, p))
     for (policy, rest), points in lines.items():
-        points.sort(key=lambda ep: _ratio(ep[0]) if by_share else ep[0]["setting"][first])
-        x = np.array([_ratio(e) if by_share else e["setting"][first] for e, _ in points], float)
+        points.sort(key=lambda ep: position(ep[0]))
+        x = np.array([position(e) for e, _ in points], float)
         label = f"{policy}" + (f" ({rest})" if rest else "")
         minority = [e["minority"] for e, _ in points]
         reward = np.array([p["group_reward"][g] for (_, p), g in zip(points, minority)], float)
@@ -159,8 +165,10 @@ def plot_sweep(sweep: dict, path: Path) -> None:
         rate_ci = np.array([w["ci"] if w else [np.nan] * 2 for w in win], float)
         worst = np.array([p.get("worst_group_reward", np.nan) for _, p in points], float)
         worst_ci = np.array([p.get("worst_group_reward_ci", [np.nan] * 2) for _, p in points], float)
+        rate_ci = rate_ci.clip(0.0, 1.0)  # a t interval over few seeds can reach past the possible rates
         for ax, y, ci in ((axes[0], reward, reward_ci), (axes[1], rate, rate_ci), (axes[2], worst, worst_ci)):
             ax.errorbar(x, y, yerr=_errors(y, ci), marker="o", capsize=3, label=label)
+            means.setdefault(ax, []).extend(y[np.isfinite(y)].tolist())
     titles = ("Minority group's reward", "Minority group's win rate vs the reference", "Worst group's reward")
     ylabels = (REWARD_UNITS, "share of prompts preferred\n(ties count half)", REWARD_UNITS)
     for ax, title, ylabel in zip(axes, titles, ylabels):
@@ -171,7 +179,16 @@ def plot_sweep(sweep: dict, path: Path) -> None:
             ax.set_xlabel("majority : minority users (log scale)")
         else:
             ax.set_xlabel(first)
+            if not numeric:
+                ax.set_xticks(range(len(values)), values)
         ax.legend(fontsize=7)
+    # Keep the means readable when intervals are wide (few seeds): the axes span the means and a margin, and wider
+    # intervals run off the edge.
+    for ax in (axes[0], axes[2]):
+        if means.get(ax):
+            lo, hi = min(means[ax]), max(means[ax])
+            ax.set_ylim(max(ax.get_ylim()[0], lo - 1.0), min(ax.get_ylim()[1], hi + 1.0))
+    axes[1].set_ylim(0.0, 1.0)
     axes[0].axhline(0, color="grey", linewidth=0.8)
     axes[1].axhline(0.5, color="grey", linewidth=0.8)
     axes[2].axhline(0, color="grey", linewidth=0.8)

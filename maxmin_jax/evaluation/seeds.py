@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from maxmin_jax.evaluation.compare import gain_shares
+from maxmin_jax.evaluation.heads import across_seeds
 from maxmin_jax.evaluation.stats import LEVEL, excludes_zero, t_interval
 
 SEED_TEST = ("paired t test across seeds: a difference is significant when the {level:.0%} Student-t interval of "
@@ -105,12 +106,14 @@ def aggregate(reports: dict[int, dict], level: float = LEVEL) -> dict:
         "win_rate_kind": first.get("win_rate_kind"),
         "interval_kind": f"Student t over {len(seeds)} seeds (each seed a whole run), {level:.0%}",
         "group_sizes": first.get("group_sizes"),
+        "group_heads": across_seeds({s: r.get("group_heads") for s, r in zip(seeds, runs)}, groups),
         "policies": policies,
         "win_rates": matrix,
         "comparisons": comparisons,
         "comparison_test": SEED_TEST.format(level=level),
         "em": {"ari": [r.get("em", {}).get("ari") for r in runs],
-               "cluster_groups": [r.get("em", {}).get("cluster_groups") for r in runs]},
+               "cluster_groups": [r.get("em", {}).get("cluster_groups") for r in runs],
+               "heldout": [r.get("em", {}).get("heldout") for r in runs]},
         "curves": mean_curves([r.get("curves", {}) for r in runs]),
     }
     if len(groups) < len(first["groups"]):

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import math
 
+from maxmin_jax.evaluation.heads import flagged
+from maxmin_jax.evaluation.heads import summary as head_summary
+
 NAN = float("nan")
 
 
@@ -65,6 +68,8 @@ def format_table(report: dict) -> str:
     lines = [f"Group reward (reference = 0, units of the reference's std); {report.get('interval_kind', '')}",
              *_grid(header, rows),
              "worst: * highest; = not significantly different from it (" + report.get("comparison_test", "") + ")"]
+    for group, why in flagged(report).items():  # groups no objective could have protected (docs/report.md)
+        lines.append(f"! {group}: {why}")
     if any(p.get("win_rate_vs_reference") for p in policies.values()):
         header = ["policy", *(f"{g} vs ref" for g in groups), *(f"{g} vs single" for g in groups)]
         rows = [[name, *(_rate((p.get("win_rate_vs_reference") or {}).get(g)) for g in groups),
@@ -80,22 +85,27 @@ def format_sweep(sweep: dict) -> str:
     minority win rate against the reference."""
     settings = sweep["settings"]
     policies = [p for p in (settings[0]["policies"] if settings else {}) if p != "reference"]
-    header = ["setting", "sizes", "ARI", *(f"{p} minority" for p in policies), *(f"{p} worst" for p in policies),
-              *(f"{p} win" for p in policies)]
+    header = ["setting", "sizes", "ARI", "minority acc.", "minority head", *(f"{p} minority" for p in policies),
+              *(f"{p} worst" for p in policies), *(f"{p} win" for p in policies)]
     rows = []
     for entry in settings:
         minority, sizes = entry["minority"], entry.get("group_sizes") or {}
         ari = entry.get("em_ari")
         ari = ari if not isinstance(ari, list) else (sum(a for a in ari if a is not None) / len(ari) if ari else None)
-        p = entry["policies"]
+        p, head = entry["policies"], (entry.get("group_heads") or {}).get(minority)
+        accuracy = entry.get("heldout_accuracy") or {}
+        accuracy = "/".join("n/a" if minority not in accuracy.get(m, {}) else f"{accuracy[m][minority]:.2f}"
+                            for m in ("single", "mixture"))
         rows.append([entry["directory"], ":".join(str(sizes.get(g, "?")) for g in entry["groups"]),
-                     "n/a" if ari is None else f"{ari:.2f}",
+                     "n/a" if ari is None else f"{ari:.2f}", accuracy, head_summary(head),
                      *(_signed(p[n]["group_reward"][minority]) for n in policies),
                      *(_signed(p[n].get("worst_group_reward")) for n in policies),
                      *(f"{p[n]['win_rate_vs_reference'][minority]['rate']:.2f}"
                        if p[n].get("win_rate_vs_reference") else "-" for n in policies)])
     return "\n".join([f"Sweep over {', '.join(sweep['keys'])}: rewards in reference stds, win rate vs the "
-                      "reference (minority: the group smallest in most settings)", *_grid(header, rows)])
+                      "reference (minority: the group smallest in most settings); minority acc.: the single reward's "
+                      "and the mixture's accuracy on the minority's held-out pairs; minority head: whether its reward "
+                      "head beat chance on them (docs/report.md)", *_grid(header, rows)])
 
 
 __all__ = ["best_marks", "format_sweep", "format_table"]

@@ -293,8 +293,11 @@ class PolicyConfig:
     """Temperature of the `softmin` objective."""
     dro_step_size: float = 0.5
     """Exponentiated-gradient step of the `dro` objective (offline: group-robust weights by mirror descent)."""
-    ppo: PPOConfig = PPOConfig(learning_rate=1e-3, init_kl_coef=0.02, epochs=2, minibatches=2)
-    critic_free: CriticFreeConfig = CriticFreeConfig(learning_rate=1e-3, kl_coef=0.02, epochs=2, minibatches=2)
+    ppo: PPOConfig = PPOConfig(learning_rate=1e-3, init_kl_coef=0.02, epochs=2, minibatches=2, early_stop_kl=0.2)
+    """The demo's PPO: a large learning rate for a small model and 30 iterations, so an update's KL early stop
+    (early_stop_kl, per token) undoes the rare minibatch step that jumps (docs/report.md)."""
+    critic_free: CriticFreeConfig = CriticFreeConfig(learning_rate=1e-3, kl_coef=0.02, epochs=2, minibatches=2,
+                                                     early_stop_kl=0.2)
     """The update of grpo and rloo (its minibatches divide the prompt_batch responses)."""
     group_size: int = 4
     """grpo, rloo: responses sampled per prompt, the group each is compared with (prompt_batch / group_size

@@ -16,6 +16,7 @@ import copy
 import dataclasses
 import itertools
 import json
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -89,10 +90,19 @@ def _set(data: dict, key: str, value: Any) -> dict:
 
 
 def _setting_name(setting: dict[str, Any]) -> str:
+    """The setting's directory name, e.g. `majority_share=0.9091,distance=0.5` or `group_sizes=9_1`: short keys
+    (unless two end alike), list items joined by "_", and nothing a path or Orbax's checkpoint paths would read
+    differently (brackets, spaces, slashes become "_")."""
     short = [k.rsplit(".", 1)[-1] for k in setting]
     keys = short if len(set(short)) == len(short) else list(setting)
-    text = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
-    return ",".join(f"{k}={text(v)}" for k, v in zip(keys, setting.values())).replace("/", "_")
+
+    def text(v) -> str:
+        if isinstance(v, (list, tuple)):
+            return "_".join(map(text, v))
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    name = ",".join(f"{k}={text(v)}" for k, v in zip(keys, setting.values()))
+    return re.sub(r"[^A-Za-z0-9._=,+-]", "_", name)
 
 
 def load_sweep(path: str | Path, *, overrides: tuple[str, ...] | list[str] = ()) -> Sweep:
@@ -127,17 +137,36 @@ SWEEP_FIELDS = ("group_reward", "group_reward_ci", "worst_group_reward", "worst_
 
 def sweep_entry(name: str, setting: dict[str, Any], report: dict, minority: str | None = None) -> dict:
     """One setting of sweep.json: its keys, group sizes, the minority (`minority`, else the setting's smallest
-    group) and the largest other group, and each policy's per-group reward and win rates (with intervals)."""
+    group) and the largest other group, each reward model's held-out accuracy per group (the mean over seeds),
+    and each policy's per-group reward and win rates (with intervals)."""
     sizes = report.get("group_sizes") or {}
     groups = report["groups"]
     by_size = sorted(groups, key=lambda g: (sizes.get(g, 0), groups.index(g)))
     minority = minority if minority in groups else by_size[0]
-    ari = report.get("em", {}).get("ari")
+    em = report.get("em", {})
+    ari = em.get("ari")
     return {"setting": setting, "directory": name, "groups": groups, "group_sizes": sizes,
             "minority": minority, "majority": next(g for g in reversed(by_size) if g != minority), "em_ari": ari,
+            "heldout_accuracy": heldout_accuracy(em.get("heldout")),
             "group_reward_correlation": report.get("group_reward_correlation"),
+            "group_heads": report.get("group_heads"),
             "policies": {policy: {k: entry[k] for k in SWEEP_FIELDS if k in entry}
                          for policy, entry in report["policies"].items()}}
+
+
+def heldout_accuracy(heldout: dict | list | None) -> dict | None:
+    """{"mixture": {group: accuracy}, "single": {...}} on the held-out pairs of each group's users, from a run's
+    `em.heldout` (or the mean over a list of them, one per seed); None when there were no held-out pairs."""
+    runs = [h for h in (heldout if isinstance(heldout, list) else [heldout]) if h]
+    if not runs:
+        return None
+    out: dict = {}
+    for model in ("mixture", "single"):
+        tables = [(h.get(model) or {}).get("accuracy_by_group") for h in runs]
+        if tables and all(tables):
+            out[model] = {g: sum(t[g] for t in tables) / len(tables) for g in tables[0]
+                          if all(g in t for t in tables)}
+    return out or None
 
 
 def sweep_minority(reports: list[dict]) -> str | None:
@@ -181,4 +210,5 @@ def sweep(spec: Sweep, out: str | Path, *, progress: bool = True) -> dict:
     return result
 
 
-__all__ = ["Sweep", "load_sweep", "run_seeds", "seed_config", "sweep", "sweep_entry", "sweep_minority"]
+__all__ = ["Sweep", "heldout_accuracy", "load_sweep", "run_seeds", "seed_config", "sweep", "sweep_entry",
+           "sweep_minority"]

@@ -2,6 +2,7 @@
 is docs/report.md).
 
     groups, group_reward_kind, group_sizes        the groups rewards are reported for, and how
+    group_heads                                   per group: could a reward head have protected it (held-out check)
     win_rates, comparisons, interval_kind, ...    every policy against every other (`maxmin_jax.evaluation`)
     em                                            ARI/purity, mixing weights, cluster names, EM history, held-out scores
     policies: {reference, NAME: {objective, algorithm, iterations, group_reward(_ci), worst_group_reward(_ci),
@@ -73,6 +74,7 @@ def build_report(ctx, models, prefs, rewards, reference: dict, policies, samples
         "groups": groups,
         "group_reward_kind": kind,
         "group_sizes": sizes,
+        "group_heads": head_checks(ctx, prefs, rewards, groups, sizes),
         **compared,
         "em": {**rewards.report, **({"pairs": prefs.info["pairs"]} if prefs is not None else {})},
         "policies": entries,
@@ -92,6 +94,23 @@ def build_report(ctx, models, prefs, rewards, reference: dict, policies, samples
         "devices": [str(d) for d in jax.devices()],
     })
     return to_python(report)
+
+
+def head_checks(ctx, prefs, rewards, groups: list[str], sizes: dict[str, int]) -> dict:
+    """`group_heads`: whether each group had a reward head of its own that knows its preference, judged on the
+    held-out pairs of its users (`maxmin_jax.evaluation.heads`)."""
+    from maxmin_jax.evaluation.heads import group_heads
+
+    heldout = prefs.heldout if prefs is not None else None
+    pairs: dict[str, int] = {}
+    if heldout is not None and heldout.groups is not None:
+        pair_groups, counts = np.unique(np.asarray(heldout.groups, dtype=object)[heldout.user_index].astype(str),
+                                        return_counts=True)
+        pairs = dict(zip(pair_groups.tolist(), counts.tolist()))
+    scores = (rewards.report.get("heldout") or {}).get("mixture")
+    return group_heads(groups, heldout=scores, heldout_pairs=pairs, users=sizes,
+                       cluster_groups=rewards.clusters if rewards.em is not None else None,
+                       level=ctx.cfg.evaluation.confidence)
 
 
 def compare_policies(ctx, samples: dict, policies, groups: list[str], *, learned: bool, num_heads: int) -> dict:

@@ -56,10 +56,13 @@ class CriticFreeConfig:
     """Adam learning rate."""
     max_grad_norm: float | None = 1.0
     """Global gradient-norm clip; None: no clipping."""
+    early_stop_kl: float | None = None
+    """The update's KL early stop, per token, as `PPOConfig.early_stop_kl`. None: off."""
 
     def __post_init__(self):
         validate.check_optimizer(self)
         validate.positive(self, "clip_eps")
+        validate.positive(self, "early_stop_kl", optional=True)
         validate.non_negative(self, "kl_coef", "entropy_coef")
         validate.positive_int(self, "epochs", "minibatches")
         if self.kl_kind not in LOSS_KL_KINDS:
@@ -134,7 +137,7 @@ def _iteration(static: _Static, state: CriticFreeState, frozen: Frozen, prompts,
 
     trainable, opt_state, update_metrics = minibatch_updates(
         loss_fn, make_optimizer(cfg.learning_rate, cfg.max_grad_norm), state.trainable, state.opt_state,
-        key_shuffle, rows=b, epochs=cfg.epochs, minibatches=cfg.minibatches)
+        key_shuffle, rows=b, epochs=cfg.epochs, minibatches=cfg.minibatches, early_stop_kl=cfg.early_stop_kl)
 
     spread = jnp.std(group_view(rollout.score, group_size), axis=1)
     metrics = {

@@ -310,9 +310,14 @@ class PPOConfig:
     """Global gradient-norm clip."""
     whiten_advantages: bool = True
     """Whiten advantages over the rollout batch's real tokens before the update."""
+    early_stop_kl: float | None = None
+    """The update's KL early stop, per token: when a minibatch step finds the policy further than this from the
+    rollout's (`approx_kl`, measured on its minibatch, and after the last step), the step that moved it there is
+    undone and the iteration's remaining steps are skipped (`policy.training.minibatch_updates`). None: off."""
 
     def __post_init__(self):
         validate.positive(self, "clip_eps", "clip_value", "horizon", "target_kl")
+        validate.positive(self, "early_stop_kl", optional=True)
         validate.non_negative(self, "vf_coef", "entropy_coef", "init_kl_coef")
         validate.fraction(self, "gamma", "lam")
         validate.positive_int(self, "epochs", "minibatches")

@@ -121,7 +121,7 @@ def _iteration(static: _Static, state: PPOState, frozen: Frozen, prompts, prompt
 
     trainable, opt_state, update_metrics = minibatch_updates(
         loss_fn, optimizer(cfg), state.trainable, state.opt_state, key_shuffle, rows=b, epochs=cfg.epochs,
-        minibatches=cfg.minibatches)
+        minibatches=cfg.minibatches, early_stop_kl=cfg.early_stop_kl)
     sequence_kl = jnp.sum((old_logprobs - ref_logprobs) * mask, axis=1)
     kl_state = kl_control.update(sequence_kl.mean(), b, state.kl)
     metrics = {

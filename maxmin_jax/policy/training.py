@@ -13,7 +13,8 @@
   were sampled from (`SamplingConfig`: temperature, top-k, top-p), and the reference's at the same temperature on
   the policy's top-k / top-p set. The LM head is applied to the response positions only: over a 32k-128k vocabulary
   the logits are the largest activations, and the prompt's are never read.
-- `minibatch_updates`: `epochs x minibatches` optimiser steps over shuffled rows, in one `lax.scan`.
+- `minibatch_updates`: `epochs x minibatches` optimiser steps over shuffled rows, in one `lax.scan`, with the
+  update's KL early stop.
 - `flag_faults` (in the jitted step) and `check_step` (on the host, before a checkpoint): a non-finite or exploding
   loss, gradient norm or KL stops training with `NumericalFault`, the same way in every trainer.
 """
@@ -202,22 +203,70 @@ def reference_logprobs(reference: CausalLM | None, policy: CausalLM, seq, seq_ma
 
 def minibatch_updates(loss_fn: Callable[[Any, jax.Array], tuple[jax.Array, dict]],
                       tx: optax.GradientTransformation, trainable: Any, opt_state: Any, key, *, rows: int,
-                      epochs: int, minibatches: int) -> tuple[Any, Any, dict]:
+                      epochs: int, minibatches: int, early_stop_kl: float | None = None) -> tuple[Any, Any, dict]:
     """`epochs` passes over `rows` rows in `minibatches` shuffled minibatches: one optimiser step each on
     `loss_fn(trainable, row_indices) -> (loss, metrics)`, in one `lax.scan`. Returns the trained variables, the
-    optimiser state and each metric's mean over the steps, with `grad_norm` (before clipping) added."""
+    optimiser state and each metric's mean over the steps taken, with `grad_norm` (before clipping) added.
 
-    def step(carry, idx):
-        trainable, opt_state = carry
+    `early_stop_kl` (the update's KL early stop; None: off): each step's forward pass measures `approx_kl` (a metric
+    `loss_fn` must report: KL(rollout policy || policy as it stands) per token, on the step's minibatch), which is
+    the effect of the steps before it. When it exceeds `early_stop_kl`, the step before went too far: the variables
+    and the optimiser state go back to before that step and the remaining steps are skipped. The last step's effect
+    is measured the same way after the scan (one forward pass on the first minibatch), so no step's jump goes
+    unmeasured into the next rollout. Costs one forward pass and one copy of the trainable variables and the
+    optimiser state. Adds `update_steps` (optimiser steps kept) and `approx_kl_max` (the largest KL measured, the
+    one after the last step included)."""
+    order = jnp.concatenate([jax.random.permutation(jax.random.fold_in(key, e), rows)
+                             for e in range(epochs)]).reshape(epochs * minibatches, rows // minibatches)
+
+    def grad_step(trainable, opt_state, idx):
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, idx)
         updates, opt_state = tx.update(grads, opt_state, trainable)
         metrics["grad_norm"] = optax.tree.norm(grads)
-        return (optax.apply_updates(trainable, updates), opt_state), metrics
+        return optax.apply_updates(trainable, updates), opt_state, metrics
 
-    order = jnp.concatenate([jax.random.permutation(jax.random.fold_in(key, e), rows)
-                             for e in range(epochs)]).reshape(epochs * minibatches, rows // minibatches)
-    (trainable, opt_state), metrics = jax.lax.scan(step, (trainable, opt_state), order)
-    return trainable, opt_state, {k: v.mean() for k, v in metrics.items()}
+    if early_stop_kl is None:
+        def step(carry, idx):
+            trainable, opt_state, metrics = grad_step(*carry, idx)
+            return (trainable, opt_state), metrics
+
+        (trainable, opt_state), metrics = jax.lax.scan(step, (trainable, opt_state), order)
+        return trainable, opt_state, {k: v.mean() for k, v in metrics.items()}
+
+    def select(take_first, a, b):
+        return jax.tree.map(lambda x, y: jnp.where(take_first, x, y), a, b)
+
+    def measured_step(carry, idx):
+        current, before, kept, _ = carry  # `before`: the variables and optimiser state before the last kept step
+        trainable, opt_state, metrics = grad_step(*current, idx)
+        over = ~(metrics["approx_kl"] <= early_stop_kl)  # a non-finite KL is past any limit
+        carry = (select(over, before, (trainable, opt_state)), select(over, before, current),
+                 jnp.where(over, jnp.maximum(kept - 1, 0), kept + 1), over)
+        return carry, (metrics, jnp.ones((), bool))
+
+    metrics_shape = jax.eval_shape(lambda: grad_step(trainable, opt_state, order[0])[2])
+
+    def skipped_step(carry, idx):
+        return carry, (jax.tree.map(lambda m: jnp.zeros(m.shape, m.dtype), metrics_shape), jnp.zeros((), bool))
+
+    def step(carry, idx):
+        return jax.lax.cond(carry[3], skipped_step, measured_step, carry, idx)
+
+    start = ((trainable, opt_state), (trainable, opt_state), jnp.zeros((), jnp.int32), jnp.zeros((), bool))
+    (current, before, kept, stopped), (metrics, taken) = jax.lax.scan(step, start, order)
+
+    def last_step_kl(current, before, kept):  # the last step's own effect
+        kl = loss_fn(current[0], order[0])[1]["approx_kl"]
+        over = ~(kl <= early_stop_kl)
+        return select(over, before, current), jnp.where(over, jnp.maximum(kept - 1, 0), kept), kl
+
+    current, kept, final_kl = jax.lax.cond(
+        stopped, lambda c, b, k: (c, k, jnp.zeros((), jnp.float32)), last_step_kl, current, before, kept)
+    weights = taken.astype(jnp.float32)
+    means = {k: jnp.tensordot(weights, v, axes=1) / jnp.maximum(weights.sum(), 1.0) for k, v in metrics.items()}
+    means["approx_kl_max"] = jnp.maximum(jnp.max(jnp.where(taken, metrics["approx_kl"], 0.0)), final_kl)
+    means["update_steps"] = kept.astype(jnp.float32)
+    return *current, means
 
 # Numerical faults -----------------------------------------------------------------------------------------------
 FAULT_LIMITS: dict[str, float | None] = {
