@@ -14,12 +14,15 @@ The pieces: `load_pretrained`/`save_pretrained`, `generate` with a `SamplingConf
 import importlib
 from typing import TYPE_CHECKING
 
+# Eager: the function shares its module's name, and importing the module `maxmin_jax.generate` anywhere would
+# otherwise leave the module, not the function, as `maxmin_jax.generate`.
+from maxmin_jax.generate import SamplingConfig, generate
+
 # Where each public name lives. Imported on first use (PEP 562), so `import maxmin_jax` and the CLI's start do not
 # pay for orbax, transformers and datasets until a command needs them.
 _EXPORTS = {
     "CheckpointManager": "maxmin_jax.checkpoint",
     "ConfigError": "maxmin_jax.errors", "InputError": "maxmin_jax.errors",
-    "SamplingConfig": "maxmin_jax.generate", "generate": "maxmin_jax.generate",
     "GPT2Config": "maxmin_jax.models", "GPT2LMHeadModel": "maxmin_jax.models", "LlamaConfig": "maxmin_jax.models",
     "LlamaForCausalLM": "maxmin_jax.models", "build_model": "maxmin_jax.models",
     "CheckpointError": "maxmin_jax.models.hf", "load_pretrained": "maxmin_jax.models.hf",
@@ -39,7 +42,6 @@ _EXPORTS = {
 if TYPE_CHECKING:  # the same names, eagerly, for type checkers and IDEs
     from maxmin_jax.checkpoint import CheckpointManager
     from maxmin_jax.errors import ConfigError, InputError
-    from maxmin_jax.generate import SamplingConfig, generate
     from maxmin_jax.models import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, build_model
     from maxmin_jax.models.hf import CheckpointError, load_pretrained, save_pretrained
     from maxmin_jax.pipeline import RunConfig, load_config, run

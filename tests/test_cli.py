@@ -137,6 +137,9 @@ def test_the_parser_and_the_top_level_names_import_only_what_they_use():
             "for package in (maxmin_jax, data, pipeline):\n"
             "    assert set(dir(package)) >= set(package.__all__)\n"
             "    [getattr(package, name) for name in package.__all__]\n"
-            "assert maxmin_jax.run is pipeline.run\n")
+            "assert maxmin_jax.run is pipeline.run\n"
+            "import importlib, types\n"  # a function named as its module stays the function
+            "assert isinstance(importlib.import_module('maxmin_jax.generate'), types.ModuleType)\n"
+            "assert callable(maxmin_jax.generate) and not isinstance(maxmin_jax.generate, types.ModuleType)\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
