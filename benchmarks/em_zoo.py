@@ -51,6 +51,10 @@ def run_world(world, seed: int, *, methods: tuple[str, ...], auto: bool) -> dict
             out["auto_k"] = result.num_groups
         if name == "ours":
             out["ours_assigned_by"] = [h["assigned_by"] for h in result.history]
+            out["ours_init"] = clustering_metrics(np.array(result.diagnostics["init"]["assignments"]),
+                                                  batch.groups)["ari"]
+            out["ours_feature_set"] = {k: v for k, v in result.diagnostics["init"]["feature_set"].items()
+                                       if k != "scores"}
     return out
 
 

@@ -75,7 +75,8 @@ def fit_feature_mixture(features: np.ndarray, user_index: np.ndarray, num_users:
     best = int(np.argmax(scores))
     labels = np.argmax(gamma, axis=-1)
     others = [adjusted_rand(labels[best], labels[r]) for r in range(len(labels)) if r != best]
-    log_w = np.log(np.maximum(gamma[best].mean(0), 1e-6))
+    g = np.asarray(gamma[best], np.float64)
+    log_w = np.log(np.maximum((g.sum(0) - g) / max(num_users - 1, 1), 1e-6))  # each user's prior without them
     user_scores = np.logaddexp.reduce(log_w + np.asarray(loo[best], np.float64), axis=-1)
     return FeatureMixture(num_groups, np.asarray(gamma[best]), np.asarray(fit.theta[best][:num_groups]),
                           np.asarray(loo[best]), float(scores[best]), scores.tolist(),
