@@ -42,7 +42,7 @@ from maxmin_jax.rewards.estep import (LOG_FLOOR, PairChunks, chunk_log_likelihoo
                                       pair_rewards, score_chunks, user_log_likelihoods)
 from maxmin_jax.rewards.init import (FeatureMixture, adjusted_rand, fit_feature_mixture,
                                      initial_assignments, select_num_groups)
-from maxmin_jax.rewards.features import pair_features
+from maxmin_jax.rewards.features import batch_word_clusters, pair_features
 from maxmin_jax.rewards.linear_mixture import fit_linear_mixture
 from maxmin_jax.rewards.mstep import M_STEP_LIMITS, MStepConfig, copy_tree, em_update, m_step, make_optimizer, minibatch
 from maxmin_jax.sharding import replicate_on_mesh_of
@@ -60,6 +60,9 @@ class EMConfig:
     """K, the number of reward models / user groups; "auto" chooses it in `k_range` (module docstring)."""
     k_range: tuple[int, int] = (1, 6)
     """Smallest and largest K tried by num_groups="auto" (the largest is capped at the number of users)."""
+    user_folds: int = 5
+    """num_groups="auto": folds of the cross-validation over users that scores each K (users held out of the fit
+    are predicted by the others' mixture; the smallest K within one standard error of the best is chosen)."""
     method: Literal["hard", "soft"] = "hard"
     """The reward model's E-step: hard (argmax assignment, the paper) or soft (posterior responsibilities)."""
     init: Literal["features", "round_robin", "random"] = "features"
@@ -124,6 +127,8 @@ class EMConfig:
         validate.require(self.num_groups != "auto" or self.init == "features", self, "init",
                          "num_groups='auto' chooses K with the token-feature mixture, so it needs init='features', "
                          f"got {self.init!r}")
+        validate.require(isinstance(self.user_folds, int) and self.user_folds >= 2, self, "user_folds",
+                         f"expected an integer >= 2, got {self.user_folds!r}")
         validate.positive_int(self, "restarts", "init_restarts", "rounds", "batch_size", "chunk_size", "patience",
                               "feature_seeds")
         for name, lowest in (("feature_clusters", 1), ("feature_tokens", 0)):
@@ -372,9 +377,13 @@ def _feature_mixture(everything: PairBatch, num_train_pairs: int, user_index: np
     Returns (features, mixture, K selection or None, the chosen candidate as a dict)."""
     prompt = {"on": [True], "off": [False], "auto": [False, True]}[config.prompt_features]
 
+    clusterings = {}  # (clusters, seed) -> word cluster of every token, shared by that clustering's candidates
+
     def fit(clusters, tokens, prompt_terms, seed):
+        if (clusters, seed) not in clusterings:
+            clusterings[clusters, seed] = batch_word_clusters(everything, clusters, seed=config.seed + seed)
         x = pair_features(everything, clusters=clusters, tokens=tokens, prompt_terms=prompt_terms,
-                          seed=config.seed + seed)
+                          labels=clusterings[clusters, seed])
         train = x[:num_train_pairs]
         if config.num_groups == "auto":
             selection = select_num_groups(train, user_index, num_users, config.k_range,
@@ -393,6 +402,12 @@ def _feature_mixture(everything: PairBatch, num_train_pairs: int, user_index: np
         best = max(fits, key=lambda c: fits[c][0])[:3]
         fits.update({(*best, s): fit(*best, s) for s in range(1, config.feature_seeds)})
     chosen = max(fits, key=lambda c: fits[c][0])
+    if config.num_groups == "auto":  # K by users held out of the fit, on the chosen features
+        _, x, _, screen = fits[chosen]
+        selection = select_num_groups(x[:num_train_pairs], user_index, num_users, config.k_range,
+                                      restarts=config.init_restarts, l2=config.feature_l2, seed=config.seed,
+                                      user_folds=config.user_folds)
+        fits[chosen] = (fits[chosen][0], x, selection.fits[selection.chosen], selection)
     _, x, mixture, selection = fits[chosen]
     candidate = dict(zip(("clusters", "tokens", "prompt_features", "clustering_seed"), chosen))
     candidate["scores"] = [{"clusters": c, "tokens": t, "prompt_features": p, "clustering_seed": s,
