@@ -114,6 +114,18 @@ def test_cli_given_only_num_groups(worlds, tmp_path, capsys):
     assert auto["k_selection"]["k"] == [1, 2, 3]
 
 
+
+def test_auto_finds_the_number_of_groups(worlds, model_config):
+    """num_groups="auto" on a 3-group world: cross-validation over users picks K=3 and the groups, and the curve
+    is in the diagnostics. (The 2-group worlds: the CLI test; the 4-group ones: docs/em.md.)"""
+    world, _, batch, _ = worlds[3]
+    config = EMConfig(num_groups="auto", k_range=(1, 4), rounds=1, steps_per_round=2, progress=False)
+    result = _fit(batch, model_config, config, heads=1)
+    curve = result.diagnostics["k_selection"]
+    assert world.num_groups == 3 and result.num_groups == curve["chosen"] == 3, curve
+    assert curve["k"] == [1, 2, 3, 4] and len(curve["score"]) == 4
+    assert clustering_metrics(result.assignments, batch.groups)["ari"] >= 0.9
+
 # Bad inputs -----------------------------------------------------------------------------------------------------
 def test_bad_numbers_of_groups_are_refused(worlds, model_config, capsys):
     from maxmin_jax.cli import main

@@ -13,7 +13,7 @@ What the defaults add to the paper's loop (measured on the world zoo, `docs/em.m
 - assign_by="heldout": a share of each user's pairs is held out; after each M-step, users are assigned by
   whichever model predicts those held-out pairs better: the reward model (its E-step) or the token-feature mixture
   (its leave-one-user-out E-step). A strong pretrained backbone takes over; a weak one cannot scramble the groups.
-- num_groups="auto": K chosen by the token-feature mixture's leave-one-user-out log-likelihood (`init`).
+- num_groups="auto": K chosen by cross-validation over users of the token-feature mixture (`init`).
 - Optimiser steps per round scaled to the data (`epochs_per_round`).
 The paper's setting, `EMConfig.paper(K)`: hard EM from a round-robin start, the reward model's E-step, fixed
 rounds and steps.

@@ -7,10 +7,12 @@
   leave-one-user-out log-likelihood (`linear_mixture`). Cheap (no network is trained), and it sees what a reward
   model trained from scratch on a few hundred pairs cannot yet: which words, lengths and punctuation each user
   rewards.
-- Choosing K (`num_groups="auto"`): the same fit for every K in a range; the leave-one-user-out log-likelihood
-  (each user predicted by heads fitted without them) is an out-of-sample score, so more groups only win when they
-  predict unseen users better. The smallest K within one standard error of the best is chosen (the one-standard-
-  error rule; the error from the per-user differences to the best K).
+- Choosing K (`num_groups="auto"`): the same fit for every K in a range, scored by cross-validation over users:
+  each held-out user is placed by half of their pairs under the mixture fitted without their fold and scored on
+  the other half (heads moderated by their Laplace uncertainty). The smallest K within one standard error of the
+  best is chosen (the one-standard-error rule; the error from the per-user differences to the best K). The
+  leave-one-user-out score of the all-user fits is optimistic for larger K (the scored user helped choose the
+  partition and picks the luckiest head), so it only screens feature sets.
 """
 
 from __future__ import annotations
