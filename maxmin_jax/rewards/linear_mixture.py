@@ -159,6 +159,7 @@ def fit_linear_mixture(x: Float[Array, "n d"], user_index: Int[Array, "n"], gamm
     active = np.ones(k, np.float32) if active is None else np.asarray(active, np.float32)
     fit = _fit(jnp.asarray(xu), jnp.asarray(mask), jnp.asarray(gamma0, jnp.float32), jnp.asarray(active),
                jnp.float32(l2), soft_iters=soft_iters, hard_iters=hard_iters, newton_steps=newton_steps)
+    fit = jax.device_get(fit)  # sliced on the host: an eager slice would compile once per feature width
     return fit._replace(theta=fit.theta[..., :d])
 
 
