@@ -51,6 +51,10 @@ def run_world(world, seed: int, *, methods: tuple[str, ...], auto: bool) -> dict
             out["auto_k"] = result.num_groups
         if name == "ours":
             out["ours_assigned_by"] = [h["assigned_by"] for h in result.history]
+            out["ours_init"] = clustering_metrics(np.array(result.diagnostics["init"]["assignments"]),
+                                                  batch.groups)["ari"]
+            out["ours_feature_set"] = {k: v for k, v in result.diagnostics["init"]["feature_set"].items()
+                                       if k != "scores"}
     return out
 
 
@@ -115,15 +119,22 @@ def main(argv=None) -> int:
             rows.append({"split": split, "index": i, "world": f"{world.family} #{i}", "description": world.describe(),
                          "K": world.num_groups, "sizes": list(world.group_sizes),
                          "pairs_per_user": world.pairs_per_user, "runs": runs})
-    table = markdown(rows, seeds)
-    notes = "\n".join(summary(rows, seeds, split) for split in args.split.split(","))
+            _write(args, argv, env, seeds, rows)  # after every world: a long run stopped early keeps what it did
+    table, notes = _write(args, argv, env, seeds, rows)
     print(table)
     print(notes)
+    return 0
+
+
+def _write(args, argv, env, seeds: list[int], rows: list[dict]) -> tuple[str, str]:
+    table = markdown(rows, seeds)
+    splits = [s for s in args.split.split(",") if any(r["split"] == s for r in rows)]
+    notes = "\n".join(summary(rows, seeds, split) for split in splits)
     doc = {"command": " ".join(["python -m benchmarks.em_zoo", *(sys.argv[1:] if argv is None else argv)]),
            "environment": env.describe(), "seeds": seeds, "worlds": rows, "summary": notes, "table": table}
     with open(args.out, "w") as f:
         json.dump(doc, f, indent=2, allow_nan=False)
-    return 0
+    return table, notes
 
 
 if __name__ == "__main__":

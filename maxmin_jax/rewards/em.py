@@ -13,7 +13,7 @@ What the defaults add to the paper's loop (measured on the world zoo, `docs/em.m
 - assign_by="heldout": a share of each user's pairs is held out; after each M-step, users are assigned by
   whichever model predicts those held-out pairs better: the reward model (its E-step) or the token-feature mixture
   (its leave-one-user-out E-step). A strong pretrained backbone takes over; a weak one cannot scramble the groups.
-- num_groups="auto": K chosen by the token-feature mixture's leave-one-user-out log-likelihood (`init`).
+- num_groups="auto": K chosen by cross-validation over users of the token-feature mixture (`init`).
 - Optimiser steps per round scaled to the data (`epochs_per_round`).
 The paper's setting, `EMConfig.paper(K)`: hard EM from a round-robin start, the reward model's E-step, fixed
 rounds and steps.
@@ -42,7 +42,7 @@ from maxmin_jax.rewards.estep import (LOG_FLOOR, PairChunks, chunk_log_likelihoo
                                       pair_rewards, score_chunks, user_log_likelihoods)
 from maxmin_jax.rewards.init import (FeatureMixture, adjusted_rand, fit_feature_mixture,
                                      initial_assignments, select_num_groups)
-from maxmin_jax.rewards.features import pair_features
+from maxmin_jax.rewards.features import batch_word_clusters, pair_features
 from maxmin_jax.rewards.linear_mixture import fit_linear_mixture
 from maxmin_jax.rewards.mstep import M_STEP_LIMITS, MStepConfig, copy_tree, em_update, m_step, make_optimizer, minibatch
 from maxmin_jax.sharding import replicate_on_mesh_of
@@ -60,6 +60,9 @@ class EMConfig:
     """K, the number of reward models / user groups; "auto" chooses it in `k_range` (module docstring)."""
     k_range: tuple[int, int] = (1, 6)
     """Smallest and largest K tried by num_groups="auto" (the largest is capped at the number of users)."""
+    user_folds: int = 5
+    """num_groups="auto": folds of the cross-validation over users that scores each K (users held out of the fit
+    are predicted by the others' mixture; the smallest K within one standard error of the best is chosen)."""
     method: Literal["hard", "soft"] = "hard"
     """The reward model's E-step: hard (argmax assignment, the paper) or soft (posterior responsibilities)."""
     init: Literal["features", "round_robin", "random"] = "features"
@@ -71,14 +74,16 @@ class EMConfig:
     restarts: int = 1
     """Independent fits of the reward model; the one with the best held-out likelihood is kept. Restarts after
     the first start from the token-feature mixture of another seed (init="features") or a random partition."""
-    init_restarts: int = 16
+    init_restarts: int = 8
     """k-means++ starts of the token-feature mixture, fitted at once; the best leave-one-user-out one is kept."""
-    feature_clusters: int = 16
-    """Word clusters (by co-occurrence) whose counts are token features (`features.pair_features`)."""
-    feature_tokens: int = 16
-    """Most frequent tokens that are token features on their own."""
+    feature_clusters: tuple[int, ...] = (8, 16)
+    """Numbers of word clusters (by co-occurrence) whose counts are token features (`features.pair_features`);
+    each is tried and the one whose mixture predicts left-out users best is kept."""
+    feature_tokens: tuple[int, ...] = (0, 16)
+    """Numbers of most frequent tokens that are token features on their own, tried the same way: 0 (clusters and
+    length only) wins where single tokens are noise, 16 where punctuation or function words tell groups apart."""
     feature_seeds: int = 3
-    """Word clusterings (k-means seeds) tried for the token features; the one whose mixture predicts left-out
+    """Word clusterings (k-means seeds) tried for the chosen feature set; the one whose mixture predicts left-out
     users best is kept (the clustering of a small vocabulary varies with the seed)."""
     prompt_features: Literal["auto", "on", "off"] = "auto"
     """Add prompt-relevance features (does the response use the prompt's word clusters; does the prompt change
@@ -122,9 +127,15 @@ class EMConfig:
         validate.require(self.num_groups != "auto" or self.init == "features", self, "init",
                          "num_groups='auto' chooses K with the token-feature mixture, so it needs init='features', "
                          f"got {self.init!r}")
+        validate.require(isinstance(self.user_folds, int) and self.user_folds >= 2, self, "user_folds",
+                         f"expected an integer >= 2, got {self.user_folds!r}")
         validate.positive_int(self, "restarts", "init_restarts", "rounds", "batch_size", "chunk_size", "patience",
-                              "feature_clusters", "feature_seeds")
-        validate.non_negative_int(self, "feature_tokens")
+                              "feature_seeds")
+        for name, lowest in (("feature_clusters", 1), ("feature_tokens", 0)):
+            values = getattr(self, name)
+            validate.require(isinstance(values, tuple) and len(values) > 0
+                             and all(isinstance(v, int) and not isinstance(v, bool) and v >= lowest for v in values),
+                             self, name, f"expected a non-empty list of integers >= {lowest}, got {values!r}")
         validate.non_negative_int(self, "steps_per_round", optional=True)
         validate.positive(self, "epochs_per_round", "feature_l2")
         validate.require(0.0 < self.heldout_fraction < 1.0, self, "heldout_fraction",
@@ -357,31 +368,52 @@ def _starting_points(config: EMConfig, k: int, num_users: int, restart: int, rng
 def _feature_mixture(everything: PairBatch, num_train_pairs: int, user_index: np.ndarray, num_users: int,
                      config: EMConfig):
     """Token features of `everything` (the batch's pairs, then any held-out ones) and the token-feature mixture
-    on the batch's pairs, at config.num_groups or at the K chosen in k_range; with prompt_features="auto", with
-    or without the prompt terms, whichever predicts left-out users better.
-    Returns (features, mixture, K selection or None, whether prompt terms are used)."""
-    options = {"on": [True], "off": [False], "auto": [False, True]}[config.prompt_features]
-    sets = {(p, s): pair_features(everything, clusters=config.feature_clusters, tokens=config.feature_tokens,
-                                  prompt_terms=p, seed=config.seed + s)
-            for p, s in itertools.product(options, range(config.feature_seeds))}
-    width = max(x.shape[1] for x in sets.values())  # one width: every feature set shares one compiled fit
-    fits = {}
-    for (prompt_terms, feature_seed), x in sets.items():
-        x = np.pad(x, ((0, 0), (0, width - x.shape[1])))  # zero columns: the same fit
+    on the batch's pairs, at config.num_groups or at the K chosen in k_range.
+
+    Which features: every candidate (clusters, tokens, prompt terms, word clustering) is fitted and the one that
+    predicts left-out users best (leave-one-user-out log-likelihood) is kept; with num_groups="auto" (a fit per
+    K), the word clusterings after the first are tried for the best candidate only. A feature that tells no group apart still gets a noisy weight
+    in every head and blurs which head predicts a user best, so fewer features win where they suffice.
+    Returns (features, mixture, K selection or None, the chosen candidate as a dict)."""
+    prompt = {"on": [True], "off": [False], "auto": [False, True]}[config.prompt_features]
+
+    clusterings = {}  # (clusters, seed) -> word cluster of every token, shared by that clustering's candidates
+
+    def fit(clusters, tokens, prompt_terms, seed):
+        if (clusters, seed) not in clusterings:
+            clusterings[clusters, seed] = batch_word_clusters(everything, clusters, seed=config.seed + seed)
+        x = pair_features(everything, clusters=clusters, tokens=tokens, prompt_terms=prompt_terms,
+                          labels=clusterings[clusters, seed])
         train = x[:num_train_pairs]
         if config.num_groups == "auto":
             selection = select_num_groups(train, user_index, num_users, config.k_range,
                                           restarts=config.init_restarts, l2=config.feature_l2, seed=config.seed)
-            fit, best = selection.fits[selection.chosen], max(selection.scores)
-        else:
-            selection = None
-            fit = fit_feature_mixture(train, user_index, num_users, config.num_groups,
+            return max(selection.scores), x, selection.fits[selection.chosen], selection
+        mixture = fit_feature_mixture(train, user_index, num_users, config.num_groups,
                                       restarts=config.init_restarts, l2=config.feature_l2, seed=config.seed)
-            best = fit.score
-        fits[prompt_terms, feature_seed] = (best, x, fit, selection)
-    prompt_terms, feature_seed = max(fits, key=lambda p: fits[p][0])
-    _, x, fit, selection = fits[prompt_terms, feature_seed]
-    return x, fit, selection, prompt_terms
+        return mixture.score, x, mixture, None
+
+    if config.num_groups != "auto":
+        fits = {c: fit(*c) for c in itertools.product(config.feature_clusters, config.feature_tokens, prompt,
+                                                       range(config.feature_seeds))}
+    else:  # every K of k_range per candidate: the other word clusterings only for the best candidate
+        fits = {(*c, 0): fit(*c, 0) for c in itertools.product(config.feature_clusters, config.feature_tokens,
+                                                                prompt)}
+        best = max(fits, key=lambda c: fits[c][0])[:3]
+        fits.update({(*best, s): fit(*best, s) for s in range(1, config.feature_seeds)})
+    chosen = max(fits, key=lambda c: fits[c][0])
+    if config.num_groups == "auto":  # K by users held out of the fit, on the chosen features
+        _, x, _, screen = fits[chosen]
+        selection = select_num_groups(x[:num_train_pairs], user_index, num_users, config.k_range,
+                                      restarts=config.init_restarts, l2=config.feature_l2, seed=config.seed,
+                                      user_folds=config.user_folds)
+        fits[chosen] = (fits[chosen][0], x, selection.fits[selection.chosen], selection)
+    _, x, mixture, selection = fits[chosen]
+    candidate = dict(zip(("clusters", "tokens", "prompt_features", "clustering_seed"), chosen))
+    candidate["scores"] = [{"clusters": c, "tokens": t, "prompt_features": p, "clustering_seed": s,
+                            "leave_one_user_out_log_likelihood": float(f[0])}
+                           for (c, t, p, s), f in fits.items()]
+    return x, mixture, selection, candidate
 
 
 def fit_em(model: nnx.Module, batch: PairBatch, config: EMConfig, *, heldout: PairBatch | None = None,
@@ -408,7 +440,7 @@ def fit_em(model: nnx.Module, batch: PairBatch, config: EMConfig, *, heldout: Pa
     features, selection, first_fit, k = None, None, None, config.num_groups
     if config.init == "features":
         everything = batch if heldout is None else _concat(batch, held_batch)
-        x, first_fit, selection, prompt_terms = _feature_mixture(everything, batch.num_pairs, batch.user_index,
+        x, first_fit, selection, candidate = _feature_mixture(everything, batch.num_pairs, batch.user_index,
                                                                  batch.num_users, config)
         if heldout is None:
             features, held_x = _Features(x, batch.user_index, train_rows), x[held_rows]
@@ -459,9 +491,10 @@ def fit_em(model: nnx.Module, batch: PairBatch, config: EMConfig, *, heldout: Pa
     if inits[restart] is not None:
         fit = inits[restart]
         diagnostics["init"] = {"method": "features", "features": int(features.x.shape[1]),
-                               "prompt_features": prompt_terms,
+                               "feature_set": candidate,
                                "leave_one_user_out_log_likelihood": fit.score,
-                               "restart_scores": fit.restart_scores, "restart_agreement": fit.restart_agreement}
+                               "restart_scores": fit.restart_scores, "restart_agreement": fit.restart_agreement,
+                               "assignments": fit.assignments.tolist()}
     else:
         diagnostics["init"] = {"method": config.init}
     if config.restarts > 1:

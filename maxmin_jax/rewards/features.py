@@ -87,11 +87,24 @@ def word_clusters(counts, num_clusters: int, *, embedding_dim: int = 16, max_voc
     return labels
 
 
+def batch_word_clusters(batch: PairBatch, clusters: int, *, embedding_dim: int = 16, max_vocab: int = 2048,
+                        seed: int = 0) -> np.ndarray:
+    """`word_clusters` of the responses of `batch` (chosen and rejected): cluster id [vocab] of every token."""
+    from scipy import sparse
+
+    vocab = int(max(batch.chosen_ids.max(), batch.rejected_ids.max())) + 1
+    counts = sparse.vstack([_sequence_counts(batch.chosen_ids, batch.chosen_mask, vocab),
+                            _sequence_counts(batch.rejected_ids, batch.rejected_mask, vocab)]).tocsr()
+    return word_clusters(counts, clusters, embedding_dim=embedding_dim, max_vocab=max_vocab, seed=seed)
+
+
 def pair_features(batch: PairBatch, *, clusters: int = 16, tokens: int = 16, prompt_terms: bool = False,
-                  embedding_dim: int = 16, max_vocab: int = 2048, seed: int = 0) -> np.ndarray:
+                  embedding_dim: int = 16, max_vocab: int = 2048, seed: int = 0,
+                  labels: np.ndarray | None = None) -> np.ndarray:
     """[N, d] float32 features of each pair (module docstring): d <= clusters + 1 + tokens (+ 2 * clusters with
-    `prompt_terms`); columns that are zero for every pair are dropped. Memory O(N * tokens per pair +
-    max_vocab^2)."""
+    `prompt_terms`); columns that are zero for every pair are dropped. `labels`: the word clusters
+    (`batch_word_clusters` with the same `clusters`), when several feature sets share one clustering. Memory
+    O(N * tokens per pair + max_vocab^2)."""
     from scipy import sparse
 
     if batch.num_pairs == 0:
@@ -99,8 +112,9 @@ def pair_features(batch: PairBatch, *, clusters: int = 16, tokens: int = 16, pro
     vocab = int(max(batch.chosen_ids.max(), batch.rejected_ids.max())) + 1
     chosen = _sequence_counts(batch.chosen_ids, batch.chosen_mask, vocab)
     rejected = _sequence_counts(batch.rejected_ids, batch.rejected_mask, vocab)
-    labels = word_clusters(sparse.vstack([chosen, rejected]).tocsr(), clusters, embedding_dim=embedding_dim,
-                           max_vocab=max_vocab, seed=seed)
+    if labels is None:
+        labels = word_clusters(sparse.vstack([chosen, rejected]).tocsr(), clusters, embedding_dim=embedding_dim,
+                               max_vocab=max_vocab, seed=seed)
     width = clusters + 1  # the clusters and "the rest"
     member = sparse.csr_matrix((np.ones(int(np.sum(labels >= 0))), (np.flatnonzero(labels >= 0),
                                                                     labels[labels >= 0])), shape=(vocab, width))
@@ -119,4 +133,4 @@ def pair_features(batch: PairBatch, *, clusters: int = 16, tokens: int = 16, pro
     return x[:, keep if keep.any() else slice(0, 1)].astype(np.float32)
 
 
-__all__ = ["pair_features", "word_clusters"]
+__all__ = ["batch_word_clusters", "pair_features", "word_clusters"]

@@ -7,10 +7,12 @@
   leave-one-user-out log-likelihood (`linear_mixture`). Cheap (no network is trained), and it sees what a reward
   model trained from scratch on a few hundred pairs cannot yet: which words, lengths and punctuation each user
   rewards.
-- Choosing K (`num_groups="auto"`): the same fit for every K in a range; the leave-one-user-out log-likelihood
-  (each user predicted by heads fitted without them) is an out-of-sample score, so more groups only win when they
-  predict unseen users better. The smallest K within one standard error of the best is chosen (the one-standard-
-  error rule; the error from the per-user differences to the best K).
+- Choosing K (`num_groups="auto"`): the same fit for every K in a range, scored by cross-validation over users:
+  each held-out user is placed by half of their pairs under the mixture fitted without their fold and scored on
+  the other half (heads moderated by their Laplace uncertainty). The smallest K within one standard error of the
+  best is chosen (the one-standard-error rule; the error from the per-user differences to the best K). The
+  leave-one-user-out score of the all-user fits is optimistic for larger K (the scored user helped choose the
+  partition and picks the luckiest head), so it only screens feature sets.
 """
 
 from __future__ import annotations
@@ -56,9 +58,11 @@ class FeatureMixture:
 
 
 def fit_feature_mixture(features: np.ndarray, user_index: np.ndarray, num_users: int, num_groups: int, *,
-                        restarts: int, l2: float, seed: int, pad_to: int | None = None) -> FeatureMixture:
+                        restarts: int, l2: float, seed: int, pad_to: int | None = None,
+                        start: np.ndarray | None = None) -> FeatureMixture:
     """The linear mixture from `restarts` k-means++ partitions of the users' score embedding, all at once.
-    `pad_to`: run with that many groups, the extra ones switched off (so every K shares one compiled program)."""
+    `pad_to`: run with that many groups, the extra ones switched off (so every K shares one compiled program).
+    `start`: a partition [U] (labels < num_groups) tried in place of the first k-means++ one."""
     rng = np.random.default_rng([seed, num_groups])
     width = pad_to or num_groups
     if num_groups == 1:
@@ -66,6 +70,8 @@ def fit_feature_mixture(features: np.ndarray, user_index: np.ndarray, num_users:
     else:
         embedding = user_score_embedding(features, user_index, num_users, l2=l2, rank=2 * num_groups)
         labels0 = np.stack([kmeans_plus_plus(embedding, num_groups, rng) for _ in range(restarts)])
+    if start is not None:
+        labels0[0] = start
     starts = np.eye(width, dtype=np.float32)[labels0]
     active = (np.arange(width) < num_groups).astype(np.float32)
     fit = jax.device_get(fit_linear_mixture(jnp.asarray(features), jnp.asarray(user_index), jnp.asarray(starts),
@@ -75,7 +81,8 @@ def fit_feature_mixture(features: np.ndarray, user_index: np.ndarray, num_users:
     best = int(np.argmax(scores))
     labels = np.argmax(gamma, axis=-1)
     others = [adjusted_rand(labels[best], labels[r]) for r in range(len(labels)) if r != best]
-    log_w = np.log(np.maximum(gamma[best].mean(0), 1e-6))
+    g = np.asarray(gamma[best], np.float64)
+    log_w = np.log(np.maximum((g.sum(0) - g) / max(num_users - 1, 1), 1e-6))  # each user's prior without them
     user_scores = np.logaddexp.reduce(log_w + np.asarray(loo[best], np.float64), axis=-1)
     return FeatureMixture(num_groups, np.asarray(gamma[best]), np.asarray(fit.theta[best][:num_groups]),
                           np.asarray(loo[best]), float(scores[best]), scores.tolist(),
@@ -84,36 +91,101 @@ def fit_feature_mixture(features: np.ndarray, user_index: np.ndarray, num_users:
 
 @dataclasses.dataclass
 class KSelection:
-    """The curve behind `num_groups="auto"`: each K's leave-one-user-out log-likelihood and its standard error
-    against the best K, and the K chosen by the one-standard-error rule."""
+    """The curve behind `num_groups="auto"`: each K's held-out-user log-likelihood (`user_folds`-fold cross-
+    validation over users) and its standard error against the best K, the K chosen by the one-standard-error
+    rule, and each K's mixture fitted on all users."""
 
     ks: list[int]
     scores: list[float]
     standard_errors: list[float]
     chosen: int
     fits: dict[int, FeatureMixture]
+    leave_one_user_out: list[float]  # each K's leave-one-user-out score on all users (screens feature sets)
 
     def to_json(self) -> dict:
-        return {"criterion": "leave-one-user-out log-likelihood of the token-feature mixture; smallest K within "
-                             "one standard error of the best",
+        return {"criterion": "log-likelihood of users held out of the token-feature mixture's fit (cross-"
+                             "validation over users); smallest K within one standard error of the best",
                 "k": self.ks, "score": self.scores, "standard_error": self.standard_errors, "chosen": self.chosen,
+                "leave_one_user_out_log_likelihood": self.leave_one_user_out,
                 "restart_agreement": [self.fits[k].restart_agreement for k in self.ks]}
 
 
+def _predictive_margins(x_train, weights, theta, x_new, l2: float) -> np.ndarray:
+    """Margins [N_new, K] of new pairs under each head's Laplace posterior: the MAP margin moderated by its
+    uncertainty, m / sqrt(1 + pi v / 8), v = x H_k^-1 x (MacKay's approximation of the predictive). A head fitted on
+    few users is uncertain; scored at its MAP it is overconfident, and splitting a group into two such heads then
+    looks better for held-out users only because the mixture hedges between them."""
+    s = 1.0 / (1.0 + np.exp(-(x_train @ theta.T)))  # [N, K]
+    out = x_new @ theta.T
+    for k in range(theta.shape[0]):
+        h = (x_train * (weights[:, k] * s[:, k] * (1 - s[:, k]))[:, None]).T @ x_train + l2 * np.eye(x_train.shape[1])
+        v = np.einsum("nd,nd->n", x_new, np.linalg.solve(h, x_new.T).T)
+        out[:, k] /= np.sqrt(1.0 + np.pi * v / 8.0)
+    return out
+
+
+def _held_out_user_scores(features, user_index, num_users, ks, *, folds: int, restarts: int, l2: float, seed: int,
+                          pad_to: int, starts: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
+    """Per K, each user's log-likelihood under the mixture (heads and weights) fitted without their fold:
+    [U] log sum_k w_k exp(L_hk). Unlike the leave-one-user-out score, the held-out users took no part in choosing
+    the partition (k-means++ starts, EM, the best restart), so more groups gain nothing from fitting noise. Each
+    fold's fit also starts from `starts[K]` (the all-user partition) restricted to its users, so a fold that
+    k-means++ would split badly at the true K does not make a larger K look better."""
+    fold = np.random.default_rng([seed, 7]).permutation(num_users) % folds
+    out = {k: np.zeros(num_users) for k in ks}
+    for f in range(folds):
+        keep = fold != f
+        remap = np.cumsum(keep) - 1
+        rows = keep[user_index]
+        held_rows = ~rows
+        for k in ks:
+            fit = fit_feature_mixture(features[rows], remap[user_index[rows]], int(keep.sum()), k, restarts=restarts,
+                                      l2=l2, seed=seed, pad_to=pad_to, start=starts[k][keep])
+            log_w = np.log(np.maximum(fit.responsibilities.mean(0), 1e-6))
+            margins = _predictive_margins(np.asarray(features[rows], np.float64),
+                                          fit.responsibilities[remap[user_index[rows]]],
+                                          np.asarray(fit.theta, np.float64), np.asarray(features[held_rows],
+                                                                                        np.float64), l2)
+            # Each held-out user's pairs in two halves: the half that places the user (posterior over groups)
+            # is not the half that is scored, so a K cannot gain by offering more heads to pick from.
+            loglik = -np.logaddexp(0.0, -margins)  # [N_held, K]
+            users = user_index[held_rows]
+            half = np.zeros(len(users), np.int64)
+            for u in np.unique(users):
+                half[users == u] = np.arange(np.sum(users == u)) % 2
+            L = np.zeros((2, num_users, k))
+            np.add.at(L, (half, users), loglik)
+            held = np.flatnonzero(~keep)
+            for a in (0, 1):
+                placed = log_w + L[a, held]
+                placed -= np.logaddexp.reduce(placed, axis=-1, keepdims=True)
+                out[k][held] += np.logaddexp.reduce(placed + L[1 - a, held], axis=-1)
+    return out
+
+
 def select_num_groups(features: np.ndarray, user_index: np.ndarray, num_users: int, k_range: tuple[int, int], *,
-                      restarts: int, l2: float, seed: int) -> KSelection:
-    """Fit the feature mixture for each K in `k_range` (inclusive, capped at the number of users) and choose K."""
+                      restarts: int, l2: float, seed: int, user_folds: int = 0) -> KSelection:
+    """Fit the feature mixture for each K in `k_range` (inclusive, capped at the number of users) and choose K:
+    by `user_folds`-fold cross-validation over users (at least 2 folds), or, with user_folds=0, by the leave-one-
+    user-out score of the fits on all users (cheaper, but optimistic for larger K: a screen, not a choice)."""
     lo, hi = k_range[0], min(k_range[1], num_users)
     ks = list(range(lo, hi + 1))
     fits = {k: fit_feature_mixture(features, user_index, num_users, k, restarts=restarts, l2=l2, seed=seed,
                                    pad_to=hi) for k in ks}
-    best = max(ks, key=lambda k: fits[k].score)
+    if user_folds:
+        per_user = _held_out_user_scores(features, user_index, num_users, ks, folds=min(user_folds, num_users),
+                                         restarts=restarts, l2=l2, seed=seed, pad_to=hi,
+                                         starts={k: fits[k].assignments for k in ks})
+    else:
+        per_user = {k: fits[k].user_scores for k in ks}
+    scores = {k: float(np.sum(per_user[k])) for k in ks}
+    best = max(ks, key=lambda k: scores[k])
     errors = []
     for k in ks:
-        diff = fits[best].user_scores - fits[k].user_scores
+        diff = per_user[best] - per_user[k]
         errors.append(float(np.sqrt(num_users) * np.std(diff, ddof=1)) if num_users > 1 else 0.0)
-    chosen = next(k for k, e in zip(ks, errors) if fits[k].score >= fits[best].score - e)
-    return KSelection(ks, [fits[k].score for k in ks], errors, chosen, fits)
+    chosen = next(k for k, e in zip(ks, errors) if scores[k] >= scores[best] - e)
+    return KSelection(ks, [scores[k] for k in ks], errors, chosen, fits, [fits[k].score for k in ks])
 
 
 __all__ = ["FeatureMixture", "KSelection", "adjusted_rand", "fit_feature_mixture",
