@@ -1,9 +1,10 @@
 """Shared fixtures. Eight simulated CPU devices so sharding tests really shard; tiny checkpoints built with
 transformers' save_pretrained once per session.
 
-Compiled programs are shared through JAX's persistent compilation cache, one directory per test session: the xdist
-workers and the subprocesses tests start (which inherit the environment) compile each program once between them.
-A fresh session starts with an empty cache, so every program is still compiled in every run of the suite.
+JAX's persistent compilation cache is off: with it, writing one executable (`executable.serialize()`, jax 0.10.2,
+the sharded LoRA critic-free step after the rest of its worker's tests) crashed the xdist worker with a segfault,
+twice in full runs, never alone. `MAXMIN_TEST_JIT_CACHE=1` turns it back on (one directory per session, shared by
+the workers and the subprocesses tests start, removed at the end).
 """
 
 import os
@@ -22,10 +23,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Set by the first process of the session (the xdist controller, loading this file before it starts the workers),
 # inherited by the workers and the subprocesses, removed by that process at the end.
-_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
-_CACHE = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
-                               os.path.join(tempfile.gettempdir(), f"maxmin-jax-test-jit-{os.getpid()}"))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+_OWN_CACHE = os.environ.get("MAXMIN_TEST_JIT_CACHE") == "1" and "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _OWN_CACHE:
+    _CACHE = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                                   os.path.join(tempfile.gettempdir(), f"maxmin-jax-test-jit-{os.getpid()}"))
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import pytest  # noqa: E402
 
