@@ -97,7 +97,7 @@ def read_prompts(
         keep = [0 < len(seq) <= max_length for seq in ids]
         problems += [(row, f"{label}: {len(seq)} tokens; expected 1 to max_length={max_length} (the model's "
                       "positions left for the prompt)") for row, seq, ok in zip(rows, ids, keep) if not ok]
-        texts, rows, ids = ([x for x, ok in zip(column_, keep) if ok] for column_ in (texts, rows, ids))
+        texts, rows, ids = ([x for x, ok in zip(values, keep) if ok] for values in (texts, rows, ids))
     problems.sort()
     settle_problems(problems, total=len(numbered), kept=len(texts), source=name, skip_invalid=skip_invalid,
                     noun="prompts")
