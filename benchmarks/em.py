@@ -16,7 +16,8 @@ from benchmarks.timing import jax_sync, measure
 from maxmin_jax.data.batching import minibatches, tokenize_pairs
 from maxmin_jax.data.zoo import sunsea_world
 from maxmin_jax.models import GPT2Config
-from maxmin_jax.rewards.em import EMConfig, clustering_metrics, fit_em
+from maxmin_jax.rewards.em import EMConfig, fit_em
+from maxmin_jax.rewards.scoring import clustering_metrics
 from maxmin_jax.rewards.estep import PairChunks, chunk_log_likelihoods
 from maxmin_jax.rewards.model import RewardModel
 from maxmin_jax.rewards.mstep import MStepConfig, copy_tree, m_step, make_optimizer, minibatch

@@ -26,7 +26,8 @@ def run_world(world, seed: int, *, methods: tuple[str, ...], auto: bool) -> dict
 
     from maxmin_jax.data.batching import tokenize_pairs
     from maxmin_jax.models import GPT2Config
-    from maxmin_jax.rewards.em import EMConfig, clustering_metrics, fit_em
+    from maxmin_jax.rewards.em import EMConfig, fit_em
+    from maxmin_jax.rewards.scoring import clustering_metrics
     from maxmin_jax.rewards.model import RewardModel
 
     tok = world.tokenizer()

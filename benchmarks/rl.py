@@ -22,7 +22,7 @@ from maxmin_jax.policy.model import PolicyWithValue
 from maxmin_jax.policy.objectives import RewardStandardizer, make_objective
 from maxmin_jax.policy.ppo import PPOConfig
 from maxmin_jax.policy.trainer import PPOTrainer
-from maxmin_jax.rewards.em import log_likelihood_matrix
+from maxmin_jax.rewards.estep import log_likelihood_matrix
 from maxmin_jax.rewards.model import RewardModel, SeparateRewardModels
 
 ESTEP_TARGET = 1.2  # K-head E-step time / one-head time must stay at or below this (EM issue)

@@ -18,7 +18,7 @@ from maxmin_jax.data.zoo import zoo
 from maxmin_jax.errors import ConfigError, DataError, NumericalFault
 from maxmin_jax.models import GPT2Config
 from maxmin_jax.rewards import EMConfig, RewardModel, clustering_metrics, fit_em, fit_rewards, fit_single_reward
-from maxmin_jax.rewards import em as em_module
+from maxmin_jax.rewards import em_rounds
 from maxmin_jax.rewards.diagnostics import fit_warnings
 
 TEST_WORLDS = zoo("test")  # small worlds of every family; none of them was used to choose the defaults
@@ -177,13 +177,13 @@ def test_diverged_fits_stop_and_write_nothing(worlds, model_config, tmp_path, mo
         fit_single_reward(model, batch, steps=3, progress=False)
     # A guard that rejects every round's M-step (as after a diverging learning rate) leaves an untrained model:
     # an error, and fit_rewards writes no reward model.
-    real = em_module.em_update
+    real = em_rounds.em_update
 
     def rejecting(gamma, L_old, L_new, **kw):
         _, L, new_gamma, stats = real(gamma, L_old, L_old, **kw)
         return np.bool_(False), L, new_gamma, stats
 
-    monkeypatch.setattr(em_module, "em_update", rejecting)
+    monkeypatch.setattr(em_rounds, "em_update", rejecting)
     with pytest.raises(NumericalFault, match="rejected the M-step of every one of 2 rounds"):
         fit_rewards(rows, model_path_or_config=model_config, tokenizer=world.tokenizer(), num_groups=2, rounds=2,
                     steps_per_round=2, out_dir=tmp_path / "out", progress=False)

@@ -32,7 +32,8 @@ from maxmin_jax.policy.model import PolicyWithValue
 from maxmin_jax.policy.objectives import RewardStandardizer
 from maxmin_jax.policy.training import check_step
 from maxmin_jax.rewards.diagnostics import fit_warnings
-from maxmin_jax.rewards.em import EMResult, clustering_metrics, evaluate_pairs, fit_em, fit_single_reward
+from maxmin_jax.rewards.em import EMResult, fit_em, fit_single_reward
+from maxmin_jax.rewards.scoring import clustering_metrics, evaluate_pairs
 from maxmin_jax.trainable import trainable_filter
 
 

@@ -22,34 +22,21 @@ rounds and steps.
 from __future__ import annotations
 
 import dataclasses
-import itertools
-import logging
 import math
 from typing import Literal
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jaxtyping import Float
-from tqdm.auto import tqdm
 
-from maxmin_jax.data.batching import PairBatch, minibatches
-from maxmin_jax.errors import ConfigError, DataError, NumericalFault
-from maxmin_jax.guards import raise_on_fault
-from maxmin_jax.rewards.estep import (LOG_FLOOR, PairChunks, chunk_log_likelihoods, e_step_soft,
-                                      log_likelihood_matrix, mixing_log_weights, mixture_log_likelihood,
-                                      pair_rewards, score_chunks, user_log_likelihoods)
-from maxmin_jax.rewards.init import (FeatureMixture, adjusted_rand, fit_feature_mixture,
-                                     initial_assignments, select_num_groups)
-from maxmin_jax.rewards.features import batch_word_clusters, pair_features
-from maxmin_jax.rewards.linear_mixture import fit_linear_mixture
-from maxmin_jax.rewards.mstep import M_STEP_LIMITS, MStepConfig, copy_tree, em_update, m_step, make_optimizer, minibatch
-from maxmin_jax.sharding import replicate_on_mesh_of
 from maxmin_jax import validate
-
-logger = logging.getLogger(__name__)
-
+from maxmin_jax.data.batching import PairBatch
+from maxmin_jax.errors import ConfigError, DataError
+from maxmin_jax.rewards.em_rounds import Features, Heldout, run_rounds
+from maxmin_jax.rewards.estep import LOG_FLOOR, PairChunks
+from maxmin_jax.rewards.init import adjusted_rand
+from maxmin_jax.rewards.mstep import MStepConfig, copy_tree
+from maxmin_jax.rewards.start import feature_start, starting_points
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class EMConfig:
@@ -223,199 +210,6 @@ def _check_inputs(model: nnx.Module, batch: PairBatch, config: EMConfig, trainab
                         "assigned on that one pair's evidence and none of it is held out")
     return warnings
 
-
-# The reward-model EM loop ----------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class _Heldout:
-    """Held-out pairs of the training users, with the token-feature mixture's view of them when there is one."""
-
-    chunks: PairChunks
-    features: np.ndarray | None  # [N_held, d]
-    user_index: np.ndarray  # [N_held]
-
-
-def _heldout_log_likelihood(L_held: np.ndarray, gamma: np.ndarray) -> float:
-    """Predictive log-likelihood of held-out pairs, each user's responsibilities as their prior over groups."""
-    log_prior = np.log(np.maximum(np.asarray(gamma, np.float64), LOG_FLOOR))
-    return float(np.sum(np.logaddexp.reduce(log_prior + np.asarray(L_held, np.float64), axis=-1)))
-
-
-def _linear_fit(features: np.ndarray, user_index: np.ndarray, num_users: int, gamma: np.ndarray, l2: float,
-                hard_iters: int = 0):
-    """The token-feature mixture from responsibilities `gamma` after `hard_iters` hard EM rounds:
-    (responsibilities [U, K], heads [K, d], leave-one-user-out scores [U, K])."""
-    fit = fit_linear_mixture(jnp.asarray(features), jnp.asarray(user_index), jnp.asarray(gamma[None], jnp.float32),
-                             num_users=num_users, l2=l2, soft_iters=0, hard_iters=hard_iters)
-    return np.asarray(fit.gamma[0]), np.asarray(fit.theta[0]), np.asarray(fit.loo[0])
-
-
-def _linear_heldout_L(held: _Heldout, theta: np.ndarray, num_users: int) -> np.ndarray:
-    m = held.features @ theta.T
-    out = np.zeros((num_users, theta.shape[0]))
-    np.add.at(out, held.user_index, -np.logaddexp(0.0, -m))
-    return out
-
-
-@dataclasses.dataclass
-class _Features:
-    """Token features of every pair (training and held-out rows of one batch) for the token-feature mixture."""
-
-    x: np.ndarray  # [N, d]
-    user_index: np.ndarray  # [N]
-    train_rows: np.ndarray
-
-
-def _fit_once(model: nnx.Module, train: PairBatch, train_chunks: PairChunks, config: EMConfig, gamma0: np.ndarray,
-              rng: np.random.Generator, label: str, trainable, sharding, held: _Heldout | None,
-              features: _Features | None) -> tuple[np.ndarray, list[dict]]:
-    """One EM run of the reward model from responsibilities `gamma0`; trains `model` in place; returns the final
-    responsibilities [U, K] and the per-round history."""
-    k, num_users = gamma0.shape[1], train.num_users
-    graphdef, params, rest = nnx.split(model, trainable, ...)
-    params = copy_tree(params)  # the step donates params; keep the caller's arrays alive
-    # On a mesh, the optimiser's step count goes where m_step returns it, so the step compiles once.
-    opt_state = replicate_on_mesh_of(make_optimizer(config.m_step).init(params), params)
-    gamma = np.asarray(gamma0, np.float32)
-    L = (chunk_log_likelihoods((graphdef, params, rest), train_chunks, k) if config.guard
-         else jnp.zeros((num_users, k)))  # the guard's reference point; unused without it
-    steps = config.steps_for(train.num_pairs)
-    batches = (idx for _ in iter(int, 1) for idx in minibatches(train.num_pairs, config.batch_size, rng))
-    compare = held is not None and config.assign_by == "heldout" and features is not None
-    history, settled = [], 0
-    for r in tqdm(range(config.rounds), desc=f"EM {label}", disable=not config.progress):
-        saved = copy_tree(params) if config.guard else None
-        metrics = []
-        for _ in tqdm(range(steps), desc="M-step", leave=False, disable=not config.progress):
-            pairs, weights = minibatch(train, gamma, next(batches), sharding)
-            params, opt_state, m = m_step(graphdef, config.m_step, params, rest, opt_state, pairs, weights)
-            metrics.append(m)
-        L_new = chunk_log_likelihoods((graphdef, params, rest), train_chunks, k)
-        accepted, L, reward_gamma, stats = em_update(jnp.asarray(gamma), L, L_new, method=config.method,
-                                                     guard=config.guard)
-        stats, metrics, accepted, reward_gamma, L_check = jax.device_get((stats, metrics, accepted, reward_gamma,
-                                                                          L_new))
-        _raise_on_fault(metrics, L_check, r, steps, label)
-        if not accepted:
-            params = saved  # Adam's moments are kept: still a fair estimate of the gradient's scale
-        entry = {"round": r + 1, "log_likelihood": float(stats["log_likelihood"]),
-                 "classification_log_likelihood": float(stats["classification_log_likelihood"]),
-                 "weights": [round(float(w), 6) for w in stats["weights"]], "m_step_accepted": bool(accepted),
-                 "m_step_steps": steps,
-                 "m_step_loss": float(np.mean([m["loss"] for m in metrics])) if metrics else None,
-                 "m_step_accuracy": float(np.mean([m["accuracy"] for m in metrics])) if metrics else None}
-        new_gamma, assigned_by = np.asarray(reward_gamma), "reward_model"
-        if held is not None:
-            L_held = np.asarray(chunk_log_likelihoods((graphdef, params, rest), held.chunks, k))
-            entry["heldout_log_likelihood"] = _heldout_log_likelihood(L_held, gamma)
-            entry["heldout_pairs"] = held.chunks.num_pairs
-        if compare:  # the same held-out pairs, the same priors: which model predicts them better?
-            rows = features.train_rows
-            _, theta, _ = _linear_fit(features.x[rows], features.user_index[rows], num_users, gamma,
-                                      config.feature_l2)
-            entry["heldout_log_likelihood_features"] = _heldout_log_likelihood(
-                _linear_heldout_L(held, theta, num_users), gamma)
-            if entry["heldout_log_likelihood_features"] >= entry["heldout_log_likelihood"]:
-                assigned_by = "token_features"  # the mixture's leave-one-user-out EM on all pairs, from gamma
-                new_gamma, _, _ = _linear_fit(features.x, features.user_index, num_users, gamma,
-                                              config.feature_l2, hard_iters=4)
-        z_old, z_new = np.argmax(gamma, -1), np.argmax(new_gamma, -1)
-        changed = int(np.sum(z_old != z_new))
-        entry.update({"assigned_by": assigned_by, "changed_users": changed, "changed_fraction": changed / num_users,
-                      "group_sizes": np.bincount(z_new, minlength=k).tolist()})
-        history.append(entry)
-        gamma = np.asarray(new_gamma, np.float32)
-        if accepted:  # a rejected step says nothing about convergence: the next round tries new minibatches
-            settled = settled + 1 if changed / num_users <= config.tol else 0
-        if settled >= config.patience:
-            break
-    if config.guard and steps and not any(h["m_step_accepted"] for h in history):
-        raise NumericalFault(
-            f"fit_em ({label}): the guard rejected the M-step of every one of {len(history)} rounds (each lowered "
-            "the training pairs' likelihood), so the reward model never trained; nothing is written. Usual fixes: "
-            "lower m_step.learning_rate (--learning-rate), or check the data.",
-            quantity="m_step_accepted", value=0, step=len(history) * steps)
-    nnx.update(model, params)
-    return gamma, history
-
-
-_FAULT_HINT = "lower m_step.learning_rate (--learning-rate) or set m_step.max_grad_norm, or check the data"
-
-
-def _raise_on_fault(metrics: list[dict], L_new: np.ndarray, round_index: int, steps: int, label: str) -> None:
-    """NumericalFault at the first M-step whose loss or gradient norm diverged, or when the new rewards give a
-    non-finite log-likelihood: a diverged reward model is never kept, assigned by, or written."""
-    where = f"fit_em ({label}, round {round_index + 1})"
-    for i, m in enumerate(metrics):
-        raise_on_fault(m, where=where, step=round_index * steps + i + 1, limits=M_STEP_LIMITS, hint=_FAULT_HINT)
-    if not np.all(np.isfinite(L_new)):
-        raise NumericalFault(f"{where}: the users' log-likelihoods under the new rewards are not finite; the run is "
-                             f"stopped and nothing is written. Usual fixes: {_FAULT_HINT}.",
-                             quantity="log_likelihood", value=L_new, step=(round_index + 1) * steps)
-
-
-def _starting_points(config: EMConfig, k: int, num_users: int, restart: int, rng: np.random.Generator,
-                     features: np.ndarray | None, user_index: np.ndarray, first_fit: FeatureMixture | None
-                     ) -> tuple[np.ndarray, FeatureMixture | None]:
-    if config.init == "features":
-        fit = first_fit if restart == 0 and first_fit is not None else fit_feature_mixture(
-            features, user_index, num_users, k, restarts=config.init_restarts, l2=config.feature_l2,
-            seed=config.seed + restart)
-        return fit.responsibilities, fit
-    init = config.init if restart == 0 else "random"
-    return np.eye(k, dtype=np.float32)[initial_assignments(num_users, k, init, rng)], None
-
-
-def _feature_mixture(everything: PairBatch, num_train_pairs: int, user_index: np.ndarray, num_users: int,
-                     config: EMConfig):
-    """Token features of `everything` (the batch's pairs, then any held-out ones) and the token-feature mixture
-    on the batch's pairs, at config.num_groups or at the K chosen in k_range.
-
-    Which features: every candidate (clusters, tokens, prompt terms, word clustering) is fitted and the one that
-    predicts left-out users best (leave-one-user-out log-likelihood) is kept; with num_groups="auto" (a fit per
-    K), the word clusterings after the first are tried for the best candidate only. A feature that tells no group apart still gets a noisy weight
-    in every head and blurs which head predicts a user best, so fewer features win where they suffice.
-    Returns (features, mixture, K selection or None, the chosen candidate as a dict)."""
-    prompt = {"on": [True], "off": [False], "auto": [False, True]}[config.prompt_features]
-
-    clusterings = {}  # (clusters, seed) -> word cluster of every token, shared by that clustering's candidates
-
-    def fit(clusters, tokens, prompt_terms, seed):
-        if (clusters, seed) not in clusterings:
-            clusterings[clusters, seed] = batch_word_clusters(everything, clusters, seed=config.seed + seed)
-        x = pair_features(everything, clusters=clusters, tokens=tokens, prompt_terms=prompt_terms,
-                          labels=clusterings[clusters, seed])
-        train = x[:num_train_pairs]
-        if config.num_groups == "auto":
-            selection = select_num_groups(train, user_index, num_users, config.k_range,
-                                          restarts=config.init_restarts, l2=config.feature_l2, seed=config.seed)
-            return max(selection.scores), x, selection.fits[selection.chosen], selection
-        mixture = fit_feature_mixture(train, user_index, num_users, config.num_groups,
-                                      restarts=config.init_restarts, l2=config.feature_l2, seed=config.seed)
-        return mixture.score, x, mixture, None
-
-    if config.num_groups != "auto":
-        fits = {c: fit(*c) for c in itertools.product(config.feature_clusters, config.feature_tokens, prompt,
-                                                       range(config.feature_seeds))}
-    else:  # every K of k_range per candidate: the other word clusterings only for the best candidate
-        fits = {(*c, 0): fit(*c, 0) for c in itertools.product(config.feature_clusters, config.feature_tokens,
-                                                                prompt)}
-        best = max(fits, key=lambda c: fits[c][0])[:3]
-        fits.update({(*best, s): fit(*best, s) for s in range(1, config.feature_seeds)})
-    chosen = max(fits, key=lambda c: fits[c][0])
-    if config.num_groups == "auto":  # K by users held out of the fit, on the chosen features
-        _, x, _, screen = fits[chosen]
-        selection = select_num_groups(x[:num_train_pairs], user_index, num_users, config.k_range,
-                                      restarts=config.init_restarts, l2=config.feature_l2, seed=config.seed,
-                                      user_folds=config.user_folds)
-        fits[chosen] = (fits[chosen][0], x, selection.fits[selection.chosen], selection)
-    _, x, mixture, selection = fits[chosen]
-    candidate = dict(zip(("clusters", "tokens", "prompt_features", "clustering_seed"), chosen))
-    candidate["scores"] = [{"clusters": c, "tokens": t, "prompt_features": p, "clustering_seed": s,
-                            "leave_one_user_out_log_likelihood": float(f[0])}
-                           for (c, t, p, s), f in fits.items()]
-    return x, mixture, selection, candidate
-
-
 def fit_em(model: nnx.Module, batch: PairBatch, config: EMConfig, *, heldout: PairBatch | None = None,
            mesh=None, trainable: nnx.filterlib.Filter = nnx.Param) -> EMResult:
     """Fit a K-group mixture by EM (module docstring). `model` (RewardModel or SeparateRewardModels) is trained in
@@ -440,12 +234,12 @@ def fit_em(model: nnx.Module, batch: PairBatch, config: EMConfig, *, heldout: Pa
     features, selection, first_fit, k = None, None, None, config.num_groups
     if config.init == "features":
         everything = batch if heldout is None else _concat(batch, held_batch)
-        x, first_fit, selection, candidate = _feature_mixture(everything, batch.num_pairs, batch.user_index,
+        x, first_fit, selection, candidate = feature_start(everything, batch.num_pairs, batch.user_index,
                                                                  batch.num_users, config)
         if heldout is None:
-            features, held_x = _Features(x, batch.user_index, train_rows), x[held_rows]
+            features, held_x = Features(x, batch.user_index, train_rows), x[held_rows]
         else:
-            features = _Features(x[:batch.num_pairs], batch.user_index, np.arange(batch.num_pairs))
+            features = Features(x[:batch.num_pairs], batch.user_index, np.arange(batch.num_pairs))
             held_x = x[batch.num_pairs:]
         k = first_fit.num_groups
         if model.num_groups != k:
@@ -460,7 +254,7 @@ def fit_em(model: nnx.Module, batch: PairBatch, config: EMConfig, *, heldout: Pa
     train_chunks = PairChunks.from_batch(train, config.chunk_size, sharding)
     held = None
     if held_batch is not None and held_batch.num_pairs:
-        held = _Heldout(PairChunks.from_batch(held_batch, config.chunk_size, sharding),
+        held = Heldout(PairChunks.from_batch(held_batch, config.chunk_size, sharding),
                         held_x if features is not None else None, held_batch.user_index)
     initial = copy_tree(nnx.state(model)) if config.restarts > 1 else None  # a 7B base is not copied for nothing
     best, scores, finals, inits = None, [], [], []
@@ -468,10 +262,10 @@ def fit_em(model: nnx.Module, batch: PairBatch, config: EMConfig, *, heldout: Pa
         if restart:
             nnx.update(model, copy_tree(initial))
             model.reinit_heads(jax.random.fold_in(jax.random.key(config.seed), restart))
-        gamma0, fit = _starting_points(config, k, batch.num_users, restart, rng,
+        gamma0, fit = starting_points(config, k, batch.num_users, restart, rng,
                                        None if features is None else features.x, batch.user_index, first_fit)
         inits.append(fit)
-        gamma, history = _fit_once(model, train, train_chunks, config, gamma0, rng,
+        gamma, history = run_rounds(model, train, train_chunks, config, gamma0, rng,
                                    f"restart {restart + 1}/{config.restarts}", trainable, sharding, held, features)
         finals.append(np.argmax(gamma, -1))
         log_w = np.log(np.maximum(gamma.mean(0), LOG_FLOOR))
@@ -542,48 +336,4 @@ def fit_single_reward(model: nnx.Module, batch: PairBatch, *, steps: int, batch_
     return fit_em(model, batch, cfg, trainable=trainable)
 
 
-# Scoring held-out users and new users ------------------------------------------------------------------------
-def evaluate_pairs(result: EMResult, batch: PairBatch, *, chunk_size: int = 64) -> dict:
-    """Score pairs under a fitted mixture. A user seen in training keeps its responsibilities as prior; a new user
-    gets the mixing weights. Returns the predictive log-likelihood `sum_h log sum_k prior_hk exp(L_hk)` and the
-    pairwise accuracy of each pair under its user's most likely group (per true group when the batch has them)."""
-    known = {u: i for i, u in enumerate(result.user_ids)}
-    prior = np.stack([result.responsibilities[known[u]] if u in known else result.weights for u in batch.user_ids])
-    log_prior = np.log(np.maximum(prior, LOG_FLOOR)).astype(np.float32)
-    chosen, rejected = jax.device_get(pair_rewards(result.model, batch, chunk_size=chunk_size))
-    L = user_log_likelihoods(chosen, rejected, batch.user_index, batch.num_users)
-    head = np.argmax(log_prior, axis=-1)[batch.user_index]  # [N]: each pair's user's group
-    rows = np.arange(batch.num_pairs)
-    c, r = chosen[rows, head], rejected[rows, head]
-    correct = np.where(c > r, 1.0, np.where(c == r, 0.5, 0.0))
-    out = {"log_likelihood": float(mixture_log_likelihood(L, log_prior)), "num_pairs": batch.num_pairs,
-           "accuracy": float(correct.mean())}
-    if batch.groups is not None:
-        pair_group = np.asarray(batch.groups, dtype=object)[batch.user_index]
-        out["accuracy_by_group"] = {g: float(correct[pair_group == g].mean()) for g in sorted(set(batch.groups))}
-    return out
-
-
-def assign_user(model: nnx.Module, pairs: PairBatch, weights: Float[np.ndarray, "k"], *, chunk_size: int = 64
-                ) -> np.ndarray:
-    """Posterior over groups [K] of one new user from a few labelled pairs: softmax(log w + sum_n log-lik)."""
-    one = dataclasses.replace(pairs, user_index=np.zeros_like(pairs.user_index), user_ids=("new",), groups=None)
-    L = log_likelihood_matrix(model, one, chunk_size=chunk_size)  # all pairs as one user: [1, K]
-    log_w = np.log(np.maximum(np.asarray(weights, np.float32), LOG_FLOOR))
-    return np.asarray(e_step_soft(L, log_w)[0])
-
-
-def clustering_metrics(assignments: np.ndarray, true_groups) -> dict[str, float]:
-    """Adjusted Rand index and purity (share of users in their cluster's most common true group)."""
-    from sklearn.metrics import adjusted_rand_score
-
-    truth = np.unique(np.asarray(true_groups, dtype=object).astype(str), return_inverse=True)[1]
-    counts = np.zeros((int(np.max(assignments)) + 1, int(truth.max()) + 1))
-    np.add.at(counts, (np.asarray(assignments), truth), 1)
-    return {"ari": float(adjusted_rand_score(truth, assignments)),
-            "purity": float(counts.max(axis=1).sum() / len(truth))}
-
-
-__all__ = ["EMConfig", "EMResult", "MStepConfig", "assign_user", "clustering_metrics", "evaluate_pairs", "fit_em",
-           "fit_single_reward", "log_likelihood_matrix", "mixing_log_weights", "pair_rewards", "score_chunks",
-           "split_heldout"]
+__all__ = ["EMConfig", "EMResult", "MStepConfig", "fit_em", "fit_single_reward", "split_heldout"]

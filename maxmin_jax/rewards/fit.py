@@ -27,7 +27,8 @@ from maxmin_jax.models import ModelConfig, build_model
 from maxmin_jax.models.config import config_from_hf
 from maxmin_jax.models.hf import CheckpointError, load_pretrained
 from maxmin_jax.rewards.diagnostics import fit_warnings, plot_history, write_history
-from maxmin_jax.rewards.em import EMConfig, EMResult, clustering_metrics, fit_em
+from maxmin_jax.rewards.em import EMConfig, EMResult, fit_em
+from maxmin_jax.rewards.scoring import clustering_metrics
 from maxmin_jax.rewards.model import build_reward_model
 from maxmin_jax.rewards.mstep import MStepConfig
 

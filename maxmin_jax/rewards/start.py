@@ -1,0 +1,87 @@
+"""Where the reward-model EM starts: the token-feature mixture, its feature set chosen by held-out users.
+
+`feature_start` builds every candidate feature set (word clusters, single tokens, prompt terms, word clustering;
+`features.pair_features`), fits the token-feature mixture on each (`init.fit_feature_mixture`, or one per K with
+num_groups="auto") and keeps the one that predicts left-out users best. `starting_points` gives each restart's
+initial responsibilities.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from maxmin_jax.data.batching import PairBatch
+from maxmin_jax.rewards.features import batch_word_clusters, pair_features
+from maxmin_jax.rewards.init import FeatureMixture, fit_feature_mixture, initial_assignments, select_num_groups
+
+if TYPE_CHECKING:
+    from maxmin_jax.rewards.em import EMConfig
+
+
+def starting_points(config: EMConfig, k: int, num_users: int, restart: int, rng: np.random.Generator,
+                     features: np.ndarray | None, user_index: np.ndarray, first_fit: FeatureMixture | None
+                     ) -> tuple[np.ndarray, FeatureMixture | None]:
+    if config.init == "features":
+        fit = first_fit if restart == 0 and first_fit is not None else fit_feature_mixture(
+            features, user_index, num_users, k, restarts=config.init_restarts, l2=config.feature_l2,
+            seed=config.seed + restart)
+        return fit.responsibilities, fit
+    init = config.init if restart == 0 else "random"
+    return np.eye(k, dtype=np.float32)[initial_assignments(num_users, k, init, rng)], None
+
+
+def feature_start(everything: PairBatch, num_train_pairs: int, user_index: np.ndarray, num_users: int,
+                     config: EMConfig):
+    """Token features of `everything` (the batch's pairs, then any held-out ones) and the token-feature mixture
+    on the batch's pairs, at config.num_groups or at the K chosen in k_range.
+
+    Which features: every candidate (clusters, tokens, prompt terms, word clustering) is fitted and the one that
+    predicts left-out users best (leave-one-user-out log-likelihood) is kept; with num_groups="auto" (a fit per
+    K), the word clusterings after the first are tried for the best candidate only. A feature that tells no group apart still gets a noisy weight
+    in every head and blurs which head predicts a user best, so fewer features win where they suffice.
+    Returns (features, mixture, K selection or None, the chosen candidate as a dict)."""
+    prompt = {"on": [True], "off": [False], "auto": [False, True]}[config.prompt_features]
+
+    clusterings = {}  # (clusters, seed) -> word cluster of every token, shared by that clustering's candidates
+
+    def fit(clusters, tokens, prompt_terms, seed):
+        if (clusters, seed) not in clusterings:
+            clusterings[clusters, seed] = batch_word_clusters(everything, clusters, seed=config.seed + seed)
+        x = pair_features(everything, clusters=clusters, tokens=tokens, prompt_terms=prompt_terms,
+                          labels=clusterings[clusters, seed])
+        train = x[:num_train_pairs]
+        if config.num_groups == "auto":
+            selection = select_num_groups(train, user_index, num_users, config.k_range,
+                                          restarts=config.init_restarts, l2=config.feature_l2, seed=config.seed)
+            return max(selection.scores), x, selection.fits[selection.chosen], selection
+        mixture = fit_feature_mixture(train, user_index, num_users, config.num_groups,
+                                      restarts=config.init_restarts, l2=config.feature_l2, seed=config.seed)
+        return mixture.score, x, mixture, None
+
+    if config.num_groups != "auto":
+        fits = {c: fit(*c) for c in itertools.product(config.feature_clusters, config.feature_tokens, prompt,
+                                                       range(config.feature_seeds))}
+    else:  # every K of k_range per candidate: the other word clusterings only for the best candidate
+        fits = {(*c, 0): fit(*c, 0) for c in itertools.product(config.feature_clusters, config.feature_tokens,
+                                                                prompt)}
+        best = max(fits, key=lambda c: fits[c][0])[:3]
+        fits.update({(*best, s): fit(*best, s) for s in range(1, config.feature_seeds)})
+    chosen = max(fits, key=lambda c: fits[c][0])
+    if config.num_groups == "auto":  # K by users held out of the fit, on the chosen features
+        _, x, _, screen = fits[chosen]
+        selection = select_num_groups(x[:num_train_pairs], user_index, num_users, config.k_range,
+                                      restarts=config.init_restarts, l2=config.feature_l2, seed=config.seed,
+                                      user_folds=config.user_folds)
+        fits[chosen] = (fits[chosen][0], x, selection.fits[selection.chosen], selection)
+    _, x, mixture, selection = fits[chosen]
+    candidate = dict(zip(("clusters", "tokens", "prompt_features", "clustering_seed"), chosen))
+    candidate["scores"] = [{"clusters": c, "tokens": t, "prompt_features": p, "clustering_seed": s,
+                            "leave_one_user_out_log_likelihood": float(f[0])}
+                           for (c, t, p, s), f in fits.items()]
+    return x, mixture, selection, candidate
+
+
+__all__ = ["feature_start", "starting_points"]
