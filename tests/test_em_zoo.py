@@ -14,12 +14,13 @@ import pytest
 from flax import nnx
 
 from maxmin_jax.data import tokenize_pairs
-from maxmin_jax.data.zoo import zoo
+from maxmin_jax.data.zoo import zoo, zoo_world
 from maxmin_jax.errors import ConfigError, DataError, NumericalFault
 from maxmin_jax.models import GPT2Config
 from maxmin_jax.rewards import EMConfig, RewardModel, clustering_metrics, fit_em, fit_rewards, fit_single_reward
 from maxmin_jax.rewards import em_rounds
 from maxmin_jax.rewards.diagnostics import fit_warnings
+from maxmin_jax.rewards.init import GAIN_STANDARD_ERRORS
 
 TEST_WORLDS = zoo("test")  # small worlds of every family; none of them was used to choose the defaults
 CLI_WORLD = 2  # polarity, 2 groups, 24 users
@@ -115,16 +116,30 @@ def test_cli_given_only_num_groups(worlds, tmp_path, capsys):
 
 
 
-def test_auto_finds_the_number_of_groups(worlds, model_config):
-    """num_groups="auto" on a 3-group world: cross-validation over users picks K=3 and the groups, and the curve
-    is in the diagnostics. (The 2-group worlds: the CLI test; the 4-group ones: docs/em.md.)"""
-    world, _, batch, _ = worlds[3]
-    config = EMConfig(num_groups="auto", k_range=(1, 4), rounds=1, steps_per_round=2, progress=False)
+FOUR_GROUPS = zoo_world("format", num_groups=4, num_users=32, pairs_per_user=16, noise=0.3, seed=2)
+
+
+@pytest.mark.parametrize("name", ["format #3 (3 groups)", "format, 4 groups"])
+def test_auto_finds_the_number_of_groups(worlds, model_config, name):
+    """num_groups="auto" finds K and the groups on a 3-group test world and on a 4-group world of 32 users (one
+    that the previous criterion, the smallest K within one standard error of the best, split into 5), and the
+    curve is in the diagnostics. (2 groups: the CLI test.)"""
+    if name.startswith("format #3"):
+        world, _, batch, _ = worlds[3]
+    else:
+        world = FOUR_GROUPS
+        batch = tokenize_pairs(world.tokenizer(), world.preference_rows(), max_length=64)
+    config = EMConfig(num_groups="auto", k_range=(1, 5), rounds=1, steps_per_round=2, progress=False)
     result = _fit(batch, model_config, config, heads=1)
     curve = result.diagnostics["k_selection"]
-    assert world.num_groups == 3 and result.num_groups == curve["chosen"] == 3, curve
-    assert curve["k"] == [1, 2, 3, 4] and len(curve["score"]) == 4
+    assert result.num_groups == curve["chosen"] == world.num_groups, curve
+    assert curve["k"] == [1, 2, 3, 4, 5] and len(curve["score"]) == len(curve["gain"]) == 5
+    # Every group up to K paid for itself, the next one did not.
+    K = world.num_groups
+    assert all(g > GAIN_STANDARD_ERRORS * e for g, e in zip(curve["gain"][1:K], curve["standard_error"][1:K])), curve
+    assert curve["gain"][K] <= GAIN_STANDARD_ERRORS * curve["standard_error"][K], curve
     assert clustering_metrics(result.assignments, batch.groups)["ari"] >= 0.9
+
 
 # Bad inputs -----------------------------------------------------------------------------------------------------
 def test_bad_numbers_of_groups_are_refused(worlds, model_config, capsys):

@@ -105,9 +105,10 @@ def plot_history(result, path: str | os.PathLike) -> Path:
     ax3.legend(loc="upper right", fontsize=7)
     if selection:
         ax = axes[3]
+        # Each K's error bar: the standard error of its gain over K - 1, what the choice weighs the gain against.
         ax.errorbar(selection["k"], selection["score"], yerr=selection["standard_error"], fmt="o-", capsize=3)
         ax.axvline(selection["chosen"], color="C3", linestyle=":", label=f"chosen K = {selection['chosen']}")
-        ax.set(title="choosing K", xlabel="K", ylabel="leave-one-user-out log-likelihood (nats)")
+        ax.set(title="choosing K", xlabel="K", ylabel="held-out users' log-likelihood (nats)")
         ax.legend(fontsize=7)
     fig.tight_layout()
     path = Path(path)

@@ -2,17 +2,17 @@
 
 - `round_robin` (the paper's code): user h starts in group h mod K. `random`: a random balanced partition.
 - `features` (the default): a mixture of K linear Bradley-Terry models on token-count features of the pairs
-  (`features.token_features`), fitted by EM with a leave-one-user-out E-step from `init_restarts` k-means++
+  (`features.pair_features`), fitted by EM with a leave-one-user-out E-step from `init_restarts` k-means++
   partitions of the users' departures from the pooled preference, keeping the restart with the best
   leave-one-user-out log-likelihood (`linear_mixture`). Cheap (no network is trained), and it sees what a reward
   model trained from scratch on a few hundred pairs cannot yet: which words, lengths and punctuation each user
   rewards.
 - Choosing K (`num_groups="auto"`): the same fit for every K in a range, scored by cross-validation over users:
-  each held-out user is placed by half of their pairs under the mixture fitted without their fold and scored on
-  the other half (heads moderated by their Laplace uncertainty). The smallest K within one standard error of the
-  best is chosen (the one-standard-error rule; the error from the per-user differences to the best K). The
-  leave-one-user-out score of the all-user fits is optimistic for larger K (the scored user helped choose the
-  partition and picks the luckiest head), so it only screens feature sets.
+  each K's heads are refitted on its partition without a fold of users, and each held-out user is placed by half
+  of their pairs and scored on the other half (heads moderated by their Laplace uncertainty). From the smallest
+  K, a group is added while it raises that score by more than `GAIN_STANDARD_ERRORS` standard errors (from the
+  per-user gains). The leave-one-user-out score of the all-user fits is optimistic for larger K (the scored user
+  helped choose the partition and picks the luckiest head), so it only screens feature sets.
 """
 
 from __future__ import annotations
@@ -89,24 +89,33 @@ def fit_feature_mixture(features: np.ndarray, user_index: np.ndarray, num_users:
                           float(np.mean(others)) if others else 1.0, user_scores)
 
 
+GAIN_STANDARD_ERRORS = 1.5
+"""num_groups="auto" adds a group while it raises the held-out users' log-likelihood by more than this many
+standard errors. Chosen on 30 zoo worlds (docs/em.md): 1.0 added spurious groups on five; 1.5 and 2.0 each got
+25 right, 1.5 splitting a real group in two 3-group worlds, 2.0 missing three real groups of 2 to 3 users. A
+missed minority is the worse error for MaxMin, which exists to serve it."""
+
+
 @dataclasses.dataclass
 class KSelection:
     """The curve behind `num_groups="auto"`: each K's held-out-user log-likelihood (`user_folds`-fold cross-
-    validation over users) and its standard error against the best K, the K chosen by the one-standard-error
-    rule, and each K's mixture fitted on all users."""
+    validation over users), each step's gain over K - 1 and its standard error, the K chosen, and each K's
+    mixture fitted on all users."""
 
     ks: list[int]
     scores: list[float]
-    standard_errors: list[float]
+    gains: list[float]  # scores[i] - scores[i - 1] (0 for the smallest K)
+    standard_errors: list[float]  # of each gain, from the per-user differences (0 for the smallest K)
     chosen: int
     fits: dict[int, FeatureMixture]
     leave_one_user_out: list[float]  # each K's leave-one-user-out score on all users (screens feature sets)
 
     def to_json(self) -> dict:
         return {"criterion": "log-likelihood of users held out of the token-feature mixture's fit (cross-"
-                             "validation over users); smallest K within one standard error of the best",
-                "k": self.ks, "score": self.scores, "standard_error": self.standard_errors, "chosen": self.chosen,
-                "leave_one_user_out_log_likelihood": self.leave_one_user_out,
+                             "validation over users); from the smallest K, a group is added while the next K "
+                             f"gains more than {GAIN_STANDARD_ERRORS} standard errors",
+                "k": self.ks, "score": self.scores, "gain": self.gains, "standard_error": self.standard_errors,
+                "chosen": self.chosen, "leave_one_user_out_log_likelihood": self.leave_one_user_out,
                 "restart_agreement": [self.fits[k].restart_agreement for k in self.ks]}
 
 
@@ -124,38 +133,44 @@ def _predictive_margins(x_train, weights, theta, x_new, l2: float) -> np.ndarray
     return out
 
 
-def _held_out_user_scores(features, user_index, num_users, ks, *, folds: int, restarts: int, l2: float, seed: int,
-                          pad_to: int, starts: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
-    """Per K, each user's log-likelihood under the mixture (heads and weights) fitted without their fold:
-    [U] log sum_k w_k exp(L_hk). Unlike the leave-one-user-out score, the held-out users took no part in choosing
-    the partition (k-means++ starts, EM, the best restart), so more groups gain nothing from fitting noise. Each
-    fold's fit also starts from `starts[K]` (the all-user partition) restricted to its users, so a fold that
-    k-means++ would split badly at the true K does not make a larger K look better."""
+def _held_out_user_scores(features, user_index, num_users, partitions: dict[int, np.ndarray], *, folds: int,
+                          l2: float, seed: int) -> dict[int, np.ndarray]:
+    """Per K, each user's log-likelihood [U] under the heads and weights of K's partition (`partitions[K]`, the
+    fit on all users) refitted without the user's fold: log sum_k w_k exp(L_hk), scored on one half of the user's
+    pairs with the user placed by the other half, and the other way round (so a K cannot gain by offering more
+    heads to pick from).
+
+    The heads are refitted on the fixed partition rather than by EM per fold: a fold's EM can land in a worse
+    partition at the true K than at K + 1 (one fold of a 4-group world: ARI 0.75), which made the larger K look
+    better. A group that exists only for its held-out members loses its head's data when they are held out, so
+    spurious groups gain little. (Folds stratified by each K's partition, which keep one member of a small group
+    in training, made spurious groups pay too: they chose 4 groups on two 3-group test worlds.)"""
+    ks = sorted(partitions)
+    width = max(ks)
     fold = np.random.default_rng([seed, 7]).permutation(num_users) % folds
+    x = np.asarray(features, np.float64)
+    half = np.zeros(len(user_index), np.int64)  # each user's pairs in two halves
+    for u in range(num_users):
+        rows = np.flatnonzero(user_index == u)
+        half[rows] = np.arange(len(rows)) % 2
     out = {k: np.zeros(num_users) for k in ks}
     for f in range(folds):
-        keep = fold != f
-        remap = np.cumsum(keep) - 1
-        rows = keep[user_index]
-        held_rows = ~rows
-        for k in ks:
-            fit = fit_feature_mixture(features[rows], remap[user_index[rows]], int(keep.sum()), k, restarts=restarts,
-                                      l2=l2, seed=seed, pad_to=pad_to, start=starts[k][keep])
-            log_w = np.log(np.maximum(fit.responsibilities.mean(0), 1e-6))
-            margins = _predictive_margins(np.asarray(features[rows], np.float64),
-                                          fit.responsibilities[remap[user_index[rows]]],
-                                          np.asarray(fit.theta, np.float64), np.asarray(features[held_rows],
-                                                                                        np.float64), l2)
-            # Each held-out user's pairs in two halves: the half that places the user (posterior over groups)
-            # is not the half that is scored, so a K cannot gain by offering more heads to pick from.
-            loglik = -np.logaddexp(0.0, -margins)  # [N_held, K]
-            users = user_index[held_rows]
-            half = np.zeros(len(users), np.int64)
-            for u in np.unique(users):
-                half[users == u] = np.arange(np.sum(users == u)) % 2
+        # Every K at once, one compiled program: K's partition is one "restart" of a fit without EM rounds, its
+        # held-out users weighted 0 (so every fold has the same shapes).
+        starts = np.stack([np.eye(width, dtype=np.float32)[partitions[k]] * (fold != f)[:, None] for k in ks])
+        fit = jax.device_get(fit_linear_mixture(features, user_index, starts, num_users=num_users, l2=l2,
+                                                soft_iters=0, hard_iters=0))
+        for i, k in enumerate(ks):
+            held = np.flatnonzero(fold == f)
+            if not len(held):
+                continue
+            gamma = np.asarray(starts[i][:, :k], np.float64)
+            log_w = np.log(np.maximum(gamma[fold != f].mean(0), 1e-6))
+            held_rows = np.isin(user_index, held)
+            margins = _predictive_margins(x, gamma[user_index], np.asarray(fit.theta[i][:k], np.float64),
+                                          x[held_rows], l2)
             L = np.zeros((2, num_users, k))
-            np.add.at(L, (half, users), loglik)
-            held = np.flatnonzero(~keep)
+            np.add.at(L, (half[held_rows], user_index[held_rows]), -np.logaddexp(0.0, -margins))
             for a in (0, 1):
                 placed = log_w + L[a, held]
                 placed -= np.logaddexp.reduce(placed, axis=-1, keepdims=True)
@@ -163,30 +178,34 @@ def _held_out_user_scores(features, user_index, num_users, ks, *, folds: int, re
     return out
 
 
+def _paired_standard_error(a: np.ndarray, b: np.ndarray) -> float:
+    """Standard error of sum(a - b) over users, from the per-user differences."""
+    return float(np.sqrt(len(a)) * np.std(a - b, ddof=1)) if len(a) > 1 else 0.0
+
+
 def select_num_groups(features: np.ndarray, user_index: np.ndarray, num_users: int, k_range: tuple[int, int], *,
                       restarts: int, l2: float, seed: int, user_folds: int = 0) -> KSelection:
     """Fit the feature mixture for each K in `k_range` (inclusive, capped at the number of users) and choose K:
-    by `user_folds`-fold cross-validation over users (at least 2 folds), or, with user_folds=0, by the leave-one-
-    user-out score of the fits on all users (cheaper, but optimistic for larger K: a screen, not a choice)."""
+    scored by `user_folds`-fold cross-validation over users (at least 2 folds), or, with user_folds=0, by the
+    leave-one-user-out score of the fits on all users (cheaper, but optimistic for larger K: a screen, not a
+    choice). From the smallest K, a group is added while the next K raises the score by more than
+    `GAIN_STANDARD_ERRORS` standard errors of the per-user gain."""
     lo, hi = k_range[0], min(k_range[1], num_users)
     ks = list(range(lo, hi + 1))
     fits = {k: fit_feature_mixture(features, user_index, num_users, k, restarts=restarts, l2=l2, seed=seed,
                                    pad_to=hi) for k in ks}
     if user_folds:
-        per_user = _held_out_user_scores(features, user_index, num_users, ks, folds=min(user_folds, num_users),
-                                         restarts=restarts, l2=l2, seed=seed, pad_to=hi,
-                                         starts={k: fits[k].assignments for k in ks})
+        per_user = _held_out_user_scores(features, user_index, num_users, {k: fits[k].assignments for k in ks},
+                                         folds=min(user_folds, num_users), l2=l2, seed=seed)
     else:
         per_user = {k: fits[k].user_scores for k in ks}
-    scores = {k: float(np.sum(per_user[k])) for k in ks}
-    best = max(ks, key=lambda k: scores[k])
-    errors = []
-    for k in ks:
-        diff = per_user[best] - per_user[k]
-        errors.append(float(np.sqrt(num_users) * np.std(diff, ddof=1)) if num_users > 1 else 0.0)
-    chosen = next(k for k, e in zip(ks, errors) if scores[k] >= scores[best] - e)
-    return KSelection(ks, [scores[k] for k in ks], errors, chosen, fits, [fits[k].score for k in ks])
+    scores = [float(np.sum(per_user[k])) for k in ks]
+    errors = [0.0] + [_paired_standard_error(per_user[k], per_user[k - 1]) for k in ks[1:]]
+    gains = [0.0] + [b - a for a, b in zip(scores, scores[1:])]
+    chosen = next((k for i, k in enumerate(ks)
+                   if k == hi or gains[i + 1] <= GAIN_STANDARD_ERRORS * errors[i + 1]), hi)
+    return KSelection(ks, scores, gains, errors, chosen, fits, [fits[k].score for k in ks])
 
 
-__all__ = ["FeatureMixture", "KSelection", "adjusted_rand", "fit_feature_mixture",
+__all__ = ["GAIN_STANDARD_ERRORS", "FeatureMixture", "KSelection", "adjusted_rand", "fit_feature_mixture",
            "initial_assignments", "select_num_groups"]
