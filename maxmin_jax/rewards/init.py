@@ -184,16 +184,19 @@ def _paired_standard_error(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def select_num_groups(features: np.ndarray, user_index: np.ndarray, num_users: int, k_range: tuple[int, int], *,
-                      restarts: int, l2: float, seed: int, user_folds: int = 0) -> KSelection:
+                      restarts: int, l2: float, seed: int, user_folds: int = 0,
+                      fits: dict[int, FeatureMixture] | None = None) -> KSelection:
     """Fit the feature mixture for each K in `k_range` (inclusive, capped at the number of users) and choose K:
     scored by `user_folds`-fold cross-validation over users (at least 2 folds), or, with user_folds=0, by the
     leave-one-user-out score of the fits on all users (cheaper, but optimistic for larger K: a screen, not a
     choice). From the smallest K, a group is added while the next K raises the score by more than
-    `GAIN_STANDARD_ERRORS` standard errors of the per-user gain."""
+    `GAIN_STANDARD_ERRORS` standard errors of the per-user gain. `fits`: the mixtures already fitted on these
+    features with these settings (a screen's), reused instead of refitted."""
     lo, hi = k_range[0], min(k_range[1], num_users)
     ks = list(range(lo, hi + 1))
-    fits = {k: fit_feature_mixture(features, user_index, num_users, k, restarts=restarts, l2=l2, seed=seed,
-                                   pad_to=hi) for k in ks}
+    fits = fits or {}
+    fits = {k: fits.get(k) or fit_feature_mixture(features, user_index, num_users, k, restarts=restarts, l2=l2,
+                                                  seed=seed, pad_to=hi) for k in ks}
     if user_folds:
         per_user = _held_out_user_scores(features, user_index, num_users, {k: fits[k].assignments for k in ks},
                                          folds=min(user_folds, num_users), l2=l2, seed=seed)
