@@ -155,18 +155,16 @@ def _held_out_user_scores(features, user_index, num_users, partitions: dict[int,
         half[rows] = np.arange(len(rows)) % 2
     out = {k: np.zeros(num_users) for k in ks}
     for f in range(folds):
+        held = np.flatnonzero(fold == f)
+        held_rows = np.isin(user_index, held)
         # Every K at once, one compiled program: K's partition is one "restart" of a fit without EM rounds, its
         # held-out users weighted 0 (so every fold has the same shapes).
         starts = np.stack([np.eye(width, dtype=np.float32)[partitions[k]] * (fold != f)[:, None] for k in ks])
         fit = jax.device_get(fit_linear_mixture(features, user_index, starts, num_users=num_users, l2=l2,
                                                 soft_iters=0, hard_iters=0))
         for i, k in enumerate(ks):
-            held = np.flatnonzero(fold == f)
-            if not len(held):
-                continue
             gamma = np.asarray(starts[i][:, :k], np.float64)
             log_w = np.log(np.maximum(gamma[fold != f].mean(0), 1e-6))
-            held_rows = np.isin(user_index, held)
             margins = _predictive_margins(x, gamma[user_index], np.asarray(fit.theta[i][:k], np.float64),
                                           x[held_rows], l2)
             L = np.zeros((2, num_users, k))
