@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -49,12 +50,19 @@ class FeatureMixture:
     loo: np.ndarray  # [U, K] leave-one-user-out log-likelihoods of the best restart
     score: float  # its leave-one-user-out mixture log-likelihood
     restart_scores: list[float]
-    restart_agreement: float  # mean ARI between the best restart's partition and each other restart's
+    restart_labels: np.ndarray  # [R, U]: each restart's partition, the best first
     user_scores: np.ndarray  # [U]: each user's leave-one-user-out mixture log-likelihood (for the K rule)
 
     @property
     def assignments(self) -> np.ndarray:
         return np.argmax(self.responsibilities, axis=-1)
+
+    @functools.cached_property
+    def restart_agreement(self) -> float:
+        """Mean ARI between the best restart's partition and each other restart's (computed when asked: a run
+        fits many mixtures and reports the agreement of a few)."""
+        best, *others = self.restart_labels
+        return float(np.mean([adjusted_rand(best, o) for o in others])) if others else 1.0
 
 
 def fit_feature_mixture(features: np.ndarray, user_index: np.ndarray, num_users: int, num_groups: int, *,
@@ -80,13 +88,12 @@ def fit_feature_mixture(features: np.ndarray, user_index: np.ndarray, num_users:
     scores = np.asarray(fit.score, np.float64)
     best = int(np.argmax(scores))
     labels = np.argmax(gamma, axis=-1)
-    others = [adjusted_rand(labels[best], labels[r]) for r in range(len(labels)) if r != best]
     g = np.asarray(gamma[best], np.float64)
     log_w = np.log(np.maximum((g.sum(0) - g) / max(num_users - 1, 1), 1e-6))  # each user's prior without them
     user_scores = np.logaddexp.reduce(log_w + np.asarray(loo[best], np.float64), axis=-1)
     return FeatureMixture(num_groups, np.asarray(gamma[best]), np.asarray(fit.theta[best][:num_groups]),
                           np.asarray(loo[best]), float(scores[best]), scores.tolist(),
-                          float(np.mean(others)) if others else 1.0, user_scores)
+                          labels[np.r_[best, np.delete(np.arange(len(labels)), best)]], user_scores)
 
 
 GAIN_STANDARD_ERRORS = 1.5
