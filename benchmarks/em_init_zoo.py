@@ -20,7 +20,8 @@ import time
 import numpy as np
 
 
-def _parse_override(config_cls, text: str):
+def parse_override(config_cls, text: str):
+    """"field=value" -> (field, value typed as the field's default: tuples from comma lists)."""
     name, value = text.split("=", 1)
     field = {f.name: f for f in dataclasses.fields(config_cls)}[name]
     default = field.default
@@ -88,7 +89,7 @@ def main(argv=None) -> int:
     from maxmin_jax.data.zoo import zoo
     from maxmin_jax.rewards.em import EMConfig
 
-    overrides = dict(_parse_override(EMConfig, s) for s in args.set)
+    overrides = dict(parse_override(EMConfig, s) for s in args.set)
     only = {tuple(s.split(":")) for s in args.only.split(",") if s}
     rows = []
     for split in args.split.split(","):

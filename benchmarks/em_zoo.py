@@ -22,7 +22,7 @@ import time
 import numpy as np
 
 
-def run_world(world, seed: int, *, methods: tuple[str, ...], auto: bool) -> dict:
+def run_world(world, seed: int, *, methods: tuple[str, ...], auto: bool, overrides: dict | None = None) -> dict:
     from flax import nnx
 
     from maxmin_jax.data.batching import tokenize_pairs
@@ -37,10 +37,10 @@ def run_world(world, seed: int, *, methods: tuple[str, ...], auto: bool) -> dict
     config = GPT2Config(vocab_size=len(tok), max_position_embeddings=64, hidden_size=32, num_layers=1, num_heads=4)
     k = world.num_groups
     out = {"oracle": world.oracle_ari(rows)}
-    configs = {"ours": EMConfig(num_groups=k, seed=seed, progress=False),
+    configs = {"ours": EMConfig(num_groups=k, seed=seed, progress=False, **(overrides or {})),
                "paper": EMConfig.paper(k, seed=seed, progress=False)}
     if auto:
-        configs["auto"] = EMConfig(num_groups="auto", seed=seed, progress=False)
+        configs["auto"] = EMConfig(num_groups="auto", seed=seed, progress=False, **(overrides or {}))
     for name, em in configs.items():
         if name not in methods and not (name == "auto" and auto):
             continue
@@ -105,12 +105,18 @@ def main(argv=None) -> int:
                         "or a file of such docs keyed by split) for the worlds and seeds it has, instead of "
                         "rerunning them: that setting does not use the token features, so a change to them leaves "
                         "its figures as they were")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="an EMConfig field of 'ours' (and 'auto'), e.g. length_shape=off (repeatable)")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     earlier = _earlier_paper_runs(args.reuse_paper) if args.reuse_paper else {}
 
     from benchmarks import env
+    from benchmarks.em_init_zoo import parse_override
     from maxmin_jax.data.zoo import zoo
+    from maxmin_jax.rewards.em import EMConfig
+
+    overrides = dict(parse_override(EMConfig, s) for s in args.set)
 
     seeds = [int(s) for s in args.seeds.split(",")]
     only = {int(i) for i in args.only.split(",") if i}
@@ -125,7 +131,7 @@ def main(argv=None) -> int:
                 reused = earlier.get((split, i, world.describe(), str(seed)))
                 if reused is not None and "paper" in methods:
                     methods = tuple(m for m in methods if m != "paper")
-                runs[str(seed)] = run_world(world, seed, methods=methods, auto=args.auto)
+                runs[str(seed)] = run_world(world, seed, methods=methods, auto=args.auto, overrides=overrides)
                 if reused is not None and "paper" not in methods:
                     runs[str(seed)].update(reused)
                 print(f"[em_zoo] {split} {i} {world.describe()} seed {seed}: {runs[str(seed)]}", file=sys.stderr,
