@@ -78,7 +78,8 @@ class EMConfig:
     length_shape: Literal["auto", "on", "off"] = "auto"
     """Add length hinges (`length_knots` bends at quantiles of the response lengths), so a head can prefer a length
     in the middle, not only longer or shorter. "auto": tried on the best feature set of the others and kept only
-    when they raise its leave-one-user-out log-likelihood (one more fit); "on": in every candidate."""
+    when they raise its leave-one-user-out log-likelihood by more than one standard error (one more fit); "on": in
+    every candidate."""
     length_knots: int = 3
     """Bends of the length hinges (at the 1/(n+1), ..., n/(n+1) quantiles of the response lengths)."""
     feature_l2: float = 3.0
