@@ -52,3 +52,20 @@ def test_pair_features_hinge_the_response_length_not_the_prompt():
     np.testing.assert_array_equal(shaped[:, :plain.shape[1]], plain)
     # Response lengths 3, 6, 3, 6, 9, 3: median knot 4.5; hinges 0 - 1.5, 0 - 1.5, 4.5 - 0.
     np.testing.assert_allclose(shaped[:, -1], [-1.5, -1.5, 4.5])
+
+
+def test_a_candidate_tried_on_top_of_the_best_must_win_clearly():
+    """The length hinges replace the chosen feature set only when they predict left-out users better by more than
+    one standard error of the per-user differences: a small total gain made of noise does not count."""
+    from types import SimpleNamespace
+
+    from maxmin_jax.rewards.start import _clearly_better
+
+    rng = np.random.default_rng(0)
+    old = SimpleNamespace(user_scores=rng.normal(-20.0, 3.0, size=40))
+    noise = rng.normal(0.0, 1.0, size=40)
+    noise += 0.5 / 40 - noise.mean()  # +0.5 nats in total, per-user spread 1: SE about 6
+    assert not _clearly_better(SimpleNamespace(user_scores=old.user_scores + noise), old)
+    # A middle-length group fitted at last: +1.5 nats for each of its 13 users, the others as noisy as before.
+    gain = noise + np.where(np.arange(40) < 13, 1.5, 0.0)
+    assert _clearly_better(SimpleNamespace(user_scores=old.user_scores + gain), old)
