@@ -86,10 +86,12 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="")
     args = p.parse_args(argv)
 
+    from benchmarks import env
     from maxmin_jax.data.zoo import zoo
     from maxmin_jax.rewards.em import EMConfig
 
     overrides = dict(parse_override(EMConfig, s) for s in args.set)
+    environment = env.describe()  # at the start: the commit and load the run began with
     only = {tuple(s.split(":")) for s in args.only.split(",") if s}
     rows = []
     for split in args.split.split(","):
@@ -103,10 +105,10 @@ def main(argv=None) -> int:
                   f"(without length_shape {r.get('ari_without_length_shape', float('nan')):.3f}) "
                   f"{r['seconds']:6.1f}s {r['chosen']}", flush=True)
             if args.out:
-                _write(args, overrides, rows)
+                _write(args, environment, overrides, rows)
     print(summary(rows))
     if args.out:
-        _write(args, overrides, rows)
+        _write(args, environment, overrides, rows)
     return 0
 
 
@@ -125,12 +127,10 @@ def summary(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _write(args, overrides: dict, rows: list[dict]) -> None:
-    from benchmarks import env
-
+def _write(args, environment: dict, overrides: dict, rows: list[dict]) -> None:
     with open(args.out, "w") as f:
         json.dump({"command": " ".join(["python -m benchmarks.em_init_zoo", *sys.argv[1:]]),
-                   "environment": env.describe(),
+                   "environment": environment,
                    "overrides": {k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()},
                    "summary": summary(rows), "rows": rows}, f, indent=1)
 

@@ -117,6 +117,7 @@ def main(argv=None) -> int:
     from maxmin_jax.rewards.em import EMConfig
 
     overrides = dict(parse_override(EMConfig, s) for s in args.set)
+    environment = env.describe()  # at the start: the commit and load the run began with, not those of its last write
 
     seeds = [int(s) for s in args.seeds.split(",")]
     only = {int(i) for i in args.only.split(",") if i}
@@ -139,8 +140,8 @@ def main(argv=None) -> int:
             rows.append({"split": split, "index": i, "world": f"{world.family} #{i}", "description": world.describe(),
                          "K": world.num_groups, "sizes": list(world.group_sizes),
                          "pairs_per_user": world.pairs_per_user, "runs": runs})
-            _write(args, argv, env, seeds, rows)  # after every world: a long run stopped early keeps what it did
-    table, notes = _write(args, argv, env, seeds, rows)
+            _write(args, argv, environment, seeds, rows)  # after each world: a run stopped early keeps it
+    table, notes = _write(args, argv, environment, seeds, rows)
     print(table)
     print(notes)
     return 0
@@ -162,12 +163,12 @@ def _earlier_paper_runs(path: str) -> dict:
     return out
 
 
-def _write(args, argv, env, seeds: list[int], rows: list[dict]) -> tuple[str, str]:
+def _write(args, argv, environment: dict, seeds: list[int], rows: list[dict]) -> tuple[str, str]:
     table = markdown(rows, seeds)
     splits = [s for s in args.split.split(",") if any(r["split"] == s for r in rows)]
     notes = "\n".join(summary(rows, seeds, split) for split in splits)
     doc = {"command": " ".join(["python -m benchmarks.em_zoo", *(sys.argv[1:] if argv is None else argv)]),
-           "environment": env.describe(), "seeds": seeds, "worlds": rows, "summary": notes, "table": table}
+           "environment": environment, "seeds": seeds, "worlds": rows, "summary": notes, "table": table}
     with open(args.out, "w") as f:
         json.dump(doc, f, indent=2, allow_nan=False)
     return table, notes
