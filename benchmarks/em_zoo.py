@@ -8,7 +8,8 @@ as a user's tiny random checkpoint would be. "ours" is `EMConfig(num_groups=K)`;
 (hard EM, round-robin start, 10 rounds of 50 steps) with the same optimiser; the oracle assigns each user by the
 true rewards (`SyntheticWorld.oracle_ari`). `--auto` also runs num_groups="auto" and records the K it chose.
 Prints a markdown table (the one in docs/em.md) and writes every number, with the command and the machine, to
-`--out`.
+`--out`. `--reuse-paper` takes the paper's setting's figures from an earlier run where it has them (each reused
+figure says where from), so a change to the token-feature start reruns only "ours" there.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import time
 import numpy as np
 
 
-def run_world(world, seed: int, *, methods: tuple[str, ...], auto: bool) -> dict:
+def run_world(world, seed: int, *, methods: tuple[str, ...], auto: bool, overrides: dict | None = None) -> dict:
     from flax import nnx
 
     from maxmin_jax.data.batching import tokenize_pairs
@@ -36,10 +37,10 @@ def run_world(world, seed: int, *, methods: tuple[str, ...], auto: bool) -> dict
     config = GPT2Config(vocab_size=len(tok), max_position_embeddings=64, hidden_size=32, num_layers=1, num_heads=4)
     k = world.num_groups
     out = {"oracle": world.oracle_ari(rows)}
-    configs = {"ours": EMConfig(num_groups=k, seed=seed, progress=False),
+    configs = {"ours": EMConfig(num_groups=k, seed=seed, progress=False, **(overrides or {})),
                "paper": EMConfig.paper(k, seed=seed, progress=False)}
     if auto:
-        configs["auto"] = EMConfig(num_groups="auto", seed=seed, progress=False)
+        configs["auto"] = EMConfig(num_groups="auto", seed=seed, progress=False, **(overrides or {}))
     for name, em in configs.items():
         if name not in methods and not (name == "auto" and auto):
             continue
@@ -99,11 +100,24 @@ def main(argv=None) -> int:
     p.add_argument("--methods", default="ours,paper")
     p.add_argument("--auto", action="store_true", help="also run num_groups='auto'")
     p.add_argument("--only", default="", help="comma-separated world indices within each split")
+    p.add_argument("--reuse-paper", default="", metavar="JSON",
+                   help="take the paper's setting's figures from this earlier results file (a doc of this script, "
+                        "or a file of such docs keyed by split) for the worlds and seeds it has, instead of "
+                        "rerunning them: that setting does not use the token features, so a change to them leaves "
+                        "its figures as they were")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="an EMConfig field of 'ours' (and 'auto'), e.g. length_shape=off (repeatable)")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
+    earlier = _earlier_paper_runs(args.reuse_paper) if args.reuse_paper else {}
 
     from benchmarks import env
+    from benchmarks.em_init_zoo import parse_override
     from maxmin_jax.data.zoo import zoo
+    from maxmin_jax.rewards.em import EMConfig
+
+    overrides = dict(parse_override(EMConfig, s) for s in args.set)
+    environment = env.describe()  # at the start: the commit and load the run began with, not those of its last write
 
     seeds = [int(s) for s in args.seeds.split(",")]
     only = {int(i) for i in args.only.split(",") if i}
@@ -114,25 +128,47 @@ def main(argv=None) -> int:
                 continue
             runs = {}
             for seed in seeds:
-                runs[str(seed)] = run_world(world, seed, methods=tuple(args.methods.split(",")), auto=args.auto)
+                methods = tuple(args.methods.split(","))
+                reused = earlier.get((split, i, world.describe(), str(seed)))
+                if reused is not None and "paper" in methods:
+                    methods = tuple(m for m in methods if m != "paper")
+                runs[str(seed)] = run_world(world, seed, methods=methods, auto=args.auto, overrides=overrides)
+                if reused is not None and "paper" not in methods:
+                    runs[str(seed)].update(reused)
                 print(f"[em_zoo] {split} {i} {world.describe()} seed {seed}: {runs[str(seed)]}", file=sys.stderr,
                       flush=True)
             rows.append({"split": split, "index": i, "world": f"{world.family} #{i}", "description": world.describe(),
                          "K": world.num_groups, "sizes": list(world.group_sizes),
                          "pairs_per_user": world.pairs_per_user, "runs": runs})
-            _write(args, argv, env, seeds, rows)  # after every world: a long run stopped early keeps what it did
-    table, notes = _write(args, argv, env, seeds, rows)
+            _write(args, argv, environment, seeds, rows)  # after each world: a run stopped early keeps it
+    table, notes = _write(args, argv, environment, seeds, rows)
     print(table)
     print(notes)
     return 0
 
 
-def _write(args, argv, env, seeds: list[int], rows: list[dict]) -> tuple[str, str]:
+def _earlier_paper_runs(path: str) -> dict:
+    """(split, index, description, seed) -> the paper's setting's figures of an earlier run, marked as reused."""
+    with open(path) as f:
+        loaded = json.load(f)
+    docs = [loaded] if "worlds" in loaded else list(loaded.values())
+    out = {}
+    for doc in docs:
+        for row in doc["worlds"]:
+            for seed, run in row["runs"].items():
+                if "paper" in run:
+                    out[row["split"], row["index"], row["description"], seed] = {
+                        "paper": run["paper"], "paper_seconds": run["paper_seconds"],
+                        "paper_from": f"{doc['command']} ({doc['environment']['date']})"}
+    return out
+
+
+def _write(args, argv, environment: dict, seeds: list[int], rows: list[dict]) -> tuple[str, str]:
     table = markdown(rows, seeds)
     splits = [s for s in args.split.split(",") if any(r["split"] == s for r in rows)]
     notes = "\n".join(summary(rows, seeds, split) for split in splits)
     doc = {"command": " ".join(["python -m benchmarks.em_zoo", *(sys.argv[1:] if argv is None else argv)]),
-           "environment": env.describe(), "seeds": seeds, "worlds": rows, "summary": notes, "table": table}
+           "environment": environment, "seeds": seeds, "worlds": rows, "summary": notes, "table": table}
     with open(args.out, "w") as f:
         json.dump(doc, f, indent=2, allow_nan=False)
     return table, notes

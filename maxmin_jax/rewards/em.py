@@ -76,6 +76,13 @@ class EMConfig:
     prompt_features: Literal["auto", "on", "off"] = "auto"
     """Add prompt-relevance features (does the response use the prompt's word clusters; does the prompt change
     the preferred length)? "auto": only when they raise the leave-one-user-out log-likelihood."""
+    length_shape: Literal["auto", "on", "off"] = "auto"
+    """Add length hinges (`length_knots` bends at quantiles of the response lengths), so a head can prefer a length
+    in the middle, not only longer or shorter. "auto": tried on the best feature set of the others and kept only
+    when they raise its leave-one-user-out log-likelihood by more than one standard error (one more fit); "on": in
+    every candidate."""
+    length_knots: int = 3
+    """Bends of the length hinges (at the 1/(n+1), ..., n/(n+1) quantiles of the response lengths)."""
     feature_l2: float = 3.0
     """L2 penalty of the token-feature mixture's linear heads."""
     heldout_fraction: float = 0.2
@@ -110,7 +117,8 @@ class EMConfig:
                          and 1 <= self.k_range[0] <= self.k_range[1], self, "k_range",
                          f"expected [lo, hi] with 1 <= lo <= hi, got {list(self.k_range)}")
         for name, allowed in (("method", ("hard", "soft")), ("init", ("features", "round_robin", "random")),
-                              ("assign_by", ("heldout", "reward_model")), ("prompt_features", ("auto", "on", "off"))):
+                              ("assign_by", ("heldout", "reward_model")), ("prompt_features", ("auto", "on", "off")),
+                              ("length_shape", ("auto", "on", "off"))):
             validate.one_of(self, name, allowed)
         validate.require(self.num_groups != "auto" or self.init == "features", self, "init",
                          "num_groups='auto' chooses K with the token-feature mixture, so it needs init='features', "
@@ -118,7 +126,7 @@ class EMConfig:
         validate.require(isinstance(self.user_folds, int) and self.user_folds >= 2, self, "user_folds",
                          f"expected an integer >= 2, got {self.user_folds!r}")
         validate.positive_int(self, "restarts", "init_restarts", "rounds", "batch_size", "chunk_size", "patience",
-                              "feature_seeds")
+                              "feature_seeds", "length_knots")
         for name, lowest in (("feature_clusters", 1), ("feature_tokens", 0)):
             values = getattr(self, name)
             validate.require(isinstance(values, tuple) and len(values) > 0

@@ -9,6 +9,8 @@ gives, for each pair, chosen minus rejected of:
 - the count of each word cluster's tokens (`clusters` features),
 - the length in tokens (1),
 - the count of each of the `tokens` most frequent tokens on their own (punctuation, function words),
+- with `length_knots`: hinges of the response's length at quantiles of all response lengths (`length_hinges`),
+  so a head can prefer a length in the middle, not only longer or shorter,
 - with `prompt_terms`: for each cluster, whether the prompt uses it times the count difference (does the response
   stay with what was asked about?) and times the length difference (does the prompt ask for more or less?).
 
@@ -31,23 +33,36 @@ def _sequence_counts(ids: np.ndarray, mask: np.ndarray, vocab: int):
                              shape=(n, vocab)).tocsr()
 
 
-def _prompt_presence(batch: PairBatch, vocab: int):
-    """Sparse [N, vocab] 0/1: tokens of each pair's shared prefix (the prompt)."""
-    from scipy import sparse
-
-    n, t = batch.chosen_ids.shape
-    rows, cols = [], []
-    for i in range(n):
+def _prompts(batch: PairBatch) -> list[np.ndarray]:
+    """Each pair's shared prefix of real tokens (the prompt)."""
+    out = []
+    for i in range(batch.num_pairs):
         a = batch.chosen_ids[i][batch.chosen_mask[i] > 0]
         b = batch.rejected_ids[i][batch.rejected_mask[i] > 0]
         m = min(len(a), len(b))
         differ = np.flatnonzero(a[:m] != b[:m])
-        prefix = a[:differ[0] if len(differ) else m]
-        rows.extend([i] * len(prefix))
-        cols.extend(prefix.tolist())
-    out = sparse.coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(n, vocab)).tocsr()
+        out.append(a[:differ[0] if len(differ) else m])
+    return out
+
+
+def _prompt_presence(prompts: list[np.ndarray], vocab: int):
+    """Sparse [N, vocab] 0/1: tokens of each pair's prompt."""
+    from scipy import sparse
+
+    rows = np.repeat(np.arange(len(prompts)), [len(p) for p in prompts])
+    cols = np.concatenate(prompts) if prompts else np.zeros(0, np.int64)
+    out = sparse.coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(len(prompts), vocab)).tocsr()
     out.data[:] = 1.0
     return out
+
+
+def length_hinges(chosen: np.ndarray, rejected: np.ndarray, knots: int) -> np.ndarray:
+    """[N, knots]: chosen minus rejected of max(0, length - q_j), q_j the j/(knots+1) quantiles of all response
+    lengths. With the length column, a linear head then represents any piecewise-linear reward of length with
+    bends at the knots, e.g. a preferred length in the middle (-|length - q|), which no linear term can."""
+    lengths = np.concatenate([chosen, rejected]).astype(np.float64)
+    q = np.unique(np.quantile(lengths, np.arange(1, knots + 1) / (knots + 1)))
+    return np.maximum(chosen[:, None] - q, 0.0) - np.maximum(rejected[:, None] - q, 0.0)
 
 
 def word_clusters(counts, num_clusters: int, *, embedding_dim: int = 16, max_vocab: int = 2048, seed: int = 0,
@@ -99,10 +114,10 @@ def batch_word_clusters(batch: PairBatch, clusters: int, *, embedding_dim: int =
 
 
 def pair_features(batch: PairBatch, *, clusters: int = 16, tokens: int = 16, prompt_terms: bool = False,
-                  embedding_dim: int = 16, max_vocab: int = 2048, seed: int = 0,
+                  length_knots: int = 0, embedding_dim: int = 16, max_vocab: int = 2048, seed: int = 0,
                   labels: np.ndarray | None = None) -> np.ndarray:
     """[N, d] float32 features of each pair (module docstring): d <= clusters + 1 + tokens (+ 2 * clusters with
-    `prompt_terms`); columns that are zero for every pair are dropped. `labels`: the word clusters
+    `prompt_terms`, + `length_knots`); columns that are zero for every pair are dropped. `labels`: the word clusters
     (`batch_word_clusters` with the same `clusters`), when several feature sets share one clustering. Memory
     O(N * tokens per pair + max_vocab^2)."""
     from scipy import sparse
@@ -125,12 +140,17 @@ def pair_features(batch: PairBatch, *, clusters: int = 16, tokens: int = 16, pro
     frequent = np.argsort(-spread, kind="stable")[:tokens]
     frequent = frequent[spread[frequent] > 0]
     columns = [by_cluster, length, np.asarray(diff[:, frequent].todense())]
+    prompts = _prompts(batch) if prompt_terms or length_knots else None
+    if length_knots:  # of the responses alone: the prompt's length would blur where the bends are
+        prompt_length = np.array([len(p) for p in prompts])
+        columns.append(length_hinges(batch.chosen_mask.sum(1) - prompt_length,
+                                     batch.rejected_mask.sum(1) - prompt_length, length_knots))
     if prompt_terms:
-        in_prompt = np.asarray((_prompt_presence(batch, vocab) @ member).todense())[:, :clusters] > 0
+        in_prompt = np.asarray((_prompt_presence(prompts, vocab) @ member).todense())[:, :clusters] > 0
         columns += [in_prompt * by_cluster, in_prompt * length]
     x = np.concatenate(columns, axis=1)
     keep = np.any(x != 0, axis=0)  # e.g. prompt terms of clusters no prompt uses
     return x[:, keep if keep.any() else slice(0, 1)].astype(np.float32)
 
 
-__all__ = ["batch_word_clusters", "pair_features", "word_clusters"]
+__all__ = ["batch_word_clusters", "length_hinges", "pair_features", "word_clusters"]
