@@ -116,3 +116,36 @@ def read_tfevents(directory: Path) -> dict[str, list[tuple[int, float]]]:
             for value in event.summary.value:
                 scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
     return scalars
+
+
+# Zoo worlds for the EM tests (test_em_zoo.py, test_em_auto.py) ---------------------------------------------------
+@pytest.fixture(scope="module")
+def zoo_worlds():
+    """zoo("test"): per index, (world, rows, tokenized pairs, oracle ARI)."""
+    from maxmin_jax.data import tokenize_pairs
+    from maxmin_jax.data.zoo import zoo
+
+    out = {}
+    for i, world in enumerate(zoo("test")):
+        rows = world.preference_rows()
+        out[i] = (world, rows, tokenize_pairs(world.tokenizer(), rows, max_length=64), world.oracle_ari(rows))
+    return out
+
+
+@pytest.fixture(scope="module")
+def zoo_reward_config(zoo_worlds):
+    """One reward-model config for every zoo world (one word vocabulary): a one-layer GPT-2, hidden 32."""
+    from maxmin_jax.models import GPT2Config
+
+    return GPT2Config(vocab_size=len(zoo_worlds[0][0].tokenizer()), max_position_embeddings=64, hidden_size=32,
+                      num_layers=1, num_heads=4)
+
+
+def fit_zoo(batch, model_config, config, heads=None):
+    """`fit_em` of a fresh reward model with `heads` (default: config.num_groups) heads."""
+    from flax import nnx
+
+    from maxmin_jax.rewards import RewardModel, fit_em
+
+    model = RewardModel.from_config(model_config, heads or config.num_groups, nnx.Rngs(config.seed))
+    return fit_em(model, batch, config)

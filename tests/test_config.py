@@ -59,6 +59,8 @@ def test_shipped_pretrained_configs_say_what_they_are():
     ("policy:\n  ppo: {adaptive_kl: 1}\n", r"policy.ppo.adaptive_kl: expected bool, got 1 \(int\)"),
     ("rewards:\n  em: {learning_rate: 0.1}\n", r"rewards.em.learning_rate: unknown key"),
     ("rewards:\n  em: {method: medium}\n", r"rewards.em.method: expected one of 'hard', 'soft', got 'medium'"),
+    ("rewards:\n  em: {length_shape: maybe}\n",
+     r"rewards.em.length_shape: expected one of 'auto', 'on', 'off', got 'maybe'"),
     ("preferences: {source: database}\n", r"preferences.source: expected one of 'world', 'files', 'psoups'"),
     ("preferences: {source: files}\n", r"preferences.files: required key missing"),
     ("model: {source: pretrained}\n", r"model.policy: required key missing"),

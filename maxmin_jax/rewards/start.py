@@ -83,7 +83,7 @@ def feature_start(everything: PairBatch, num_train_pairs: int, user_index: np.nd
         _, x, _, screen = fits[chosen]
         selection = select_num_groups(x[:num_train_pairs], user_index, num_users, config.k_range,
                                       restarts=config.init_restarts, l2=config.feature_l2, seed=config.seed,
-                                      user_folds=config.user_folds)
+                                      user_folds=config.user_folds, fits=screen.fits)
         fits[chosen] = (fits[chosen][0], x, selection.fits[selection.chosen], selection)
     _, x, mixture, selection = fits[chosen]
     names = ("clusters", "tokens", "prompt_features", "clustering_seed", "length_shape")
