@@ -40,6 +40,8 @@ TINY = {"preferences.world.num_users": 12, "preferences.world.pairs_per_user": 4
         "model.hidden_size": 16, "model.num_layers": 1, "model.num_heads": 2, "model.sft_examples": 64,
         "model.sft.steps": 4, "model.sft.batch_size": 16, "rewards.em.rounds": 1, "rewards.em.steps_per_round": 3,
         "rewards.em.batch_size": 16, "rewards.em.chunk_size": 16, "rewards.single_reward_steps": 0,
+        # The pipeline's mechanics are under test here, not EM's feature screen (test_em_zoo.py): a small screen.
+        "rewards.em.feature_seeds": 1, "rewards.em.prompt_features": '"off"',
         "sampling.max_new_tokens": 6, "policy.objectives": "[utilitarian, maxmin]", "policy.iterations": 4,
         "policy.prompt_batch": 8, "policy.checkpoint_every": 1, "evaluation.standardizer_prompts": 16,
         "evaluation.prompts": 16, "evaluation.batch_size": 8}
