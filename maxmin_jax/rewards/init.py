@@ -183,7 +183,7 @@ def _held_out_user_scores(features, user_index, num_users, partitions: dict[int,
     return out
 
 
-def _paired_standard_error(a: np.ndarray, b: np.ndarray) -> float:
+def paired_standard_error(a: np.ndarray, b: np.ndarray) -> float:
     """Standard error of sum(a - b) over users, from the per-user differences."""
     return float(np.sqrt(len(a)) * np.std(a - b, ddof=1)) if len(a) > 1 else 0.0
 
@@ -208,7 +208,7 @@ def select_num_groups(features: np.ndarray, user_index: np.ndarray, num_users: i
     else:
         per_user = {k: fits[k].user_scores for k in ks}
     scores = [float(np.sum(per_user[k])) for k in ks]
-    errors = [0.0] + [_paired_standard_error(per_user[k], per_user[k - 1]) for k in ks[1:]]
+    errors = [0.0] + [paired_standard_error(per_user[k], per_user[k - 1]) for k in ks[1:]]
     gains = [0.0] + [b - a for a, b in zip(scores, scores[1:])]
     chosen = next((k for i, k in enumerate(ks)
                    if k == hi or gains[i + 1] <= GAIN_STANDARD_ERRORS * errors[i + 1]), hi)
@@ -216,4 +216,4 @@ def select_num_groups(features: np.ndarray, user_index: np.ndarray, num_users: i
 
 
 __all__ = ["GAIN_STANDARD_ERRORS", "FeatureMixture", "KSelection", "adjusted_rand", "fit_feature_mixture",
-           "initial_assignments", "select_num_groups"]
+           "initial_assignments", "paired_standard_error", "select_num_groups"]

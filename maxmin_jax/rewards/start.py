@@ -1,8 +1,7 @@
 """Where the reward-model EM starts: the token-feature mixture, its feature set chosen by held-out users.
 
 `feature_start` builds every candidate feature set (word clusters, single tokens, prompt terms, word clustering,
-length hinges;
-`features.pair_features`), fits the token-feature mixture on each (`init.fit_feature_mixture`, or one per K with
+length hinges; `features.pair_features`), fits the token-feature mixture on each (`init.fit_feature_mixture`, or one per K with
 num_groups="auto") and keeps the one that predicts left-out users best. `starting_points` gives each restart's
 initial responsibilities.
 """
@@ -16,15 +15,16 @@ import numpy as np
 
 from maxmin_jax.data.batching import PairBatch
 from maxmin_jax.rewards.features import batch_word_clusters, pair_features
-from maxmin_jax.rewards.init import FeatureMixture, fit_feature_mixture, initial_assignments, select_num_groups
+from maxmin_jax.rewards.init import (FeatureMixture, fit_feature_mixture, initial_assignments,
+                                     paired_standard_error, select_num_groups)
 
 if TYPE_CHECKING:
     from maxmin_jax.rewards.em import EMConfig
 
 
 def starting_points(config: EMConfig, k: int, num_users: int, restart: int, rng: np.random.Generator,
-                     features: np.ndarray | None, user_index: np.ndarray, first_fit: FeatureMixture | None
-                     ) -> tuple[np.ndarray, FeatureMixture | None]:
+                    features: np.ndarray | None, user_index: np.ndarray, first_fit: FeatureMixture | None
+                    ) -> tuple[np.ndarray, FeatureMixture | None]:
     if config.init == "features":
         fit = first_fit if restart == 0 and first_fit is not None else fit_feature_mixture(
             features, user_index, num_users, k, restarts=config.init_restarts, l2=config.feature_l2,
@@ -35,7 +35,7 @@ def starting_points(config: EMConfig, k: int, num_users: int, restart: int, rng:
 
 
 def feature_start(everything: PairBatch, num_train_pairs: int, user_index: np.ndarray, num_users: int,
-                     config: EMConfig):
+                  config: EMConfig):
     """Token features of `everything` (the batch's pairs, then any held-out ones) and the token-feature mixture
     on the batch's pairs, at config.num_groups or at the K chosen in k_range.
 
@@ -98,9 +98,8 @@ def _clearly_better(new: FeatureMixture, old: FeatureMixture) -> bool:
     differences. The best of several candidates' scores is biased upwards, so a candidate tried on top of that
     best wins ties by luck: on the zoo the length hinges gained 54 and 78 nats where groups want a middle length
     and -9 to +0.3 elsewhere."""
-    diff = np.asarray(new.user_scores, np.float64) - np.asarray(old.user_scores, np.float64)
-    error = float(np.sqrt(len(diff)) * np.std(diff, ddof=1)) if len(diff) > 1 else 0.0
-    return float(np.sum(diff)) > error
+    new_scores, old_scores = (np.asarray(m.user_scores, np.float64) for m in (new, old))
+    return float(np.sum(new_scores - old_scores)) > paired_standard_error(new_scores, old_scores)
 
 
 __all__ = ["feature_start", "starting_points"]
