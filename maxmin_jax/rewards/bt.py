@@ -18,6 +18,14 @@ def pair_log_likelihood(chosen: Float[Array, "n *k"], rejected: Float[Array, "n 
     return jax.nn.log_sigmoid(chosen - rejected - margin)
 
 
+def flipped_label_log_likelihood(margin: Float[Array, "..."], flip_rate: Float[Array, "..."] | float
+                                 ) -> Float[Array, "..."]:
+    """log P(label | reward margin) when labels are flipped at random at rate eps:
+    log(eps + (1 - 2 eps) sigmoid(margin)), so a contradicted pair costs at most log(1 / eps); eps broadcasts
+    against margin, and eps = 0 is plain Bradley-Terry."""
+    return jnp.logaddexp(jnp.log(flip_rate), jnp.log1p(-2 * flip_rate) + jax.nn.log_sigmoid(margin))
+
+
 def bt_loss(chosen: Float[Array, "n *k"], rejected: Float[Array, "n *k"], weights: Float[Array, "n *k"] | None = None,
             *, margin: float = 0.0, center_coef: float = 0.0) -> Float[Array, ""]:
     """Weighted negative log-likelihood per pair: `-sum(w * log_sigmoid(r_c - r_r - margin)) / N`.

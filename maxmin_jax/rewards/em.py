@@ -85,6 +85,9 @@ class EMConfig:
     """Bends of the length hinges (at the 1/(n+1), ..., n/(n+1) quantiles of the response lengths)."""
     feature_l2: float = 3.0
     """L2 penalty of the token-feature mixture's linear heads."""
+    feature_flip_rate: float | Literal["auto"] = "auto"
+    """Rate of randomly flipped labels in the token-feature mixture's likelihood (`linear_mixture`): "auto" learns
+    it by EM with the mixture; a number in [0, 0.5) fixes it (0: plain Bradley-Terry)."""
     heldout_fraction: float = 0.2
     """Share of each user's pairs held out (users with one pair keep it for training) when assign_by="heldout"
     or restarts > 1 need held-out pairs and none are given."""
@@ -134,6 +137,10 @@ class EMConfig:
                              self, name, f"expected a non-empty list of integers >= {lowest}, got {values!r}")
         validate.non_negative_int(self, "steps_per_round", optional=True)
         validate.positive(self, "epochs_per_round", "feature_l2")
+        validate.require(self.feature_flip_rate == "auto" or (
+            isinstance(self.feature_flip_rate, (int, float)) and not isinstance(self.feature_flip_rate, bool)
+            and 0.0 <= self.feature_flip_rate < 0.5), self, "feature_flip_rate",
+            f"expected 'auto' or a number in [0, 0.5), got {self.feature_flip_rate!r}")
         validate.require(0.0 < self.heldout_fraction < 1.0, self, "heldout_fraction",
                          f"expected a number in (0, 1), got {self.heldout_fraction!r}")
 
@@ -144,6 +151,11 @@ class EMConfig:
         settings = dict(method="hard", init="round_robin", assign_by="reward_model", rounds=10, steps_per_round=50,
                         tol=-1.0, guard=False)
         return cls(num_groups=num_groups, **{**settings, **overrides})
+
+    @property
+    def flip_rate_or_none(self) -> float | None:
+        """feature_flip_rate as the token-feature mixture takes it: None to learn it."""
+        return None if self.feature_flip_rate == "auto" else float(self.feature_flip_rate)
 
     def steps_for(self, num_pairs: int) -> int:
         if self.steps_per_round is not None:
@@ -246,9 +258,10 @@ def fit_em(model: nnx.Module, batch: PairBatch, config: EMConfig, *, heldout: Pa
         x, first_fit, selection, candidate = feature_start(everything, batch.num_pairs, batch.user_index,
                                                                  batch.num_users, config)
         if heldout is None:
-            features, held_x = Features(x, batch.user_index, train_rows), x[held_rows]
+            features, held_x = Features(x, batch.user_index, train_rows, first_fit.flip_rate), x[held_rows]
         else:
-            features = Features(x[:batch.num_pairs], batch.user_index, np.arange(batch.num_pairs))
+            features = Features(x[:batch.num_pairs], batch.user_index, np.arange(batch.num_pairs),
+                                first_fit.flip_rate)
             held_x = x[batch.num_pairs:]
         k = first_fit.num_groups
         if model.num_groups != k:
@@ -295,7 +308,7 @@ def fit_em(model: nnx.Module, batch: PairBatch, config: EMConfig, *, heldout: Pa
         fit = inits[restart]
         diagnostics["init"] = {"method": "features", "features": int(features.x.shape[1]),
                                "feature_set": candidate,
-                               "leave_one_user_out_log_likelihood": fit.score,
+                               "leave_one_user_out_log_likelihood": fit.score, "flip_rate": fit.flip_rate,
                                "restart_scores": fit.restart_scores, "restart_agreement": fit.restart_agreement,
                                "assignments": fit.assignments.tolist()}
     else:

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from maxmin_jax.data.batching import PairBatch, minibatches
 from maxmin_jax.errors import NumericalFault
 from maxmin_jax.guards import raise_on_fault
+from maxmin_jax.rewards.bt import flipped_label_log_likelihood
 from maxmin_jax.rewards.estep import LOG_FLOOR, PairChunks, chunk_log_likelihoods
 from maxmin_jax.rewards.linear_mixture import fit_linear_mixture
 from maxmin_jax.rewards.mstep import M_STEP_LIMITS, copy_tree, em_update, m_step, make_optimizer, minibatch
@@ -44,29 +45,32 @@ def _heldout_log_likelihood(L_held: np.ndarray, gamma: np.ndarray) -> float:
     return float(np.sum(np.logaddexp.reduce(log_prior + np.asarray(L_held, np.float64), axis=-1)))
 
 
-def _linear_fit(features: np.ndarray, user_index: np.ndarray, num_users: int, gamma: np.ndarray, l2: float,
-                hard_iters: int = 0):
-    """The token-feature mixture from responsibilities `gamma` after `hard_iters` hard EM rounds:
-    (responsibilities [U, K], heads [K, d], leave-one-user-out scores [U, K])."""
-    fit = fit_linear_mixture(jnp.asarray(features), jnp.asarray(user_index), jnp.asarray(gamma[None], jnp.float32),
-                             num_users=num_users, l2=l2, soft_iters=0, hard_iters=hard_iters)
-    return np.asarray(fit.gamma[0]), np.asarray(fit.theta[0]), np.asarray(fit.loo[0])
-
-
-def _linear_heldout_L(held: Heldout, theta: np.ndarray, num_users: int) -> np.ndarray:
-    m = held.features @ theta.T
-    out = np.zeros((num_users, theta.shape[0]))
-    np.add.at(out, held.user_index, -np.logaddexp(0.0, -m))
-    return out
-
-
 @dataclasses.dataclass
 class Features:
-    """Token features of every pair (training and held-out rows of one batch) for the token-feature mixture."""
+    """Token features of every pair (training and held-out rows of one batch) for the token-feature mixture, and
+    the flip rate its start learned."""
 
     x: np.ndarray  # [N, d]
     user_index: np.ndarray  # [N]
     train_rows: np.ndarray
+    flip_rate: float
+
+
+def _linear_fit(features: Features, rows, num_users: int, gamma: np.ndarray, l2: float, hard_iters: int = 0):
+    """The token-feature mixture on pairs `rows` from responsibilities `gamma` after `hard_iters` hard EM rounds,
+    at the start's flip rate: (responsibilities [U, K], heads [K, d], leave-one-user-out scores [U, K])."""
+    fit = fit_linear_mixture(jnp.asarray(features.x[rows]), jnp.asarray(features.user_index[rows]),
+                             jnp.asarray(gamma[None], jnp.float32), num_users=num_users, l2=l2, soft_iters=0,
+                             hard_iters=hard_iters, flip_rate=features.flip_rate)
+    return np.asarray(fit.gamma[0]), np.asarray(fit.theta[0]), np.asarray(fit.loo[0])
+
+
+def _linear_heldout_L(held: Heldout, theta: np.ndarray, num_users: int, flip_rate: float) -> np.ndarray:
+    """[U, K]: the held-out pairs' log-likelihoods under the linear heads, summed by user."""
+    ll = flipped_label_log_likelihood(held.features @ theta.T, flip_rate)
+    out = np.zeros((num_users, theta.shape[0]))
+    np.add.at(out, held.user_index, np.asarray(ll, np.float64))
+    return out
 
 
 def run_rounds(model: nnx.Module, train: PairBatch, train_chunks: PairChunks, config: EMConfig, gamma0: np.ndarray,
@@ -113,15 +117,13 @@ def run_rounds(model: nnx.Module, train: PairBatch, train_chunks: PairChunks, co
             entry["heldout_log_likelihood"] = _heldout_log_likelihood(L_held, gamma)
             entry["heldout_pairs"] = held.chunks.num_pairs
         if compare:  # the same held-out pairs, the same priors: which model predicts them better?
-            rows = features.train_rows
-            _, theta, _ = _linear_fit(features.x[rows], features.user_index[rows], num_users, gamma,
-                                      config.feature_l2)
+            _, theta, _ = _linear_fit(features, features.train_rows, num_users, gamma, config.feature_l2)
             entry["heldout_log_likelihood_features"] = _heldout_log_likelihood(
-                _linear_heldout_L(held, theta, num_users), gamma)
+                _linear_heldout_L(held, theta, num_users, features.flip_rate), gamma)
             if entry["heldout_log_likelihood_features"] >= entry["heldout_log_likelihood"]:
                 assigned_by = "token_features"  # the mixture's leave-one-user-out EM on all pairs, from gamma
-                new_gamma, _, _ = _linear_fit(features.x, features.user_index, num_users, gamma,
-                                              config.feature_l2, hard_iters=4)
+                new_gamma, _, _ = _linear_fit(features, slice(None), num_users, gamma, config.feature_l2,
+                                              hard_iters=4)
         z_old, z_new = np.argmax(gamma, -1), np.argmax(new_gamma, -1)
         changed = int(np.sum(z_old != z_new))
         entry.update({"assigned_by": assigned_by, "changed_users": changed, "changed_fraction": changed / num_users,

@@ -12,6 +12,14 @@ contractions over each user's pairs. With
 the user's own pairs in the fit, a head partly memorises its members, so every partition looks self-consistent
 and EM stays wherever it starts; scored out of sample, a user moves to the group that predicts them best, and the
 final leave-one-user-out log-likelihood is an honest score for choosing between restarts and between K.
+
+Labels flipped at random (a rater's slip) are modelled: a pair's likelihood is `eps + (1 - 2 eps) sigmoid(m)`, so
+one confidently contradicted pair costs a user at most log(1 / eps) nats instead of growing with the margin. By
+plain Bradley-Terry, a few flipped pairs of a user at low noise can outweigh everything else the user's pairs say
+(on two zoo worlds the *true* rewards place a user in the wrong group that way). The flip rate eps is learned per
+restart by EM (each pair's posterior probability of being flipped, weighted by the responsibilities), and the
+M-step fits each head to the labels weighted by that posterior (logistic regression with soft labels, still
+convex).
 """
 
 from __future__ import annotations
@@ -24,19 +32,24 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
+from maxmin_jax.rewards.bt import flipped_label_log_likelihood
+
 _STEPS = (1.0, 0.5, 0.25, 0.125, 0.0)  # Newton step sizes tried in parallel (0: keep the old heads)
+FLIP_RATE_START = 0.05  # where a learned flip rate starts
+FLIP_RATE_BOUNDS = (1e-3, 0.25)  # a learned flip rate stays inside: 0 is a fixed point of its EM update
 FEATURE_BUCKET = 16  # features padded with zero columns to a multiple of this
 PAIR_BUCKET = 8  # pairs per user padded (masked) to a multiple of this
 
 
 class LinearMixtureFit(NamedTuple):
-    """Responsibilities [R, U, K], heads [R, K, d], leave-one-user-out scores L [R, U, K] and the mixture's
-    leave-one-user-out log-likelihood [R] (sum over users) for each of R restarts."""
+    """Responsibilities [R, U, K], heads [R, K, d], leave-one-user-out scores L [R, U, K], the mixture's
+    leave-one-user-out log-likelihood [R] (sum over users) and the label flip rate [R] for each of R restarts."""
 
     gamma: Array
     theta: Array
     loo: Array
     score: Array
+    flip_rate: Array
 
 
 def by_user(x: np.ndarray, user_index: np.ndarray, num_users: int) -> tuple[np.ndarray, np.ndarray]:
@@ -57,17 +70,25 @@ def _spd_solve(a, b):
     return jax.scipy.linalg.cho_solve((jnp.linalg.cholesky(a), True), b[..., None])[..., 0]
 
 
-def _objective(x, w, theta, l2):
-    """Weighted negative log-likelihood + L2 of each head: [R, K]. x [U, P, d], w [R, U, P, K]."""
+def _kept(m, eps):
+    """The posterior probability that each label is not flipped, given margin m (1 when eps = 0)."""
+    return 1 - jnp.exp(jnp.log(eps) + jax.nn.log_sigmoid(-m) - flipped_label_log_likelihood(m, eps))
+
+
+def _objective(x, w, theta, l2, kept):
+    """Weighted negative log-likelihood of the soft labels `kept` + L2 of each head: [R, K]. x [U, P, d],
+    w and kept [R, U, P, K]."""
     m = jnp.einsum("upd,rkd->rupk", x, theta)
-    return -jnp.einsum("rupk,rupk->rk", w, jax.nn.log_sigmoid(m)) + 0.5 * l2 * jnp.sum(theta**2, -1)
+    nll = -(kept * jax.nn.log_sigmoid(m) + (1 - kept) * jax.nn.log_sigmoid(-m))
+    return jnp.einsum("rupk,rupk->rk", w, nll) + 0.5 * l2 * jnp.sum(theta**2, -1)
 
 
-def _newton(x, w, theta, l2, steps: int):
-    """`steps` damped Newton steps on every head at once (the best of a few step sizes, so it never goes up).
-    Returns the heads and the per-user Hessian contributions [R, U, K, d, d] at them (for the leave-one-user-out
-    step). The Newton steps contract users and pairs in one go: materialising the per-user contributions at every
-    step took two thirds of a fit's time."""
+def _newton(x, w, theta, l2, steps: int, eps):
+    """`steps` damped Newton steps on every head at once (the best of a few step sizes, so it never goes up),
+    each on the soft labels of the flip model at the current heads (eps [R, 1, 1, 1]). Returns the heads and the
+    per-user Hessian contributions [R, U, K, d, d] at them (for the leave-one-user-out step). The Newton steps
+    contract users and pairs in one go: materialising the per-user contributions at every step took two thirds of
+    a fit's time."""
     eye = jnp.eye(x.shape[-1], dtype=x.dtype)
 
     def curvature_weights(theta):
@@ -76,11 +97,12 @@ def _newton(x, w, theta, l2, steps: int):
 
     def step(theta, _):
         c, s = curvature_weights(theta)
+        kept = _kept(jnp.einsum("upd,rkd->rupk", x, theta), eps)
         h = jnp.einsum("upd,rupk,upe->rkde", x, c, x) + l2 * eye
-        grad = -jnp.einsum("rupk,upd->rkd", w * (1 - s), x) + l2 * theta
+        grad = -jnp.einsum("rupk,upd->rkd", w * (kept - s), x) + l2 * theta
         delta = _spd_solve(h, grad)
         candidates = theta[None] - jnp.asarray(_STEPS)[:, None, None, None] * delta[None]  # [S, R, K, d]
-        values = jax.vmap(lambda t: _objective(x, w, t, l2))(candidates)  # [S, R, K]
+        values = jax.vmap(lambda t: _objective(x, w, t, l2, kept))(candidates)  # [S, R, K]
         best = jnp.argmin(values, axis=0)
         return jnp.take_along_axis(candidates, best[None, ..., None], axis=0)[0], None
 
@@ -88,25 +110,29 @@ def _newton(x, w, theta, l2, steps: int):
     return theta, jnp.einsum("upd,rupk,upe->rukde", x, curvature_weights(theta)[0], x)
 
 
-@functools.partial(jax.jit, static_argnames=("soft_iters", "hard_iters", "newton_steps"))
-def _fit(x, mask, gamma0, active, l2, soft_iters: int, hard_iters: int, newton_steps: int) -> LinearMixtureFit:
+@functools.partial(jax.jit, static_argnames=("soft_iters", "hard_iters", "newton_steps", "learn_flip_rate"))
+def _fit(x, mask, gamma0, active, l2, flip_rate, soft_iters: int, hard_iters: int, newton_steps: int,
+         learn_flip_rate: bool) -> LinearMixtureFit:
     r, _, k = gamma0.shape
     theta = jnp.zeros((r, k, x.shape[-1]), x.dtype)
     pair_mask = mask[None, :, :, None]  # [1, U, P, 1]
 
-    def m_step(gamma, theta, steps):
+    def m_step(gamma, theta, steps, eps):
         w = gamma[:, :, None, :] * pair_mask  # [R, U, P, K]: each pair weighted by its user's responsibilities
-        theta, own = _newton(x, w, theta, l2, steps)
-        return theta, _loo(x, w, theta, own, l2, pair_mask)
+        theta, own = _newton(x, w, theta, l2, steps, eps[:, None, None, None])
+        if learn_flip_rate:  # EM for eps: the responsibility-weighted mean posterior probability of a flip
+            flipped = 1 - _kept(jnp.einsum("upd,rkd->rupk", x, theta), eps[:, None, None, None])
+            eps = jnp.clip(jnp.einsum("rupk,rupk->r", w, flipped) / jnp.maximum(jnp.einsum("rupk->r", w), 1e-6), *FLIP_RATE_BOUNDS)
+        return theta, _loo(x, w, theta, own, l2, pair_mask, eps[:, None, None, None]), eps
 
     def log_weights(gamma):  # [R, U, K]: user h's prior, the group sizes without h; switched-off groups get none
         others = (jnp.sum(gamma, axis=1, keepdims=True) - gamma) / max(gamma.shape[1] - 1, 1)
         return jnp.where(active > 0, jnp.log(jnp.maximum(others, 1e-6)), -1e30)
 
     def soft(carry, _):
-        gamma, theta = carry
-        theta, loo = m_step(gamma, theta, newton_steps)
-        return (jax.nn.softmax(log_weights(gamma) + loo, axis=-1), theta), None
+        gamma, theta, eps = carry
+        theta, loo, eps = m_step(gamma, theta, newton_steps, eps)
+        return (jax.nn.softmax(log_weights(gamma) + loo, axis=-1), theta, eps), None
 
     def score(gamma, loo):  # [R]: the leave-one-user-out mixture log-likelihood
         return jnp.sum(jax.nn.logsumexp(log_weights(gamma) + loo, axis=-1), axis=-1)
@@ -116,42 +142,48 @@ def _fit(x, mask, gamma0, active, l2, soft_iters: int, hard_iters: int, newton_s
         return jax.tree.map(lambda b, n: jnp.where(better.reshape((-1,) + (1,) * (n.ndim - 1)), n, b), best, new)
 
     def hard(carry, _):
-        gamma, theta, best = carry
-        theta, loo = m_step(gamma, theta, newton_steps)
-        best = keep_better(best, LinearMixtureFit(gamma, theta, loo, score(gamma, loo)))
-        return (jax.nn.one_hot(jnp.argmax(log_weights(gamma) + loo, -1), k, dtype=x.dtype), theta, best), None
+        gamma, theta, eps, best = carry
+        theta, loo, eps = m_step(gamma, theta, newton_steps, eps)
+        best = keep_better(best, LinearMixtureFit(gamma, theta, loo, score(gamma, loo), eps))
+        return (jax.nn.one_hot(jnp.argmax(log_weights(gamma) + loo, -1), k, dtype=x.dtype), theta, eps, best), None
 
-    theta, _ = m_step(gamma0, theta, 2 * newton_steps)  # the first M-step starts from zero heads
-    (gamma, theta), _ = jax.lax.scan(soft, (gamma0, theta), None, length=soft_iters)
+    # The first M-step starts from zero heads.
+    theta, _, eps = m_step(gamma0, theta, 2 * newton_steps, flip_rate)
+    (gamma, theta, eps), _ = jax.lax.scan(soft, (gamma0, theta, eps), None, length=soft_iters)
     # The leave-one-user-out E-step is not a true EM step (a user's move changes the heads the others are scored
     # by), so the hard rounds can lower the score: the best partition along the way is kept.
-    worst = LinearMixtureFit(gamma, theta, jnp.zeros(gamma.shape, x.dtype), jnp.full((r,), -jnp.inf, x.dtype))
-    (gamma, theta, best), _ = jax.lax.scan(hard, (gamma, theta, worst), None, length=hard_iters)
-    theta, loo = m_step(gamma, theta, newton_steps)
-    return keep_better(best, LinearMixtureFit(gamma, theta, loo, score(gamma, loo)))
+    worst = LinearMixtureFit(gamma, theta, jnp.zeros(gamma.shape, x.dtype), jnp.full((r,), -jnp.inf, x.dtype), eps)
+    (gamma, theta, eps, best), _ = jax.lax.scan(hard, (gamma, theta, eps, worst), None, length=hard_iters)
+    theta, loo, eps = m_step(gamma, theta, newton_steps, eps)
+    return keep_better(best, LinearMixtureFit(gamma, theta, loo, score(gamma, loo), eps))
 
 
-def _loo(x, w, theta, own, l2, pair_mask):
+def _loo(x, w, theta, own, l2, pair_mask, eps):
     """L [R, U, K]: each user's log-likelihood (real pairs only) under each head refitted without them, by one
     Newton step of the objective without the user from the fitted heads: theta - (H_k - H_hk)^-1 g_hk, g_hk the
     gradient of user h's weighted log-likelihood. Taking the user's own curvature out matters for small groups,
     where one user is a large part of the fit."""
-    s = jax.nn.sigmoid(jnp.einsum("upd,rkd->rupk", x, theta))
-    g = jnp.einsum("rupk,upd->rukd", w * (1 - s), x)
+    m = jnp.einsum("upd,rkd->rupk", x, theta)
+    g = jnp.einsum("rupk,upd->rukd", w * (_kept(m, eps) - jax.nn.sigmoid(m)), x)
     h = jnp.sum(own, axis=1, keepdims=True) + l2 * jnp.eye(x.shape[-1], dtype=x.dtype)
     shift = _spd_solve(h - own, g)  # [R, U, K, d]
-    m = jnp.einsum("upd,rkd->rupk", x, theta) - jnp.einsum("upd,rukd->rupk", x, shift)
-    return jnp.sum(jax.nn.log_sigmoid(m) * pair_mask, axis=2)
+    m = m - jnp.einsum("upd,rukd->rupk", x, shift)
+    return jnp.sum(flipped_label_log_likelihood(m, eps) * pair_mask, axis=2)
 
 
 def fit_linear_mixture(x: Float[Array, "n d"], user_index: Int[Array, "n"], gamma0: Float[Array, "r u k"], *,
                        num_users: int, l2: float = 1.0, soft_iters: int = 12, hard_iters: int = 8,
-                       newton_steps: int = 2, active: np.ndarray | None = None) -> LinearMixtureFit:
+                       newton_steps: int = 2, active: np.ndarray | None = None,
+                       flip_rate: float | np.ndarray | None = None) -> LinearMixtureFit:
     """EM from R initial responsibilities at once: `soft_iters` soft rounds (posterior responsibilities) then
     `hard_iters` hard ones (argmax), each an M-step of `newton_steps` Newton steps from the previous heads and a
     leave-one-user-out E-step. `active` [K] (default all): groups with 0 stay empty, so fits of every K up to
     the array's K share one compiled program (one per shape: users, R, K, and the most pairs per user and the
-    features rounded up to `PAIR_BUCKET` and `FEATURE_BUCKET`, so feature sets of one run share it too)."""
+    features rounded up to `PAIR_BUCKET` and `FEATURE_BUCKET`, so feature sets of one run share it too).
+    `flip_rate`: the rate of randomly flipped labels, learned from `FLIP_RATE_START` when None; a number (or one
+    per restart, [R]) fixes it (0: plain Bradley-Terry)."""
+    if flip_rate is not None and not np.all((0.0 <= np.asarray(flip_rate)) & (np.asarray(flip_rate) < 0.5)):
+        raise ValueError(f"fit_linear_mixture: flip_rate must be in [0, 0.5) or None (learned), got {flip_rate!r}")
     x = np.asarray(x, np.float32)
     d = x.shape[1]
     x = np.pad(x, ((0, 0), (0, -x.shape[1] % FEATURE_BUCKET)))  # zero columns keep zero heads: same fit
@@ -159,8 +191,11 @@ def fit_linear_mixture(x: Float[Array, "n d"], user_index: Int[Array, "n"], gamm
     xu, mask = (np.pad(a, ((0, 0), (0, -a.shape[1] % PAIR_BUCKET)) + ((0, 0),) * (a.ndim - 2)) for a in (xu, mask))
     k = np.shape(gamma0)[-1]
     active = np.ones(k, np.float32) if active is None else np.asarray(active, np.float32)
+    eps = np.broadcast_to(np.asarray(FLIP_RATE_START if flip_rate is None else flip_rate, np.float32),
+                          np.shape(gamma0)[:1])
     fit = _fit(jnp.asarray(xu), jnp.asarray(mask), jnp.asarray(gamma0, jnp.float32), jnp.asarray(active),
-               jnp.float32(l2), soft_iters=soft_iters, hard_iters=hard_iters, newton_steps=newton_steps)
+               jnp.float32(l2), jnp.asarray(eps), soft_iters=soft_iters, hard_iters=hard_iters, newton_steps=newton_steps,
+               learn_flip_rate=flip_rate is None)
     fit = jax.device_get(fit)  # sliced on the host: an eager slice would compile once per feature width
     return fit._replace(theta=fit.theta[..., :d])
 

@@ -1,8 +1,8 @@
 """Where the reward-model EM starts: the token-feature mixture, its feature set chosen by held-out users.
 
 `feature_start` builds every candidate feature set (word clusters, single tokens, prompt terms, word clustering,
-length hinges; `features.pair_features`), fits the token-feature mixture on each (`init.fit_feature_mixture`, or one per K with
-num_groups="auto") and keeps the one that predicts left-out users best. `starting_points` gives each restart's
+length hinges; `features.pair_features`), fits the token-feature mixture on each (`init.fit_feature_mixture`, or
+one per K with num_groups="auto") and keeps the one that predicts left-out users best. `starting_points` gives each restart's
 initial responsibilities.
 """
 
@@ -28,7 +28,7 @@ def starting_points(config: EMConfig, k: int, num_users: int, restart: int, rng:
     if config.init == "features":
         fit = first_fit if restart == 0 and first_fit is not None else fit_feature_mixture(
             features, user_index, num_users, k, restarts=config.init_restarts, l2=config.feature_l2,
-            seed=config.seed + restart)
+            seed=config.seed + restart, flip_rate=config.flip_rate_or_none)
         return fit.responsibilities, fit
     init = config.init if restart == 0 else "random"
     return np.eye(k, dtype=np.float32)[initial_assignments(num_users, k, init, rng)], None
@@ -61,7 +61,8 @@ def feature_start(everything: PairBatch, num_train_pairs: int, user_index: np.nd
                                           restarts=config.init_restarts, l2=config.feature_l2, seed=config.seed)
             return max(selection.scores), x, selection.fits[selection.chosen], selection
         mixture = fit_feature_mixture(train, user_index, num_users, config.num_groups,
-                                      restarts=config.init_restarts, l2=config.feature_l2, seed=config.seed)
+                                      restarts=config.init_restarts, l2=config.feature_l2, seed=config.seed,
+                                      flip_rate=config.flip_rate_or_none)
         return mixture.score, x, mixture, None
 
     shape = config.length_shape == "on"
@@ -84,7 +85,12 @@ def feature_start(everything: PairBatch, num_train_pairs: int, user_index: np.nd
         selection = select_num_groups(x[:num_train_pairs], user_index, num_users, config.k_range,
                                       restarts=config.init_restarts, l2=config.feature_l2, seed=config.seed,
                                       user_folds=config.user_folds, fits=screen.fits)
-        fits[chosen] = (fits[chosen][0], x, selection.fits[selection.chosen], selection)
+        mixture = selection.fits[selection.chosen]
+        if config.flip_rate_or_none != 0.0:  # K was chosen without label flips (`select_num_groups`): add them now
+            mixture = fit_feature_mixture(x[:num_train_pairs], user_index, num_users, selection.chosen,
+                                          restarts=config.init_restarts, l2=config.feature_l2, seed=config.seed,
+                                          start=mixture.assignments, flip_rate=config.flip_rate_or_none)
+        fits[chosen] = (fits[chosen][0], x, mixture, selection)
     _, x, mixture, selection = fits[chosen]
     names = ("clusters", "tokens", "prompt_features", "clustering_seed", "length_shape")
     candidate = dict(zip(names, chosen))
