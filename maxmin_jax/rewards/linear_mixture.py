@@ -19,7 +19,8 @@ plain Bradley-Terry, a few flipped pairs of a user at low noise can outweigh eve
 (on two zoo worlds the *true* rewards place a user in the wrong group that way). The flip rate eps is learned per
 restart by EM (each pair's posterior probability of being flipped, weighted by the responsibilities), and the
 M-step fits each head to the labels weighted by that posterior (logistic regression with soft labels, still
-convex).
+convex). With few pairs per head the estimate is low (the L2 penalty's smaller margins read some flips as
+Bradley-Terry noise); where labels are clean it falls to the lower bound and the likelihood is plain BT's.
 """
 
 from __future__ import annotations
