@@ -133,6 +133,12 @@ def zoo_worlds():
 
 
 @pytest.fixture(scope="module")
+def cli_world(zoo_worlds):
+    """The zoo world the command-line and bad-input tests use: test polarity #2 (2 groups, 24 users)."""
+    return zoo_worlds[2]
+
+
+@pytest.fixture(scope="module")
 def zoo_reward_config(zoo_worlds):
     """One reward-model config for every zoo world (one word vocabulary): a one-layer GPT-2, hidden 32."""
     from maxmin_jax.models import GPT2Config

@@ -12,15 +12,14 @@ from maxmin_jax.data.zoo import zoo_world
 from maxmin_jax.rewards import EMConfig, clustering_metrics
 from maxmin_jax.rewards.init import GAIN_STANDARD_ERRORS
 
-CLI_WORLD = 2  # polarity, 2 groups, 24 users
 
 
-def test_cli_given_only_num_groups(zoo_worlds, tmp_path, capsys):
+def test_cli_given_only_num_groups(cli_world, tmp_path, capsys):
     from conftest import save_word_gpt2
 
     from maxmin_jax.cli import main
 
-    world, rows, _, _ = zoo_worlds[CLI_WORLD]
+    world, rows, _, _ = cli_world
     data = tmp_path / "prefs.jsonl"
     data.write_text("".join(json.dumps({"user_id": r.user_id, "prompt": r.prompt, "chosen": r.chosen,
                                         "rejected": r.rejected}) + "\n" for r in rows))

@@ -19,7 +19,6 @@ from maxmin_jax.rewards import EMConfig, RewardModel, clustering_metrics, fit_re
 from maxmin_jax.rewards import em_rounds
 from maxmin_jax.rewards.diagnostics import fit_warnings
 
-CLI_WORLD = 2  # polarity, 2 groups, 24 users
 NEAR_TIE = 2.0  # nats: a user the true rewards prefer in their own group by less than this is a near-tie
 
 
@@ -58,10 +57,10 @@ def test_defaults_recover_the_groups_where_the_oracle_can(zoo_worlds, zoo_reward
 
 
 # Bad inputs -----------------------------------------------------------------------------------------------------
-def test_bad_numbers_of_groups_are_refused(zoo_worlds, zoo_reward_config, capsys):
+def test_bad_numbers_of_groups_are_refused(cli_world, zoo_reward_config, capsys):
     from maxmin_jax.cli import main
 
-    _, _, batch, _ = zoo_worlds[CLI_WORLD]
+    _, _, batch, _ = cli_world
     with pytest.raises(ConfigError, match=r"EMConfig.num_groups: 25 is more than the 24 users"):
         fit_zoo(batch, zoo_reward_config, EMConfig(num_groups=batch.num_users + 1, progress=False))
     for k in (0, -1):
@@ -77,8 +76,8 @@ def test_bad_numbers_of_groups_are_refused(zoo_worlds, zoo_reward_config, capsys
     assert "--paper" in capsys.readouterr().err
 
 
-def test_users_with_one_pair(zoo_worlds, zoo_reward_config):
-    _, _, batch, _ = zoo_worlds[CLI_WORLD]
+def test_users_with_one_pair(cli_world, zoo_reward_config):
+    _, _, batch, _ = cli_world
     first = np.unique(batch.user_index, return_index=True)[1]
     with pytest.raises(DataError, match="every one of the 24 users has a single pair"):
         fit_zoo(batch.take(first), zoo_reward_config, EMConfig(num_groups=2, progress=False))
@@ -89,10 +88,10 @@ def test_users_with_one_pair(zoo_worlds, zoo_reward_config):
     assert any("3 of 24 users have a single pair" in w for w in fit_warnings(result))
 
 
-def test_an_empty_group_is_kept_with_zero_weight_and_a_warning(zoo_worlds, zoo_reward_config):
+def test_an_empty_group_is_kept_with_zero_weight_and_a_warning(cli_world, zoo_reward_config):
     """EM may leave a group without users (K above what the data support): the fit keeps the head with weight 0
     and says so, rather than dropping it silently."""
-    _, _, batch, _ = zoo_worlds[CLI_WORLD]
+    _, _, batch, _ = cli_world
     result = fit_zoo(batch, zoo_reward_config, EMConfig.paper(2, rounds=1, steps_per_round=2, progress=False))
     result = dataclasses.replace(result, assignments=np.zeros(batch.num_users, int),
                                  responsibilities=np.tile([1.0, 0.0], (batch.num_users, 1)))
@@ -100,8 +99,8 @@ def test_an_empty_group_is_kept_with_zero_weight_and_a_warning(zoo_worlds, zoo_r
 
 
 # Numerical faults ------------------------------------------------------------------------------------------------
-def test_diverged_fits_stop_and_write_nothing(zoo_worlds, zoo_reward_config, tmp_path, monkeypatch):
-    world, rows, batch, _ = zoo_worlds[CLI_WORLD]
+def test_diverged_fits_stop_and_write_nothing(cli_world, zoo_reward_config, tmp_path, monkeypatch):
+    world, rows, batch, _ = cli_world
     model = RewardModel.from_config(zoo_reward_config, 1, nnx.Rngs(0))
     model.head.set_value(model.head.get_value() * np.nan)
     with pytest.raises(NumericalFault, match=r"fit_em .*round 1.*(loss|grad_norm) = nan at step 1 \(not finite\)"):
