@@ -13,9 +13,19 @@ import tempfile
 from pathlib import Path
 
 # Tests compile hundreds of small programs and run each a few times: XLA's backend optimisations cost more compile
-# time than they save at run time (the suite takes about half as long without them). Set explicitly to override.
-_FLAGS = os.environ.get("XLA_FLAGS", "")
-for _flag in ("--xla_force_host_platform_device_count=8", "--xla_backend_optimization_level=0"):
+# time than they save at run time (the suite takes about half as long without them), and so do XLA:CPU's MLIR
+# fusion emitters (its older elemental emitters compile the same programs in about half the time:
+# tests/test_trainer.py 19 -> 10 s of CPU). Subprocesses of tests compile with the same flags (`xla_flags`).
+COMPILE_FLAGS = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false")
+
+
+def xla_flags(devices: int) -> str:
+    """XLA_FLAGS for a test's subprocess: `devices` simulated CPU devices, compiled as the tests compile."""
+    return " ".join((f"--xla_force_host_platform_device_count={devices}", *COMPILE_FLAGS))
+
+
+_FLAGS = os.environ.get("XLA_FLAGS", "")  # a flag set explicitly wins
+for _flag in xla_flags(8).split():
     if _flag.split("=")[0] not in _FLAGS:
         _FLAGS = f"{_FLAGS} {_flag}".strip()
 os.environ["XLA_FLAGS"] = _FLAGS
