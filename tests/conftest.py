@@ -9,6 +9,8 @@ the workers and the subprocesses tests start, removed at the end).
 
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -16,7 +18,20 @@ from pathlib import Path
 # time than they save at run time (the suite takes about half as long without them), and so do XLA:CPU's MLIR
 # fusion emitters (its older elemental emitters compile the same programs in about half the time:
 # tests/test_trainer.py 19 -> 10 s of CPU). Subprocesses of tests compile with the same flags (`xla_flags`).
-COMPILE_FLAGS = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false")
+_OLD_EMITTERS = "--xla_cpu_use_fusion_emitters=false"
+
+
+def _xla_accepts(flag: str) -> bool:
+    """Whether this jaxlib's XLA knows `flag`: it aborts the process on an unknown one, and the emitters' flag may
+    go with the old emitters. Asked once, by the first process (the others inherit XLA_FLAGS with the flag)."""
+    if flag.split("=")[0] in os.environ.get("XLA_FLAGS", ""):
+        return True
+    probe = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], capture_output=True,
+                           env={**os.environ, "XLA_FLAGS": flag, "JAX_PLATFORMS": "cpu"})
+    return probe.returncode == 0
+
+
+COMPILE_FLAGS = ("--xla_backend_optimization_level=0",) + ((_OLD_EMITTERS,) if _xla_accepts(_OLD_EMITTERS) else ())
 
 
 def xla_flags(devices: int) -> str:
