@@ -62,14 +62,14 @@ def pytest_sessionfinish(session, exitstatus):
         shutil.rmtree(_CACHE, ignore_errors=True)
 
 
-# The files that take a minute or more, longest first. `make test` runs each file on one of two workers
-# (`--dist loadfile`), handing out files in collection order, so the suite's wall time is the busier worker's sum:
-# starting the longest files first leaves the short ones to even the two workers out at the end (by default xdist
-# hands out files with the most tests first, which left the long end-to-end files with few tests for last). A file
-# missing here only runs later; keep the list roughly in step with `--durations`.
-LONGEST_FIRST = ("test_em_zoo.py", "test_experiment.py", "test_benchmarks_smoke.py", "test_pipeline.py",
-                 "test_sharding.py", "test_em_auto.py", "test_em.py", "test_faults_runs.py", "test_lora.py",
-                 "test_cli.py", "test_pipeline_pretrained.py")
+# The files that take longest (half a minute or more each in a full run), longest first. `make test` runs each file
+# on one of two workers (`--dist loadfile`), handing out files in collection order, so the suite's wall time is the
+# busier worker's sum: starting the longest files first leaves the short ones to even the two workers out at the end
+# (xdist's default hands out the files with the most tests first, which left long end-to-end files with few tests
+# for last). A file missing here only runs later; keep the list roughly in step with `--durations`.
+LONGEST_FIRST = ("test_em_zoo.py", "test_experiment.py", "test_pipeline.py", "test_em.py", "test_sharding.py",
+                 "test_benchmarks_smoke.py", "test_em_auto.py", "test_faults_runs.py", "test_checkpoint.py",
+                 "test_pipeline_pretrained.py", "test_cli.py", "test_lora.py")
 
 
 def pytest_configure(config):
