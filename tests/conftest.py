@@ -9,13 +9,38 @@ the workers and the subprocesses tests start, removed at the end).
 
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
 # Tests compile hundreds of small programs and run each a few times: XLA's backend optimisations cost more compile
-# time than they save at run time (the suite takes about half as long without them). Set explicitly to override.
-_FLAGS = os.environ.get("XLA_FLAGS", "")
-for _flag in ("--xla_force_host_platform_device_count=8", "--xla_backend_optimization_level=0"):
+# time than they save at run time (the suite takes about half as long without them), and so do XLA:CPU's MLIR
+# fusion emitters (its older elemental emitters compile the same programs in about half the time:
+# tests/test_trainer.py 19 -> 10 s of CPU). Subprocesses of tests compile with the same flags (`xla_flags`).
+_OLD_EMITTERS = "--xla_cpu_use_fusion_emitters=false"
+
+
+def _xla_accepts(flag: str) -> bool:
+    """Whether this jaxlib's XLA knows `flag`: it aborts the process on an unknown one, and the emitters' flag may
+    go with the old emitters. Asked once, by the first process (the others inherit XLA_FLAGS with the flag)."""
+    if flag.split("=")[0] in os.environ.get("XLA_FLAGS", ""):
+        return True
+    probe = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], capture_output=True,
+                           env={**os.environ, "XLA_FLAGS": flag, "JAX_PLATFORMS": "cpu"})
+    return probe.returncode == 0
+
+
+COMPILE_FLAGS = ("--xla_backend_optimization_level=0",) + ((_OLD_EMITTERS,) if _xla_accepts(_OLD_EMITTERS) else ())
+
+
+def xla_flags(devices: int) -> str:
+    """XLA_FLAGS for a test's subprocess: `devices` simulated CPU devices, compiled as the tests compile."""
+    return " ".join((f"--xla_force_host_platform_device_count={devices}", *COMPILE_FLAGS))
+
+
+_FLAGS = os.environ.get("XLA_FLAGS", "")  # a flag set explicitly wins
+for _flag in xla_flags(8).split():
     if _flag.split("=")[0] not in _FLAGS:
         _FLAGS = f"{_FLAGS} {_flag}".strip()
 os.environ["XLA_FLAGS"] = _FLAGS
@@ -35,6 +60,26 @@ import pytest  # noqa: E402
 def pytest_sessionfinish(session, exitstatus):
     if _OWN_CACHE:
         shutil.rmtree(_CACHE, ignore_errors=True)
+
+
+# The files that take longest (half a minute or more each in a full run), longest first. `make test` runs each file
+# on one of two workers (`--dist loadfile`), handing out files in collection order, so the suite's wall time is the
+# busier worker's sum: starting the longest files first leaves the short ones to even the two workers out at the end
+# (xdist's default hands out the files with the most tests first, which left long end-to-end files with few tests
+# for last). A file missing here only runs later; keep the list roughly in step with `--durations`.
+LONGEST_FIRST = ("test_em_zoo.py", "test_experiment.py", "test_pipeline.py", "test_em.py", "test_sharding.py",
+                 "test_benchmarks_smoke.py", "test_em_auto.py", "test_faults_runs.py", "test_checkpoint.py",
+                 "test_pipeline_pretrained.py", "test_cli.py", "test_lora.py")
+
+
+def pytest_configure(config):
+    if hasattr(config.option, "loadscopereorder"):  # pytest-xdist: keep the order below
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
 
 
 def _save_tiny(path, hf_config_cls, model_cls, **kwargs):

@@ -15,6 +15,7 @@ import optax
 import pytest
 from flax import nnx
 
+from conftest import xla_flags
 from maxmin_jax.checkpoint import CheckpointManager, CheckpointMismatchError, TrainState, with_param_shardings
 from maxmin_jax.models import GPT2Config, LlamaConfig, build_model
 from maxmin_jax.sharding import make_mesh, shard_module, state_shardings
@@ -27,7 +28,7 @@ TIMEOUT = 90
 def _env(cache_dir):
     env = dict(os.environ)
     env.update(JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0",
+               XLA_FLAGS=xla_flags(1),
                PYTHONPATH=f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}",
                # The three runs compile the same programs: share a compilation cache to keep the test quick.
                JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",

@@ -12,6 +12,7 @@ import optax
 import pytest
 from flax import nnx
 
+from conftest import xla_flags
 from maxmin_jax import distributed
 from maxmin_jax.models import GPT2Config, build_model
 from maxmin_jax.sharding import make_mesh, shard_batch
@@ -33,8 +34,7 @@ def test_two_processes_match_single_process(tmp_path):
     procs = []
     for pid in range(2):
         env = dict(os.environ)
-        env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2 "
-                   "--xla_backend_optimization_level=0",  # compile-bound, as in tests/conftest.py
+        env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(2),
                    JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid),
                    PYTHONPATH=f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}")
         log = open(tmp_path / f"log_{pid}", "w")

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import COMPILE_FLAGS
 from maxmin_jax.pipeline import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,7 +35,8 @@ OVERRIDES = ["model.sft_examples=2048", "model.sft.steps=120", "rewards.em.round
 
 
 def demo(out: Path, *args: str) -> dict:
-    flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if "optimization_level" not in f)
+    test_only = {flag.split("=")[0] for flag in COMPILE_FLAGS}  # compiled as users compile it
+    flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if f.split("=")[0] not in test_only)
     env = {**os.environ, "XLA_FLAGS": flags, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     command = [sys.executable, "-m", "maxmin_jax.cli", "demo", "--out", str(out)]
     done = subprocess.run(command + [a for o in OVERRIDES for a in ("--set", o)] + list(args), env=env, cwd=ROOT,
