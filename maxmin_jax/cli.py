@@ -22,10 +22,10 @@ import yaml
 def _typed(hint, flag: str):
     """An argparse type: the text read as YAML, then checked against `hint` (errors name the flag)."""
     def parse(text: str):
-        from maxmin_jax.config_io import ConfigError, _convert
+        from maxmin_jax.config_io import ConfigError, _convert, load_yaml_text
 
         try:
-            value = yaml.safe_load(text)
+            value = load_yaml_text(text)
         except yaml.YAMLError:
             value = text
         try:

@@ -1,6 +1,6 @@
 """Frozen config dataclasses <-> YAML, strictly.
 
-`from_dict` builds a dataclass tree from plain data (YAML loaded with `yaml.safe_load`), checking every value
+`from_dict` builds a dataclass tree from plain data (YAML loaded with `load_yaml_text`), checking every value
 against the field's annotation: an unknown key, a missing required key or a wrong type raises `ConfigError` naming
 the full key path (`run.yaml:policy.ppo.learning_rat: unknown key`). Booleans are never taken for numbers, an int is
 accepted for a float, and a float written as `1e-5` (which YAML 1.1 reads as a string) is read as the number.
@@ -114,6 +114,24 @@ def from_dict(cls: type, data: Any, *, where: str = "", base: Any = None) -> Any
         raise (_error(where, str(e)) if where else ConfigError(f"{cls.__name__}: {e}")) from e
 
 
+class _Yaml12Booleans(yaml.SafeLoader):
+    """YAML with 1.2's booleans: only true / false. YAML 1.1 (PyYAML's default) also reads on / off / yes / no as
+    booleans, so `length_shape: off` or `--prompt-features off` arrived as False where the setting's values are the
+    strings "auto", "on", "off"."""
+
+
+_BOOL = "tag:yaml.org,2002:bool"
+_Yaml12Booleans.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != _BOOL]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Yaml12Booleans.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+def load_yaml_text(text: str) -> Any:
+    """`yaml.safe_load` with YAML 1.2's booleans (`_Yaml12Booleans`): every config file, flag and override."""
+    return yaml.load(text, Loader=_Yaml12Booleans)
+
+
 def _convert(hint: Any, value: Any, where: str, default: Any = dataclasses.MISSING) -> Any:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if hint is Any:
@@ -221,7 +239,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except OSError as e:
         raise ConfigError(f"{path}: cannot read the config file ({e.strerror or e})") from e
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml_text(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from e
     data = {} if data is None else data
@@ -240,7 +258,7 @@ def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[s
         if not sep or not key.strip():
             raise ConfigError(f"--set {item!r}: expected KEY.PATH=VALUE")
         try:
-            value = yaml.safe_load(text)
+            value = load_yaml_text(text)
         except yaml.YAMLError as e:
             raise ConfigError(f"--set {item!r}: the value is not valid YAML: {e}") from e
         node, parts = data, key.strip().split(".")

@@ -103,6 +103,24 @@ def test_numbers_as_yaml_writes_them(tmp_path):
     assert isinstance(cfg.policy.ppo.init_kl_coef, float)
 
 
+def test_on_and_off_are_words_not_booleans(tmp_path):
+    """YAML 1.2's booleans (true / false only) in files, overrides and flags: settings whose values are "auto",
+    "on", "off" take the bare words, and a boolean setting refuses them by name."""
+    from maxmin_jax.cli import build_parser, config_flags
+
+    cfg = load(tmp_path, "rewards:\n  em: {length_shape: off, prompt_features: on}\n")
+    assert (cfg.rewards.em.length_shape, cfg.rewards.em.prompt_features) == ("off", "on")
+    cfg = load_config(None, overrides=["rewards.em.length_shape=off"])
+    assert cfg.rewards.em.length_shape == "off"
+    args = build_parser().parse_args(["fit-rewards", "--data", "x", "--model", "y", "--out", "z", "--num-groups", "2",
+                                      "--prompt-features", "off", "--length-shape", "on"])
+    assert {k: v for k, v in config_flags(args, "em").items() if k in ("prompt_features", "length_shape")} == {
+        "prompt_features": "off", "length_shape": "on"}
+    with pytest.raises(ConfigError, match=r"policy.ppo.adaptive_kl: expected bool, got 'yes' \(str\)"):
+        load(tmp_path, "policy:\n  ppo: {adaptive_kl: yes}\n")
+    assert load(tmp_path, "policy:\n  ppo: {adaptive_kl: false}\n").policy.ppo.adaptive_kl is False
+
+
 def test_cross_section_rules_are_checked(tmp_path):
     with pytest.raises(ConfigError, match="model.source: 'scratch' trains a GPT-2 on the world's texts"):
         load(tmp_path, "preferences: {source: files, files: x.jsonl}\n")
