@@ -34,6 +34,7 @@ def test_cli_given_only_num_groups(cli_world, tmp_path, capsys):
     assert ari >= 0.9
     history = json.loads((out / "em_history.json").read_text())
     assert history["init"]["method"] == "features" and history["history"][0]["group_sizes"]
+    assert history["init"]["flip_rate"] < 0.02  # learned, and low: this world's labels are not flipped
     assert (out / "em_history.png").stat().st_size > 0
     # auto through the same flags: the pipeline builds the chosen K's heads, the reward model saved has them
     capsys.readouterr()
