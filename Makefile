@@ -19,8 +19,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
+# tests/suite.sh: pytest on two workers, one file each; a run that loses a worker (an XLA crash) runs once more.
 test: $(STAMP)
-	$(TEST_ENV) $(PY) -m pytest -q -n 2 --dist loadfile tests
+	$(TEST_ENV) PY=$(PY) tests/suite.sh
 
 demo: $(STAMP)
 	$(VENV)/bin/maxmin-jax demo --out $(DEMO_OUT)
