@@ -20,7 +20,7 @@ plain Bradley-Terry, a few flipped pairs of a user at low noise can outweigh eve
 restart by EM (each pair's posterior probability of being flipped, weighted by the responsibilities), and the
 M-step fits each head to the labels weighted by that posterior (logistic regression with soft labels, still
 convex). With few pairs per head the estimate is low (the L2 penalty's smaller margins read some flips as
-Bradley-Terry noise); where labels are clean it falls to the lower bound and the likelihood is plain BT's.
+Bradley-Terry noise); where labels are clean it falls towards its lower bound, nearly plain Bradley-Terry.
 """
 
 from __future__ import annotations
