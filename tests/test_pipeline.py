@@ -9,8 +9,8 @@
   prompts in each iteration (paired);
 - the metrics stream (metrics.jsonl and TensorBoard event files) holds losses, KL, per-group rewards, throughput.
 
-Every run in this file has the same config, so they share compiled programs (in-process, and with the subprocess
-through the session's compilation cache).
+Every run in this file has the same config, so its in-process runs share compiled programs (the subprocess
+compiles its own, unless MAXMIN_TEST_JIT_CACHE=1 shares a compilation cache: tests/conftest.py).
 """
 
 import ast
