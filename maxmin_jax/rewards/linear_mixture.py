@@ -87,18 +87,19 @@ def _objective(x, w, theta, l2, kept):
 def _newton(x, w, theta, l2, steps: int, eps):
     """`steps` damped Newton steps on every head at once (the best of a few step sizes, so it never goes up),
     each on the soft labels of the flip model at the current heads (eps [R, 1, 1, 1]). Returns the heads and the
-    per-user Hessian contributions [R, U, K, d, d] at them (for the leave-one-user-out step). The Newton steps
-    contract users and pairs in one go: materialising the per-user contributions at every step took two thirds of
-    a fit's time."""
+    per-user Hessian contributions [R, U, K, d, d] and the margins [R, U, P, K] at them (for the flip rate's update
+    and the leave-one-user-out step). The Newton steps contract users and pairs in one go: materialising the
+    per-user contributions at every step took two thirds of a fit's time."""
     eye = jnp.eye(x.shape[-1], dtype=x.dtype)
 
-    def curvature_weights(theta):
-        s = jax.nn.sigmoid(jnp.einsum("upd,rkd->rupk", x, theta))
-        return w * s * (1 - s), s
+    def margins_and_curvature(theta):
+        m = jnp.einsum("upd,rkd->rupk", x, theta)
+        s = jax.nn.sigmoid(m)
+        return m, s, w * s * (1 - s)
 
     def step(theta, _):
-        c, s = curvature_weights(theta)
-        kept = _kept(jnp.einsum("upd,rkd->rupk", x, theta), eps)
+        m, s, c = margins_and_curvature(theta)
+        kept = _kept(m, eps)
         h = jnp.einsum("upd,rupk,upe->rkde", x, c, x) + l2 * eye
         grad = -jnp.einsum("rupk,upd->rkd", w * (kept - s), x) + l2 * theta
         delta = _spd_solve(h, grad)
@@ -108,7 +109,8 @@ def _newton(x, w, theta, l2, steps: int, eps):
         return jnp.take_along_axis(candidates, best[None, ..., None], axis=0)[0], None
 
     theta, _ = jax.lax.scan(step, theta, None, length=steps)
-    return theta, jnp.einsum("upd,rupk,upe->rukde", x, curvature_weights(theta)[0], x)
+    m, _, c = margins_and_curvature(theta)
+    return theta, jnp.einsum("upd,rupk,upe->rukde", x, c, x), m
 
 
 @functools.partial(jax.jit, static_argnames=("soft_iters", "hard_iters", "newton_steps", "learn_flip_rate"))
@@ -120,11 +122,12 @@ def _fit(x, mask, gamma0, active, l2, flip_rate, soft_iters: int, hard_iters: in
 
     def m_step(gamma, theta, steps, eps):
         w = gamma[:, :, None, :] * pair_mask  # [R, U, P, K]: each pair weighted by its user's responsibilities
-        theta, own = _newton(x, w, theta, l2, steps, eps[:, None, None, None])
+        theta, own, m = _newton(x, w, theta, l2, steps, eps[:, None, None, None])
         if learn_flip_rate:  # EM for eps: the responsibility-weighted mean posterior probability of a flip
-            flipped = 1 - _kept(jnp.einsum("upd,rkd->rupk", x, theta), eps[:, None, None, None])
-            eps = jnp.clip(jnp.einsum("rupk,rupk->r", w, flipped) / jnp.maximum(jnp.einsum("rupk->r", w), 1e-6), *FLIP_RATE_BOUNDS)
-        return theta, _loo(x, w, theta, own, l2, pair_mask, eps[:, None, None, None]), eps
+            flipped = 1 - _kept(m, eps[:, None, None, None])
+            total = jnp.maximum(jnp.einsum("rupk->r", w), 1e-6)
+            eps = jnp.clip(jnp.einsum("rupk,rupk->r", w, flipped) / total, *FLIP_RATE_BOUNDS)
+        return theta, _loo(x, w, m, own, l2, pair_mask, eps[:, None, None, None]), eps
 
     def log_weights(gamma):  # [R, U, K]: user h's prior, the group sizes without h; switched-off groups get none
         others = (jnp.sum(gamma, axis=1, keepdims=True) - gamma) / max(gamma.shape[1] - 1, 1)
@@ -159,12 +162,11 @@ def _fit(x, mask, gamma0, active, l2, flip_rate, soft_iters: int, hard_iters: in
     return keep_better(best, LinearMixtureFit(gamma, theta, loo, score(gamma, loo), eps))
 
 
-def _loo(x, w, theta, own, l2, pair_mask, eps):
+def _loo(x, w, m, own, l2, pair_mask, eps):
     """L [R, U, K]: each user's log-likelihood (real pairs only) under each head refitted without them, by one
     Newton step of the objective without the user from the fitted heads: theta - (H_k - H_hk)^-1 g_hk, g_hk the
-    gradient of user h's weighted log-likelihood. Taking the user's own curvature out matters for small groups,
-    where one user is a large part of the fit."""
-    m = jnp.einsum("upd,rkd->rupk", x, theta)
+    gradient of user h's weighted log-likelihood (at the fitted heads' margins m [R, U, P, K]).
+    Taking the user's own curvature out matters for small groups, where one user is a large part of the fit."""
     g = jnp.einsum("rupk,upd->rukd", w * (_kept(m, eps) - jax.nn.sigmoid(m)), x)
     h = jnp.sum(own, axis=1, keepdims=True) + l2 * jnp.eye(x.shape[-1], dtype=x.dtype)
     shift = _spd_solve(h - own, g)  # [R, U, K, d]
@@ -195,8 +197,8 @@ def fit_linear_mixture(x: Float[Array, "n d"], user_index: Int[Array, "n"], gamm
     eps = np.broadcast_to(np.asarray(FLIP_RATE_START if flip_rate is None else flip_rate, np.float32),
                           np.shape(gamma0)[:1])
     fit = _fit(jnp.asarray(xu), jnp.asarray(mask), jnp.asarray(gamma0, jnp.float32), jnp.asarray(active),
-               jnp.float32(l2), jnp.asarray(eps), soft_iters=soft_iters, hard_iters=hard_iters, newton_steps=newton_steps,
-               learn_flip_rate=flip_rate is None)
+               jnp.float32(l2), jnp.asarray(eps), soft_iters=soft_iters, hard_iters=hard_iters,
+               newton_steps=newton_steps, learn_flip_rate=flip_rate is None)
     fit = jax.device_get(fit)  # sliced on the host: an eager slice would compile once per feature width
     return fit._replace(theta=fit.theta[..., :d])
 

@@ -2,8 +2,8 @@
 
 `feature_start` builds every candidate feature set (word clusters, single tokens, prompt terms, word clustering,
 length hinges; `features.pair_features`), fits the token-feature mixture on each (`init.fit_feature_mixture`, or
-one per K with num_groups="auto") and keeps the one that predicts left-out users best. `starting_points` gives each restart's
-initial responsibilities.
+one per K with num_groups="auto") and keeps the one that predicts left-out users best. `starting_points` gives
+each restart's initial responsibilities.
 """
 
 from __future__ import annotations
