@@ -13,7 +13,6 @@ from maxmin_jax.rewards import EMConfig, clustering_metrics
 from maxmin_jax.rewards.init import GAIN_STANDARD_ERRORS
 
 
-
 def test_cli_given_only_num_groups(cli_world, tmp_path, capsys):
     from conftest import save_word_gpt2
 
@@ -46,7 +45,6 @@ def test_cli_given_only_num_groups(cli_world, tmp_path, capsys):
     assert meta["num_groups"] == auto["k_selection"]["chosen"] == auto["num_groups"] == 2
     assert '"num_groups": 2' in printed
     assert auto["k_selection"]["k"] == [1, 2, 3]
-
 
 
 FOUR_GROUPS = zoo_world("format", num_groups=4, num_users=32, pairs_per_user=16, noise=0.3, seed=2)
