@@ -190,6 +190,29 @@ def test_sampled_worlds_stay_in_the_documented_ranges():
     assert {w.family for w in zoo("test")} == set(FAMILIES) - {"sunsea"}
 
 
+def test_independent_responses_put_no_word_kind_together():
+    """"mixed" responses draw a topic mix each, so two sun words occur together more often than chance; in
+    "independent" ones every word is drawn on its own, so they do not (what the "independent" split is for)."""
+    from maxmin_jax.data.zoo import TOPICS
+
+    def correlation(style):  # of the counts of two halves of the sun words, responses of one length
+        world = zoo_world("lexical", num_groups=2, num_users=8, response_style=style, seed=0)
+        prompts = world.prompts(4000, rng=1)
+        words = [r.split() for r in world.candidates(prompts, rng=2)]
+        first, second = (np.array([sum(w in half for w in ws) for ws in words], float)
+                         for half in (TOPICS["sun"][:4], TOPICS["sun"][4:]))
+        length = np.array([len(ws) for ws in words])
+        common = length == np.bincount(length).argmax()
+        return np.corrcoef(first[common], second[common])[0, 1]
+
+    assert correlation("mixed") > 0.15
+    assert correlation("independent") < 0.0  # given the length, one word taken is a slot the other cannot have
+    assert {w.response_style for w in zoo("independent")} == {"independent"}
+    assert {w.family for w in zoo("independent")} == set(FAMILIES)
+    with pytest.raises(ValueError, match="response_style must be one of"):
+        zoo_world("lexical", response_style="shuffled")
+
+
 def test_oracle_and_labelling_model():
     clean = zoo_world("length", num_groups=2, num_users=20, pairs_per_user=16, noise=0.05, seed=1)
     assert clean.oracle_ari() == 1.0

@@ -76,14 +76,23 @@ def _prompt_parts(prompt: str) -> tuple[str | None, int]:
     return topic, sign
 
 
-def _response(rng: np.random.Generator, prompt: str) -> str:
+RESPONSE_STYLES = ("mixed", "independent")
+
+
+def _response(rng: np.random.Generator, prompt: str, style: str = "mixed") -> str:
+    """"mixed": each response draws its own topic mix (leaning to the prompt's topic), politeness, hedging and
+    taste for ".", "!", "?", so words of a kind occur together. "independent": every word, sentence end and comma
+    is drawn from one distribution for all responses, so no two words co-occur more than chance says."""
     topic, sign = _prompt_parts(prompt)
-    mix = rng.dirichlet(np.full(len(TOPICS), 0.6))
-    if topic is not None:
-        mix = 0.5 * mix + 0.5 * np.eye(len(TOPICS))[TOPIC_NAMES.index(topic)]
+    if style == "mixed":
+        mix = rng.dirichlet(np.full(len(TOPICS), 0.6))
+        if topic is not None:
+            mix = 0.5 * mix + 0.5 * np.eye(len(TOPICS))[TOPIC_NAMES.index(topic)]
+        polite, hedge = rng.uniform(0, 0.25, size=2)
+        ends = np.cumsum(rng.dirichlet(np.ones(3)))  # this response's taste for ".", "!" and "?"
+    else:
+        mix, polite, hedge, ends = np.full(len(TOPICS), 1 / len(TOPICS)), 0.125, 0.125, np.arange(1, 4) / 3
     cumulative = np.cumsum(mix)
-    polite, hedge = rng.uniform(0, 0.25, size=2)
-    ends = np.cumsum(rng.dirichlet(np.ones(3)))  # this response's taste for ".", "!" and "?"
     sentences = int(rng.integers(1, 5)) if sign == 0 else int(np.clip(rng.integers(1, 5) + sign, 1, 4))
     as_list = rng.random() < 0.25
     out = []
@@ -164,6 +173,7 @@ class ZooWorld(SyntheticWorld):
     bt_temperature: float = 0.5
     flip_rate: float = 0.0
     prompt_style: str = "topic"  # "topic": "tell me about the sea :"; "instructed": with "briefly" / "in detail"
+    response_style: str = "mixed"  # `RESPONSE_STYLES`: whether words of a kind occur together (`_response`)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -171,6 +181,8 @@ class ZooWorld(SyntheticWorld):
             raise ValueError("names, terms, scale and group_sizes need one entry per group")
         if self.prompt_style not in ("topic", "instructed"):
             raise ValueError(f"prompt_style must be 'topic' or 'instructed', got {self.prompt_style!r}")
+        if self.response_style not in RESPONSE_STYLES:
+            raise ValueError(f"response_style must be one of {RESPONSE_STYLES}, got {self.response_style!r}")
         self.check_labelling()
 
     @property
@@ -196,7 +208,7 @@ class ZooWorld(SyntheticWorld):
 
     def candidates(self, prompts: Sequence[str], rng: RngLike = None) -> list[str]:
         rng = np.random.default_rng(rng)
-        return [_response(rng, p) for p in prompts]
+        return [_response(rng, p, self.response_style) for p in prompts]
 
     def sample_reviews(self, n: int, rng: RngLike = None) -> list[str]:
         """`n` prompt + " " + response texts (an SFT corpus for the world)."""
@@ -212,12 +224,13 @@ class ZooWorld(SyntheticWorld):
     def describe(self) -> str:
         groups = ", ".join(f"{n}({len(self.terms[i])} terms)x{s}" for i, (n, s) in
                            enumerate(zip(self.names, self.group_sizes)))
+        style = "" if self.response_style == "mixed" else f", {self.response_style} responses"
         return (f"{self.family}: {groups}; {self.pairs_per_user} pairs/user, T={self.bt_temperature:g}, "
-                f"flip={self.flip_rate:g}, seed={self.seed}")
+                f"flip={self.flip_rate:g}{style}, seed={self.seed}")
 
 
 # Families: group reward terms -----------------------------------------------------------------------------------
-def _family_terms(family: str, num_groups: int, rng: np.random.Generator
+def _family_terms(family: str, num_groups: int, rng: np.random.Generator, response_style: str = "mixed"
                   ) -> tuple[tuple[str, ...], tuple[tuple[Term, ...], ...], str]:
     """(group names, reward terms per group, prompt style) of a family with `num_groups` groups."""
     if family == "lexical":
@@ -253,18 +266,19 @@ def _family_terms(family: str, num_groups: int, rng: np.random.Generator
     if family == "sunsea":
         return ("sun", "sea", "short"), ((("count:sun", 1.0),), (("count:sea", 1.0),), (("length", -1.0),)), "topic"
     if family == "mix":
-        return _mixed_terms(num_groups, rng)
+        return _mixed_terms(num_groups, rng, response_style)
     raise ValueError(f"unknown zoo family {family!r}; expected one of {FAMILIES}")
 
 
 _MIX_FEATURES = (*(f"count:{t}" for t in TOPIC_NAMES), "count:polite", "count:hedge", "count:!", "count:?", "length")
 
 
-def _mixed_terms(num_groups: int, rng: np.random.Generator, candidates: int = 32):
+def _mixed_terms(num_groups: int, rng: np.random.Generator, response_style: str = "mixed", candidates: int = 32):
     """Each group: two features with random signs and weights; keep the draw whose groups disagree most."""
     probe = np.random.default_rng(rng.integers(1 << 31))
-    prompts = _PROBE_WORLD.prompts(256, probe)
-    a, b = _PROBE_WORLD.candidates(prompts, probe), _PROBE_WORLD.candidates(prompts, probe)
+    world = dataclasses.replace(_PROBE_WORLD, response_style=response_style)
+    prompts = world.prompts(256, probe)
+    a, b = world.candidates(prompts, probe), world.candidates(prompts, probe)
     fa, fb = features(prompts, a), features(prompts, b)
     gap = np.stack([fa[f] - fb[f] for f in _MIX_FEATURES], axis=1) / np.std(
         np.stack([fa[f] for f in _MIX_FEATURES], axis=1), axis=0)
@@ -288,9 +302,9 @@ _PROBE_WORLD = ZooWorld(family="probe", names=("p",), terms=((("length", 1.0),),
 
 
 @functools.lru_cache(maxsize=256)
-def _gap_scale(terms, prompt_style: str, seed: int) -> tuple[float, ...]:
+def _gap_scale(terms, prompt_style: str, seed: int, response_style: str = "mixed") -> tuple[float, ...]:
     """Mean |r_g(a) - r_g(b)| over 512 random pairs, per group."""
-    probe = dataclasses.replace(_PROBE_WORLD, prompt_style=prompt_style)
+    probe = dataclasses.replace(_PROBE_WORLD, prompt_style=prompt_style, response_style=response_style)
     rng = np.random.default_rng([seed, 3])
     prompts = probe.prompts(512, rng)
     a, b = probe.candidates(prompts, rng), probe.candidates(prompts, rng)
@@ -300,7 +314,7 @@ def _gap_scale(terms, prompt_style: str, seed: int) -> tuple[float, ...]:
 
 def zoo_world(family: str, *, num_groups: int | None = None, shares: Sequence[float] | None = None,
               num_users: int = 50, pairs_per_user: int = 24, noise: float = 0.5, flip_rate: float = 0.0,
-              seed: int = 0) -> ZooWorld:
+              response_style: str = "mixed", seed: int = 0) -> ZooWorld:
     """A world of `family` (one of `FAMILIES`).
 
     Args:
@@ -311,6 +325,7 @@ def zoo_world(family: str, *, num_groups: int | None = None, shares: Sequence[fl
       noise: Bradley-Terry temperature in units of the mean reward gap between random responses (sunsea: in
         word counts, as the outside report had it).
       flip_rate: fraction of labels flipped at random.
+      response_style: "mixed" (words of a kind occur together) or "independent" (every word drawn on its own).
       seed: fixes the family's random choices (which topics, features), the users' groups and the default rows.
     """
     rng = np.random.default_rng([seed, 4, FAMILIES.index(family) if family in FAMILIES else 99])
@@ -322,37 +337,42 @@ def zoo_world(family: str, *, num_groups: int | None = None, shares: Sequence[fl
     limit = 4 if family == "prompt" else 5
     if not 1 <= num_groups <= limit:
         raise ValueError(f"zoo family {family!r} has 1 to {limit} groups, got num_groups={num_groups}")
-    names, terms, style = _family_terms(family, num_groups, rng)
+    if response_style not in RESPONSE_STYLES:
+        raise ValueError(f"response_style must be one of {RESPONSE_STYLES}, got {response_style!r}")
+    names, terms, style = _family_terms(family, num_groups, rng, response_style)
     shares = (1.0,) * num_groups if shares is None else tuple(shares)
     if len(shares) != num_groups:
         raise ValueError(f"shares has {len(shares)} entries for num_groups={num_groups}")
-    scale = (1.0,) * num_groups if family == "sunsea" else _gap_scale(terms, style, seed)
+    scale = (1.0,) * num_groups if family == "sunsea" else _gap_scale(terms, style, seed, response_style)
     return ZooWorld(family=family, names=names, terms=terms, scale=scale,
                     group_sizes=scale_sizes(shares, num_users), pairs_per_user=pairs_per_user,
-                    bt_temperature=noise, flip_rate=flip_rate, prompt_style=style, seed=seed)
+                    bt_temperature=noise, flip_rate=flip_rate, prompt_style=style, response_style=response_style,
+                    seed=seed)
 
 
-def sunsea_world(seed: int = 0, *, num_users: int = 50, pairs_per_user: int = 24) -> ZooWorld:
+def sunsea_world(seed: int = 0, *, num_users: int = 50, pairs_per_user: int = 24,
+                 response_style: str = "mixed") -> ZooWorld:
     """The outside report's world: 'sun' words, 'sea' words, or short answers, at 6:3:1."""
     return zoo_world("sunsea", shares=(6, 3, 1), num_users=num_users, pairs_per_user=pairs_per_user, noise=1.0,
-                     seed=seed)
+                     response_style=response_style, seed=seed)
 
 
-def sample_world(seed: int, family: str | None = None) -> ZooWorld:
+def sample_world(seed: int, family: str | None = None, response_style: str = "mixed") -> ZooWorld:
     """A zoo world with settings drawn from `seed`: family (unless given), 2 to 5 groups (prompt: up to 4), shares
     with up to 20:1 between the largest and smallest group, 30 to 80 users, 8 to 32 pairs per user, noise 0.2 to
     1.0, 0 to 10% flipped labels."""
     rng = np.random.default_rng([seed, 5])
     family = family or str(rng.choice([f for f in FAMILIES if f != "sunsea"]))
     if family == "sunsea":
-        return sunsea_world(seed)
+        return sunsea_world(seed, response_style=response_style)
     num_groups = int(rng.integers(2, (4 if family == "prompt" else 5) + 1))
     ratio = float(np.exp(rng.uniform(0, np.log(20))))  # largest / smallest share
     shares = np.sort(np.exp(rng.uniform(0, np.log(ratio), size=num_groups)))[::-1]
     shares[0], shares[-1] = ratio, 1.0
     return zoo_world(family, num_groups=num_groups, shares=tuple(float(s) for s in shares),
                      num_users=int(rng.integers(30, 81)), pairs_per_user=int(rng.integers(8, 33)),
-                     noise=float(rng.uniform(0.2, 1.0)), flip_rate=float(rng.uniform(0, 0.1)), seed=seed)
+                     noise=float(rng.uniform(0.2, 1.0)), flip_rate=float(rng.uniform(0, 0.1)),
+                     response_style=response_style, seed=seed)
 
 
 def zoo(split: str) -> list[ZooWorld]:
@@ -362,6 +382,8 @@ def zoo(split: str) -> list[ZooWorld]:
       chosen on.
     - "heldout": sampled worlds with seeds 1000-1013 and each family at other settings: never tuned on.
     - "test": small worlds for the test suite (one per family, 2 to 4 groups, 24 to 40 users).
+    - "independent": one world per family and sampled worlds (seeds 2000-2011) whose responses draw every word on
+      its own (`RESPONSE_STYLES`), so no word class can be found from which words occur together.
     """
     if split == "tune":
         fixed = [sunsea_world(0),
@@ -391,8 +413,21 @@ def zoo(split: str) -> list[ZooWorld]:
                 zoo_world("mix", num_groups=2, shares=(2, 1), num_users=24, pairs_per_user=16, seed=2),
                 zoo_world("prompt", num_groups=2, num_users=24, pairs_per_user=24, seed=2),
                 zoo_world("lexical", num_groups=4, num_users=32, pairs_per_user=16, seed=3)]
-    raise ValueError(f"unknown zoo split {split!r}; expected 'tune', 'heldout' or 'test'")
+    if split == "independent":
+        style = {"response_style": "independent"}
+        fixed = [sunsea_world(2, **style),
+                 zoo_world("lexical", num_groups=3, shares=(4, 2, 1), num_users=42, seed=2, **style),
+                 zoo_world("length", num_groups=2, shares=(5, 1), num_users=36, seed=2, **style),
+                 zoo_world("polarity", num_groups=3, shares=(2, 1, 1), num_users=40, seed=2, **style),
+                 zoo_world("format", num_groups=3, num_users=45, noise=0.3, seed=2, **style),
+                 zoo_world("mix", num_groups=3, shares=(3, 2, 1), num_users=48, seed=2, **style),
+                 zoo_world("prompt", num_groups=2, num_users=40, pairs_per_user=32, seed=2, **style)]
+        return fixed + [sample_world(s, **style) for s in range(2000, 2012)]
+    raise ValueError(f"unknown zoo split {split!r}; expected one of {SPLITS}")
 
 
-__all__ = ["FAMILIES", "FEATURES", "VOCABULARY", "ZooWorld", "features", "sample_world", "sunsea_world", "zoo",
+SPLITS = ("tune", "heldout", "test", "independent")
+
+
+__all__ = ["FAMILIES", "FEATURES", "RESPONSE_STYLES", "SPLITS", "VOCABULARY", "ZooWorld", "features", "sample_world", "sunsea_world", "zoo",
            "zoo_world"]
