@@ -39,7 +39,8 @@ def parse_override(config_cls, text: str):
 def run_world(world, overrides: dict, seed: int) -> dict:
     """The start's ARI, and each candidate feature set's (so a candidate added to the defaults is measured against
     the choice without it in the same run: "ari_without_<name>" is the ARI of the best candidate whose <name> is
-    off, the choice the defaults made before <name> was offered)."""
+    off ("disputed": whose single tokens are not the most disputed ones), the choice the defaults made before <name>
+    was offered)."""
     from maxmin_jax.data.batching import tokenize_pairs
     from maxmin_jax.rewards import start as start_module
     from maxmin_jax.rewards.em import EMConfig
@@ -70,8 +71,8 @@ def run_world(world, overrides: dict, seed: int) -> dict:
                                       batch.groups)["ari"]
     out = {"oracle": world.oracle_ari(rows), "ari": clustering_metrics(mixture.assignments, batch.groups)["ari"],
            "seconds": seconds, "chosen": {k: v for k, v in candidate.items() if k != "scores"}, "candidates": scores}
-    for name in ("length_shape", "prompt_features", "tokens"):
-        rest = [c for c in scores if not c[name]]
+    for name in ("length_shape", "prompt_features", "tokens", "disputed"):
+        rest = [c for c in scores if (c["token_order"] != "disputed" if name == "disputed" else not c[name])]
         if rest and len(rest) < len(scores):
             out[f"ari_without_{name}"] = max(rest, key=lambda c: c["leave_one_user_out_log_likelihood"])["ari"]
     return out
@@ -102,7 +103,8 @@ def main(argv=None) -> int:
                  **run_world(world, overrides, args.seed)}
             rows.append(r)
             print(f"{split:8s} {r['world']:14s} K={r['K']} oracle {r['oracle']:.2f} ari {r['ari']:.3f} "
-                  f"(without length_shape {r.get('ari_without_length_shape', float('nan')):.3f}) "
+                  f"(without length_shape {r.get('ari_without_length_shape', float('nan')):.3f}, without disputed "
+                  f"tokens {r.get('ari_without_disputed', float('nan')):.3f}) "
                   f"{r['seconds']:6.1f}s {r['chosen']}", flush=True)
             if args.out:
                 _write(args, environment, overrides, rows)
@@ -116,7 +118,7 @@ def summary(rows: list[dict]) -> str:
     lines = []
     for split in dict.fromkeys(r["split"] for r in rows):
         sel = [r for r in rows if r["split"] == split]
-        for key in ("ari", "ari_without_length_shape"):
+        for key in ("ari", "ari_without_length_shape", "ari_without_disputed"):
             if not all(key in r for r in sel):
                 continue
             good = [r[key] for r in sel if r["oracle"] >= 0.95]

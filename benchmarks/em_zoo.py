@@ -95,7 +95,7 @@ def summary(rows: list[dict], seeds: list[int], split: str) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.em_zoo", description=__doc__.splitlines()[0])
-    p.add_argument("--split", default="tune,heldout", help="comma-separated zoo splits: tune, heldout, test")
+    p.add_argument("--split", default="tune,heldout", help="comma-separated zoo splits: tune, heldout, test, independent")
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--methods", default="ours,paper")
     p.add_argument("--auto", action="store_true", help="also run num_groups='auto'")

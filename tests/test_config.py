@@ -61,6 +61,8 @@ def test_shipped_pretrained_configs_say_what_they_are():
     ("rewards:\n  em: {method: medium}\n", r"rewards.em.method: expected one of 'hard', 'soft', got 'medium'"),
     ("rewards:\n  em: {length_shape: maybe}\n",
      r"rewards.em.length_shape: expected one of 'auto', 'on', 'off', got 'maybe'"),
+    ("rewards:\n  em: {feature_disputed_tokens: [32, 0]}\n",
+     r"rewards.em.feature_disputed_tokens: expected a list of integers >= 1, got \(32, 0\)"),
     ("rewards:\n  em: {feature_flip_rate: 0.7}\n",
      r"rewards.em.feature_flip_rate: expected 'auto' or a number in \[0, 0.5\), got 0.7"),
     ("preferences: {source: database}\n", r"preferences.source: expected one of 'world', 'files', 'psoups'"),

@@ -1,14 +1,15 @@
 """The token features of EM's start, by their arithmetic: the length hinges let a linear head prefer a length in the
-middle (which the length column alone cannot), and they measure the response, not the prompt."""
+middle (which the length column alone cannot), and they measure the response, not the prompt; the single-token
+columns are the tokens users disagree about, not the most frequent ones."""
 
 import numpy as np
 
 from maxmin_jax.data.batching import PairBatch
-from maxmin_jax.rewards.features import length_hinges, pair_features
+from maxmin_jax.rewards.features import disputed_tokens, length_hinges, pair_features
 
 
-def _batch(pairs: list[tuple[list[int], list[int], list[int]]]) -> PairBatch:
-    """(prompt, chosen response, rejected response) token ids -> a left-padded PairBatch, one user."""
+def _batch(pairs: list[tuple[list[int], list[int], list[int]]], user_index=None) -> PairBatch:
+    """(prompt, chosen response, rejected response) token ids -> a left-padded PairBatch (default: one user)."""
     width = max(len(p) + max(len(c), len(r)) for p, c, r in pairs)
 
     def pad(seqs):
@@ -21,7 +22,9 @@ def _batch(pairs: list[tuple[list[int], list[int], list[int]]]) -> PairBatch:
 
     chosen_ids, chosen_mask = pad([p + c for p, c, _ in pairs])
     rejected_ids, rejected_mask = pad([p + r for p, _, r in pairs])
-    return PairBatch(chosen_ids, chosen_mask, rejected_ids, rejected_mask, np.zeros(len(pairs), np.int32), ("u",))
+    users = np.zeros(len(pairs), np.int32) if user_index is None else np.asarray(user_index, np.int32)
+    return PairBatch(chosen_ids, chosen_mask, rejected_ids, rejected_mask, users,
+                     tuple(f"u{i}" for i in range(int(users.max()) + 1)))
 
 
 def test_length_hinges_represent_a_preferred_middle_length():
@@ -69,3 +72,63 @@ def test_a_candidate_tried_on_top_of_the_best_must_win_clearly():
     # A middle-length group fitted at last: +1.5 nats for each of its 13 users, the others as noisy as before.
     gain = noise + np.where(np.arange(40) < 13, 1.5, 0.0)
     assert _clearly_better(SimpleNamespace(user_scores=old.user_scores + gain), old)
+
+
+def test_disputed_tokens_rank_what_users_disagree_about_not_what_is_frequent():
+    """Token 10: half the users prefer responses with it, half without (pooled, no preference at all). 11: every
+    user prefers it (a strong pooled preference that tells no group apart). 12: in every pair, labelled at random.
+    13: a rare token that half the users like. 14: in one user's pairs only."""
+    rng = np.random.default_rng(0)
+    pairs, users = [], []
+    for user in range(8):
+        likes_10 = user < 4
+        for i in range(24):
+            token = (10, 11)[i % 2] if i % 6 else 13
+            if i % 6 == 0 and user == 0:
+                token = 14
+            wins = token == 11 or (token in (10, 13) and likes_10) or (token == 14)
+            noise = [12] if rng.random() < 0.5 else []  # on one side or the other, at random
+            fillers = rng.integers(50, 80, size=3).tolist()  # the other words, thinly spread
+            with_token, without = [token, *fillers[:1]] + noise, fillers[1:] + ([] if noise else [12])
+            pairs.append(([40], with_token, without) if wins else ([40], without, with_token))
+            users.append(user)
+    batch = _batch(pairs, users)
+    order = disputed_tokens(batch, batch.num_pairs, batch.user_index, batch.num_users).tolist()
+    assert order[:2] == [10, 13]  # the rare disputed token before the frequent agreed one
+    assert order.index(11) > 1 and order.index(12) > 1
+    assert 14 not in order and 40 not in order  # one user's token; the prompt (never differs within a pair)
+    # Only the first `num_pairs` pairs' labels count (the rest are held out): with users 0-3 only, 10 is agreed on.
+    first_half = int(np.searchsorted(batch.user_index, 4))
+    order = disputed_tokens(batch, first_half, batch.user_index[:first_half], 4).tolist()
+    assert order[0] not in (10, 13)
+    # The columns follow the order given.
+    x = pair_features(batch, clusters=2, tokens=2, token_order=np.array([13, 10]))
+    diff = lambda t: np.array([c.count(t) - r.count(t) for _, c, r in pairs], np.float32)  # noqa: E731
+    np.testing.assert_array_equal(x[:, -2:], np.stack([diff(13), diff(10)], axis=1))
+
+
+def test_disputed_tokens_find_a_word_class_whose_words_never_occur_together():
+    """The outside report's world (sun words, sea words, short answers) with every word drawn on its own: no word
+    cluster holds the sun words, and the most frequent tokens are the fillers. The start finds most of the groups
+    only when the most disputed tokens are among its candidates, and its score picks them. (Not all: single-token
+    columns are no word class, docs/em.md.)"""
+    from maxmin_jax.data.batching import tokenize_pairs
+    from maxmin_jax.data.zoo import zoo_world
+    from maxmin_jax.rewards.em import EMConfig
+    from maxmin_jax.rewards.scoring import clustering_metrics
+    from maxmin_jax.rewards.start import feature_start
+
+    world = zoo_world("sunsea", shares=(6, 3, 1), num_users=40, pairs_per_user=20, noise=1.0,
+                      response_style="independent", seed=3)
+    rows = world.preference_rows()
+    assert world.oracle_ari(rows) == 1.0
+    batch = tokenize_pairs(world.tokenizer(), rows, max_length=64)
+    small = dict(num_groups=3, progress=False, feature_clusters=(8,), feature_seeds=1, prompt_features="off",
+                 length_shape="off")  # a small screen: the word clusters' variants are not what this is about
+    ari = {}
+    for disputed in ((), (32,)):
+        _, mixture, _, chosen = feature_start(batch, batch.num_pairs, batch.user_index, batch.num_users,
+                                              EMConfig(**small, feature_disputed_tokens=disputed))
+        ari[disputed] = clustering_metrics(mixture.assignments, batch.groups)["ari"]
+    assert chosen["token_order"] == "disputed" and chosen["tokens"] == 32
+    assert ari[(32,)] >= 0.7 and ari[()] < 0.4, ari  # measured: 0.82 and 0.20

@@ -70,6 +70,12 @@ class EMConfig:
     feature_tokens: tuple[int, ...] = (0, 16)
     """Numbers of most frequent tokens that are token features on their own, tried the same way: 0 (clusters and
     length only) wins where single tokens are noise, 16 where punctuation or function words tell groups apart."""
+    feature_disputed_tokens: tuple[int, ...] = (32,)
+    """Numbers of the most disputed tokens (`features.disputed_tokens`: those users' labels disagree about most)
+    that are token features on their own, tried with each word clustering (without prompt terms unless
+    prompt_features="on"); () for none. They find the words a group cares about where those words do not occur
+    together and so form no word cluster. Their scores are optimistic (the ranking saw the labels), so they win
+    only by more than one standard error."""
     feature_seeds: int = 3
     """Word clusterings (k-means seeds) tried for the chosen feature set; the one whose mixture predicts left-out
     users best is kept (the clustering of a small vocabulary varies with the seed)."""
@@ -130,11 +136,13 @@ class EMConfig:
                          f"expected an integer >= 2, got {self.user_folds!r}")
         validate.positive_int(self, "restarts", "init_restarts", "rounds", "batch_size", "chunk_size", "patience",
                               "feature_seeds", "length_knots")
-        for name, lowest in (("feature_clusters", 1), ("feature_tokens", 0)):
+        for name, lowest, least in (("feature_clusters", 1, 1), ("feature_tokens", 0, 1),
+                                    ("feature_disputed_tokens", 1, 0)):
             values = getattr(self, name)
-            validate.require(isinstance(values, tuple) and len(values) > 0
+            validate.require(isinstance(values, tuple) and len(values) >= least
                              and all(isinstance(v, int) and not isinstance(v, bool) and v >= lowest for v in values),
-                             self, name, f"expected a non-empty list of integers >= {lowest}, got {values!r}")
+                             self, name, f"expected a {'non-empty ' if least else ''}list of integers >= {lowest}, "
+                                         f"got {values!r}")
         validate.non_negative_int(self, "steps_per_round", optional=True)
         validate.positive(self, "epochs_per_round", "feature_l2")
         validate.require(self.feature_flip_rate == "auto" or (

@@ -8,7 +8,9 @@ gives, for each pair, chosen minus rejected of:
 
 - the count of each word cluster's tokens (`clusters` features),
 - the length in tokens (1),
-- the count of each of the `tokens` most frequent tokens on their own (punctuation, function words),
+- the count of each of `tokens` single tokens on their own: by default the most widespread (punctuation, function
+  words); `feature_start` passes the most disputed (`disputed_tokens`: the tokens users disagree about most), which
+  finds the words a group cares about even where they do not occur together and so form no cluster,
 - with `length_knots`: hinges of the response's length at quantiles of all response lengths (`length_hinges`),
   so a head can prefer a length in the middle, not only longer or shorter,
 - with `prompt_terms`: for each cluster, whether the prompt uses it times the count difference (does the response
@@ -54,6 +56,40 @@ def _prompt_presence(prompts: list[np.ndarray], vocab: int):
     out = sparse.coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(len(prompts), vocab)).tocsr()
     out.data[:] = 1.0
     return out
+
+
+def _pair_differences(batch: PairBatch):
+    """Sparse [N, vocab]: chosen minus rejected token counts of each pair."""
+    vocab = int(max(batch.chosen_ids.max(), batch.rejected_ids.max())) + 1
+    return (_sequence_counts(batch.chosen_ids, batch.chosen_mask, vocab)
+            - _sequence_counts(batch.rejected_ids, batch.rejected_mask, vocab)).tocsr()
+
+
+def disputed_tokens(batch: PairBatch, num_pairs: int, user_index: np.ndarray, num_users: int) -> np.ndarray:
+    """Token ids, the most disputed first: ranked by how far the users' preferences for a token (from the labels
+    of the first `num_pairs` pairs, user_index [num_pairs]) differ more than chance would make them differ.
+
+    User u's preference for token v is e_uv = a_uv / s_uv, a_uv = sum over u's pairs of d (chosen minus rejected
+    count of v), s_uv = sum of d^2, with variance (1 - e_v^2) / s_uv if every user shared the pooled preference
+    e_v = sum a / sum s. Cochran's heterogeneity Q_v = sum_u s_uv (e_uv - e_v)^2 / (1 - e_v^2) is then about
+    chi-square with (users who saw v differ) - 1 degrees of freedom; tokens are ranked by its z-score. A token
+    all users like alike tells no group apart, however frequent; one that some like and others dislike, or only
+    some care about, does, however rare. Tokens that differ in the pairs of fewer than two users come last."""
+    from scipy import sparse
+
+    diff = _pair_differences(batch)[:num_pairs]
+    by_user = sparse.csr_matrix((np.ones(num_pairs), (np.asarray(user_index), np.arange(num_pairs))),
+                                shape=(num_users, num_pairs))
+    a = (by_user @ diff).tocsr()  # [U, vocab], sparse: memory O(pairs' tokens), not O(users * vocab)
+    s = (by_user @ diff.multiply(diff)).tocsr()
+    total_a, total_s = (np.asarray(m.sum(axis=0)).ravel() for m in (a, s))
+    pooled = total_a / np.maximum(total_s, 1e-12)
+    # sum_u s (a/s - pooled)^2 = sum_u a^2/s - total_a^2/total_s (a != 0 only where s != 0)
+    spread = np.asarray(a.multiply(a).multiply(s.power(-1)).sum(axis=0)).ravel() - total_a * pooled
+    q = spread / np.maximum(1.0 - pooled ** 2, 1e-6)
+    dof = s.getnnz(axis=0) - 1.0
+    z = np.where(dof >= 1, (q - dof) / np.sqrt(2.0 * np.maximum(dof, 1.0)), -np.inf)
+    return np.argsort(-z, kind="stable")[:int(np.sum(np.isfinite(z)))]
 
 
 def length_hinges(chosen: np.ndarray, rejected: np.ndarray, knots: int) -> np.ndarray:
@@ -115,11 +151,12 @@ def batch_word_clusters(batch: PairBatch, clusters: int, *, embedding_dim: int =
 
 def pair_features(batch: PairBatch, *, clusters: int = 16, tokens: int = 16, prompt_terms: bool = False,
                   length_knots: int = 0, embedding_dim: int = 16, max_vocab: int = 2048, seed: int = 0,
-                  labels: np.ndarray | None = None) -> np.ndarray:
+                  labels: np.ndarray | None = None, token_order: np.ndarray | None = None) -> np.ndarray:
     """[N, d] float32 features of each pair (module docstring): d <= clusters + 1 + tokens (+ 2 * clusters with
     `prompt_terms`, + `length_knots`); columns that are zero for every pair are dropped. `labels`: the word clusters
-    (`batch_word_clusters` with the same `clusters`), when several feature sets share one clustering. Memory
-    O(N * tokens per pair + max_vocab^2)."""
+    (`batch_word_clusters` with the same `clusters`), when several feature sets share one clustering.
+    `token_order`: token ids whose first `tokens` are the single-token columns (e.g. `disputed_tokens`); default
+    the most widespread. Memory O(N * tokens per pair + max_vocab^2)."""
     from scipy import sparse
 
     if batch.num_pairs == 0:
@@ -136,10 +173,11 @@ def pair_features(batch: PairBatch, *, clusters: int = 16, tokens: int = 16, pro
     diff = (chosen - rejected).tocsr()
     by_cluster = np.asarray((diff @ member).todense())[:, :clusters]
     length = (batch.chosen_mask.sum(1) - batch.rejected_mask.sum(1)).astype(np.float64)[:, None]
-    spread = np.asarray(((chosen > 0) + (rejected > 0)).sum(axis=0)).ravel()
-    frequent = np.argsort(-spread, kind="stable")[:tokens]
-    frequent = frequent[spread[frequent] > 0]
-    columns = [by_cluster, length, np.asarray(diff[:, frequent].todense())]
+    if token_order is None:
+        spread = np.asarray(((chosen > 0) + (rejected > 0)).sum(axis=0)).ravel()
+        token_order = np.argsort(-spread, kind="stable")
+        token_order = token_order[spread[token_order] > 0]
+    columns = [by_cluster, length, np.asarray(diff[:, np.asarray(token_order)[:tokens]].todense())]
     prompts = _prompts(batch) if prompt_terms or length_knots else None
     if length_knots:  # of the responses alone: the prompt's length would blur where the bends are
         prompt_length = np.array([len(p) for p in prompts])
@@ -153,4 +191,4 @@ def pair_features(batch: PairBatch, *, clusters: int = 16, tokens: int = 16, pro
     return x[:, keep if keep.any() else slice(0, 1)].astype(np.float32)
 
 
-__all__ = ["batch_word_clusters", "length_hinges", "pair_features", "word_clusters"]
+__all__ = ["batch_word_clusters", "disputed_tokens", "length_hinges", "pair_features", "word_clusters"]
