@@ -429,5 +429,5 @@ def zoo(split: str) -> list[ZooWorld]:
 SPLITS = ("tune", "heldout", "test", "independent")
 
 
-__all__ = ["FAMILIES", "FEATURES", "RESPONSE_STYLES", "SPLITS", "VOCABULARY", "ZooWorld", "features", "sample_world", "sunsea_world", "zoo",
-           "zoo_world"]
+__all__ = ["FAMILIES", "FEATURES", "RESPONSE_STYLES", "SPLITS", "VOCABULARY", "ZooWorld", "features", "sample_world",
+           "sunsea_world", "zoo", "zoo_world"]
