@@ -2,6 +2,7 @@
 rate it learns, plain Bradley-Terry at a fixed rate of 0, and the user that the flips save on a zoo world."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -11,8 +12,10 @@ from maxmin_jax.rewards.em import EMConfig
 from maxmin_jax.rewards.linear_mixture import fit_linear_mixture
 
 
-def test_flipped_label_likelihood_is_a_probability_with_a_floor():
+@pytest.mark.parametrize("on", ["numpy", "jax"])  # the host's held-out scoring, and the jitted fits
+def test_flipped_label_likelihood_is_a_probability_with_a_floor(on):
     m = np.linspace(-40.0, 40.0, 81, dtype=np.float32)
+    m = jnp.asarray(m) if on == "jax" else m
     np.testing.assert_allclose(flipped_label_log_likelihood(m, 0.0), jax.nn.log_sigmoid(m), rtol=1e-6)
     for eps in (0.01, 0.1):
         ll = np.asarray(flipped_label_log_likelihood(m, eps), np.float64)

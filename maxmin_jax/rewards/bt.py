@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float
 
 
@@ -22,7 +23,11 @@ def flipped_label_log_likelihood(margin: Float[Array, "..."], flip_rate: Float[A
                                  ) -> Float[Array, "..."]:
     """log P(label | reward margin) when labels are flipped at random at rate eps:
     log(eps + (1 - 2 eps) sigmoid(margin)), so a contradicted pair costs at most log(1 / eps); eps broadcasts
-    against margin, and eps = 0 is plain Bradley-Terry."""
+    against margin, and eps = 0 is plain Bradley-Terry. A numpy margin (the host's held-out scoring) is computed
+    by numpy, in its precision: eager jax would compile anew for every shape of held-out pairs."""
+    if isinstance(margin, np.ndarray):
+        with np.errstate(divide="ignore"):  # log(0) = -inf is eps = 0's exact term
+            return np.logaddexp(np.log(flip_rate), np.log1p(-2 * flip_rate) - np.logaddexp(0.0, -margin))
     return jnp.logaddexp(jnp.log(flip_rate), jnp.log1p(-2 * flip_rate) + jax.nn.log_sigmoid(margin))
 
 

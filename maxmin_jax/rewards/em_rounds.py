@@ -69,7 +69,7 @@ def _linear_heldout_L(held: Heldout, theta: np.ndarray, num_users: int, flip_rat
     """[U, K]: the held-out pairs' log-likelihoods under the linear heads, summed by user."""
     ll = flipped_label_log_likelihood(held.features @ theta.T, flip_rate)
     out = np.zeros((num_users, theta.shape[0]))
-    np.add.at(out, held.user_index, np.asarray(ll, np.float64))
+    np.add.at(out, held.user_index, ll)
     return out
 
 

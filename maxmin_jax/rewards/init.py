@@ -181,7 +181,7 @@ def _held_out_user_scores(features, user_index, num_users, fits: dict[int, Featu
                                           x[held_rows], l2)
             L = np.zeros((2, num_users, k))
             np.add.at(L, (half[held_rows], user_index[held_rows]),
-                      np.asarray(flipped_label_log_likelihood(margins, flip_rates[i]), np.float64))
+                      flipped_label_log_likelihood(margins, np.float64(flip_rates[i])))
             for a in (0, 1):
                 placed = log_w + L[a, held]
                 placed -= np.logaddexp.reduce(placed, axis=-1, keepdims=True)
