@@ -58,11 +58,11 @@ def _prompt_presence(prompts: list[np.ndarray], vocab: int):
     return out
 
 
-def _pair_differences(batch: PairBatch):
-    """Sparse [N, vocab]: chosen minus rejected token counts of each pair."""
+def _response_counts(batch: PairBatch):
+    """Sparse [N, vocab] token counts of each pair's chosen and of its rejected sequence, vocab the largest id + 1."""
     vocab = int(max(batch.chosen_ids.max(), batch.rejected_ids.max())) + 1
-    return (_sequence_counts(batch.chosen_ids, batch.chosen_mask, vocab)
-            - _sequence_counts(batch.rejected_ids, batch.rejected_mask, vocab)).tocsr()
+    return (_sequence_counts(batch.chosen_ids, batch.chosen_mask, vocab),
+            _sequence_counts(batch.rejected_ids, batch.rejected_mask, vocab))
 
 
 def disputed_tokens(batch: PairBatch, num_pairs: int, user_index: np.ndarray, num_users: int) -> np.ndarray:
@@ -77,7 +77,8 @@ def disputed_tokens(batch: PairBatch, num_pairs: int, user_index: np.ndarray, nu
     some care about, does, however rare. Tokens that differ in the pairs of fewer than two users come last."""
     from scipy import sparse
 
-    diff = _pair_differences(batch)[:num_pairs]
+    chosen, rejected = _response_counts(batch)
+    diff = (chosen - rejected).tocsr()[:num_pairs]
     by_user = sparse.csr_matrix((np.ones(num_pairs), (np.asarray(user_index), np.arange(num_pairs))),
                                 shape=(num_users, num_pairs))
     a = (by_user @ diff).tocsr()  # [U, vocab], sparse: memory O(pairs' tokens), not O(users * vocab)
@@ -143,9 +144,7 @@ def batch_word_clusters(batch: PairBatch, clusters: int, *, embedding_dim: int =
     """`word_clusters` of the responses of `batch` (chosen and rejected): cluster id [vocab] of every token."""
     from scipy import sparse
 
-    vocab = int(max(batch.chosen_ids.max(), batch.rejected_ids.max())) + 1
-    counts = sparse.vstack([_sequence_counts(batch.chosen_ids, batch.chosen_mask, vocab),
-                            _sequence_counts(batch.rejected_ids, batch.rejected_mask, vocab)]).tocsr()
+    counts = sparse.vstack(_response_counts(batch)).tocsr()
     return word_clusters(counts, clusters, embedding_dim=embedding_dim, max_vocab=max_vocab, seed=seed)
 
 
@@ -161,9 +160,8 @@ def pair_features(batch: PairBatch, *, clusters: int = 16, tokens: int = 16, pro
 
     if batch.num_pairs == 0:
         raise ValueError("pair_features: no pairs")
-    vocab = int(max(batch.chosen_ids.max(), batch.rejected_ids.max())) + 1
-    chosen = _sequence_counts(batch.chosen_ids, batch.chosen_mask, vocab)
-    rejected = _sequence_counts(batch.rejected_ids, batch.rejected_mask, vocab)
+    chosen, rejected = _response_counts(batch)
+    vocab = chosen.shape[1]
     if labels is None:
         labels = word_clusters(sparse.vstack([chosen, rejected]).tocsr(), clusters, embedding_dim=embedding_dim,
                                max_vocab=max_vocab, seed=seed)
