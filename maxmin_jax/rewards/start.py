@@ -52,7 +52,8 @@ def feature_start(everything: PairBatch, num_train_pairs: int, user_index: np.nd
 
     clusterings = {}  # (clusters, seed) -> word cluster of every token, shared by that clustering's candidates
     token_orders = {"frequent": None,  # pair_features' default: the most widespread tokens
-                    "disputed": disputed_tokens(everything, num_train_pairs, user_index, num_users)}  # training labels
+                    "disputed": disputed_tokens(everything, num_train_pairs, user_index, num_users)  # training labels
+                    if config.feature_disputed_tokens else None}
     tokens = [(n, "frequent") for n in config.feature_tokens] + [(n, "disputed")
                                                                   for n in config.feature_disputed_tokens]
 
