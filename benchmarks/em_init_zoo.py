@@ -1,12 +1,13 @@
 """EM's token-feature start alone on the zoo: ARI of the partition `fit_em` would start from, per world.
 
-    python -m benchmarks.em_init_zoo --split tune,heldout,test --out /tmp/init.json [--set feature_shape=off]
+    python -m benchmarks.em_init_zoo --split tune,heldout,test --out /tmp/init.json [--set feature_shape=off] [--auto]
 
 In every zoo fit measured so far the reward-model rounds kept the start's partition, so this is the fast loop for
 the start's defaults: `rewards.start.feature_start` on each world's tokenized pairs, exactly as `fit_em` calls it
 (no held-out split of its own: the features of every pair, the mixture on all of them), at the true K, then the ARI
 of the mixture's assignments. `--set name=value` overrides an `EMConfig` field (tuples as comma lists), so a
-candidate default is compared with the current one on the same worlds. Prints per-world rows and per-split means.
+candidate default is compared with the current one on the same worlds. `--auto`: num_groups="auto" instead of the
+true K, recording the K chosen (the start chooses K for `fit_em`). Prints per-world rows and per-split means.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def parse_override(config_cls, text: str):
     return name, value
 
 
-def run_world(world, overrides: dict, seed: int) -> dict:
+def run_world(world, overrides: dict, seed: int, auto: bool = False) -> dict:
     """The start's ARI, and each candidate feature set's (so a candidate added to the defaults is measured against
     the choice without it in the same run: "ari_without_<name>" is the ARI of the best candidate whose <name> is
     off ("disputed": whose single tokens are not the most disputed ones), the choice the defaults made before <name>
@@ -48,7 +49,7 @@ def run_world(world, overrides: dict, seed: int) -> dict:
 
     rows = world.preference_rows()
     batch = tokenize_pairs(world.tokenizer(), rows, max_length=64)
-    config = EMConfig(num_groups=world.num_groups, seed=seed, progress=False, **overrides)
+    config = EMConfig(num_groups="auto" if auto else world.num_groups, seed=seed, progress=False, **overrides)
     fitted = []  # every mixture feature_start fits, to find each candidate's by its score
     real = start_module.fit_feature_mixture
 
@@ -66,12 +67,14 @@ def run_world(world, overrides: dict, seed: int) -> dict:
         start_module.fit_feature_mixture = real
     by_score = {f.score: f for f in fitted}
     scores = candidate["scores"]
-    for c in scores:
-        c["ari"] = clustering_metrics(by_score[c["leave_one_user_out_log_likelihood"]].assignments,
-                                      batch.groups)["ari"]
+    for c in scores:  # with --auto a candidate's score is its best K's, fitted inside select_num_groups: no ARI
+        if c["leave_one_user_out_log_likelihood"] in by_score:
+            c["ari"] = clustering_metrics(by_score[c["leave_one_user_out_log_likelihood"]].assignments,
+                                          batch.groups)["ari"]
     out = {"oracle": world.oracle_ari(rows), "ari": clustering_metrics(mixture.assignments, batch.groups)["ari"],
-           "seconds": seconds, "chosen": {k: v for k, v in candidate.items() if k != "scores"}, "candidates": scores}
-    for name in ("length_shape", "prompt_features", "tokens", "disputed"):
+           "seconds": seconds, "chosen": {k: v for k, v in candidate.items() if k != "scores"}, "candidates": scores,
+           "k": mixture.num_groups}
+    for name in ("length_shape", "prompt_features", "tokens", "disputed") if not auto else ():
         rest = [c for c in scores if (c["token_order"] != "disputed" if name == "disputed" else not c[name])]
         if rest and len(rest) < len(scores):
             out[f"ari_without_{name}"] = max(rest, key=lambda c: c["leave_one_user_out_log_likelihood"])["ari"]
@@ -84,6 +87,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", default="", help="split:index,... (e.g. heldout:2,tune:5); default every world")
     p.add_argument("--set", action="append", default=[], help="EMConfig field=value (repeatable)")
+    p.add_argument("--auto", action="store_true", help='num_groups="auto": record the K chosen')
     p.add_argument("--out", default="")
     args = p.parse_args(argv)
 
@@ -100,21 +104,21 @@ def main(argv=None) -> int:
             if only and (split, str(i)) not in only:
                 continue
             r = {"split": split, "index": i, "world": f"{world.family} #{i}", "K": world.num_groups,
-                 **run_world(world, overrides, args.seed)}
+                 **run_world(world, overrides, args.seed, args.auto)}
             rows.append(r)
-            print(f"{split:8s} {r['world']:14s} K={r['K']} oracle {r['oracle']:.2f} ari {r['ari']:.3f} "
+            print(f"{split:8s} {r['world']:14s} K={r['K']} chose {r['k']} oracle {r['oracle']:.2f} ari {r['ari']:.3f} "
                   f"(without length_shape {r.get('ari_without_length_shape', float('nan')):.3f}, without disputed "
                   f"tokens {r.get('ari_without_disputed', float('nan')):.3f}) "
                   f"{r['seconds']:6.1f}s {r['chosen']}", flush=True)
             if args.out:
                 _write(args, environment, overrides, rows)
-    print(summary(rows))
+    print(summary(rows, args.auto))
     if args.out:
         _write(args, environment, overrides, rows)
     return 0
 
 
-def summary(rows: list[dict]) -> str:
+def summary(rows: list[dict], auto: bool = False) -> str:
     lines = []
     for split in dict.fromkeys(r["split"] for r in rows):
         sel = [r for r in rows if r["split"] == split]
@@ -125,16 +129,20 @@ def summary(rows: list[dict]) -> str:
             lines.append(f"{split} {key}: mean {np.mean([r[key] for r in sel]):.3f} over {len(sel)} worlds; oracle "
                          f">= 0.95: mean {np.mean(good) if good else float('nan'):.3f}, >= 0.9 in "
                          f"{sum(a >= 0.9 for a in good)}/{len(good)}")
+        good = [r for r in sel if r["oracle"] >= 0.95]
+        if auto:
+            lines.append(f"{split}: K chosen right in {sum(r['k'] == r['K'] for r in sel)}/{len(sel)} worlds, "
+                         f"{sum(r['k'] == r['K'] for r in good)}/{len(good)} with oracle >= 0.95")
         lines.append(f"{split}: {sum(r['seconds'] for r in sel):.0f} s of feature_start")
     return "\n".join(lines)
 
 
 def _write(args, environment: dict, overrides: dict, rows: list[dict]) -> None:
     with open(args.out, "w") as f:
-        json.dump({"command": " ".join(["python -m benchmarks.em_init_zoo", *sys.argv[1:]]),
+        json.dump({"command": " ".join(["python -m benchmarks.em_init_zoo", *sys.argv[1:]]), "auto": args.auto,
                    "environment": environment,
                    "overrides": {k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()},
-                   "summary": summary(rows), "rows": rows}, f, indent=1)
+                   "summary": summary(rows, args.auto), "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":
