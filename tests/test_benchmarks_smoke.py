@@ -203,3 +203,14 @@ def test_timing_helpers():
     assert calls == ["a", "b"] * 4 and set(timings) == {"a", "b"}
     assert all(isinstance(t, Timing) and t.repeats == 3 for t in timings.values())
     assert quartiles([1.0, 2.0, 3.0, 4.0, 5.0]) == (2.0, 4.0) and quartiles([7.0]) == (7.0, 7.0)
+
+
+def test_em_init_zoo_summary_counts_the_k_chosen_only_with_auto():
+    from benchmarks.em_init_zoo import summary
+
+    rows = [{"split": "independent", "oracle": o, "ari": a, "k": k, "K": 3, "seconds": 1.0}
+            for o, a, k in ((1.0, 1.0, 3), (1.0, 0.5, 2), (0.9, 0.2, 3))]
+    text = summary(rows, auto=True)
+    assert "K chosen right in 2/3 worlds, 1/2 with oracle >= 0.95" in text
+    assert "oracle >= 0.95: mean 0.750, >= 0.9 in 1/2" in text
+    assert "K chosen" not in summary(rows)
