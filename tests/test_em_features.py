@@ -74,6 +74,43 @@ def test_a_candidate_tried_on_top_of_the_best_must_win_clearly():
     assert _clearly_better(SimpleNamespace(user_scores=old.user_scores + gain), old)
 
 
+def test_rivals_are_the_feature_sets_the_score_cannot_tell_apart_and_disagreement_is_warned_about():
+    """A candidate within one standard error of the chosen one's score is a rival, however it groups the users;
+    one clearly worse is not. A fit whose rival groups the users otherwise (ARI below MIN_RIVAL_AGREEMENT) is
+    warned about; one whose rivals agree, or that has none, is not."""
+    from types import SimpleNamespace
+
+    from maxmin_jax.rewards.diagnostics import MIN_RIVAL_AGREEMENT, fit_warnings
+    from maxmin_jax.rewards.start import rival_agreement
+
+    rng = np.random.default_rng(0)
+    groups = np.repeat([0, 1], 20)
+    user_scores = rng.normal(-20.0, 3.0, size=40)
+
+    def mixture(assignments, shift):  # per-user scores shifted by `shift` nats in total, noise of spread 1
+        noise = rng.normal(0.0, 1.0, size=40)
+        scores = user_scores - (noise - noise.mean()) - shift / 40
+        return SimpleNamespace(assignments=np.asarray(assignments), user_scores=scores, score=float(scores.sum()))
+
+    chosen = SimpleNamespace(assignments=groups, user_scores=user_scores, score=float(user_scores.sum()))
+    relabelled = mixture(1 - groups, 2.0)  # the same partition, other labels: 2 nats worse, SE about 6
+    mixed_up = mixture(np.tile([0, 1], 20), 3.0)  # another partition, as good within the noise
+    worse = mixture(np.tile([0, 1], 20), 60.0)  # another partition, far worse
+    assert rival_agreement(chosen, [relabelled, worse]) == {"count": 1, "lowest_ari": 1.0}
+    found = rival_agreement(chosen, [relabelled, mixed_up, worse])
+    assert found["count"] == 2 and found["lowest_ari"] < 0.0
+    assert rival_agreement(chosen, [worse]) == {"count": 0, "lowest_ari": None}
+
+    def warnings(rivals):
+        result = SimpleNamespace(assignments=groups, num_groups=2,
+                                 diagnostics={"init": {"feature_set": {"rivals": rivals}}})
+        return [w for w in fit_warnings(result) if "groups are uncertain" in w]
+
+    assert len(warnings(found)) == 1 and "ARI down to" in warnings(found)[0]
+    assert warnings({"count": 1, "lowest_ari": MIN_RIVAL_AGREEMENT + 0.05}) == []
+    assert warnings({"count": 0, "lowest_ari": None}) == []
+
+
 def test_disputed_tokens_rank_what_users_disagree_about_not_what_is_frequent():
     """Token 10: half the users prefer responses with it, half without (pooled, no preference at all). 11: every
     user prefers it (a strong pooled preference that tells no group apart). 12: in every pair, labelled at random.

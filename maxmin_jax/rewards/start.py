@@ -15,7 +15,7 @@ import numpy as np
 
 from maxmin_jax.data.batching import PairBatch
 from maxmin_jax.rewards.features import batch_word_clusters, disputed_tokens, pair_features
-from maxmin_jax.rewards.init import (FeatureMixture, fit_feature_mixture, initial_assignments,
+from maxmin_jax.rewards.init import (FeatureMixture, adjusted_rand, fit_feature_mixture, initial_assignments,
                                      paired_standard_error, select_num_groups)
 
 if TYPE_CHECKING:
@@ -47,7 +47,8 @@ def feature_start(everything: PairBatch, num_train_pairs: int, user_index: np.nd
     is then tried once more with the length hinges, kept on the same condition. A feature that tells no group
     apart still gets a noisy weight in every head and blurs which head predicts a user best, so fewer features win
     where they suffice.
-    Returns (features, mixture, K selection or None, the chosen candidate as a dict)."""
+    Returns (features, mixture, K selection or None, the chosen candidate as a dict, with every candidate's score
+    and `rival_agreement`)."""
     prompt = {"on": [True], "off": [False], "auto": [False, True]}[config.prompt_features]
 
     clusterings = {}  # (clusters, seed) -> word cluster of every token, shared by that clustering's candidates
@@ -102,6 +103,7 @@ def feature_start(everything: PairBatch, num_train_pairs: int, user_index: np.nd
         fits[shaped] = fit(*shaped)
         if _clearly_better(fits[shaped][2], fits[chosen][2]):
             chosen = shaped
+    agreement = rival_agreement(fits[chosen][2], [f[2] for c, f in fits.items() if c != chosen])
     if config.num_groups == "auto":  # K by users held out of the fit, on the chosen features
         _, x, _, screen = fits[chosen]
         selection = select_num_groups(x[:num_train_pairs], user_index, num_users, config.k_range,
@@ -118,7 +120,19 @@ def feature_start(everything: PairBatch, num_train_pairs: int, user_index: np.nd
     candidate = dict(zip(names, chosen))
     candidate["scores"] = [{**dict(zip(names, c)), "leave_one_user_out_log_likelihood": float(f[0])}
                            for c, f in fits.items()]
+    candidate["rivals"] = agreement
     return x, mixture, selection, candidate
+
+
+def rival_agreement(chosen: FeatureMixture, others: list[FeatureMixture]) -> dict:
+    """The candidates the score cannot tell from the chosen one (leave-one-user-out log-likelihood lower by at most
+    one standard error of the per-user differences), and the lowest ARI between their partitions and the chosen
+    one's (None without rivals). Where equally good feature sets group the users differently, the data do not
+    settle the groups (`diagnostics.MIN_RIVAL_AGREEMENT`)."""
+    rivals = [f for f in others
+              if chosen.score - f.score <= paired_standard_error(chosen.user_scores, f.user_scores)]
+    lowest = min((adjusted_rand(chosen.assignments, f.assignments) for f in rivals), default=None)
+    return {"count": len(rivals), "lowest_ari": lowest}
 
 
 def _clearly_better(new: FeatureMixture, old: FeatureMixture) -> bool:
@@ -130,4 +144,4 @@ def _clearly_better(new: FeatureMixture, old: FeatureMixture) -> bool:
     return float(np.sum(new_scores - old_scores)) > paired_standard_error(new_scores, old_scores)
 
 
-__all__ = ["feature_start", "starting_points"]
+__all__ = ["feature_start", "rival_agreement", "starting_points"]
