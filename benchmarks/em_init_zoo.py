@@ -129,8 +129,8 @@ def summary(rows: list[dict], auto: bool = False) -> str:
             lines.append(f"{split} {key}: mean {np.mean([r[key] for r in sel]):.3f} over {len(sel)} worlds; oracle "
                          f">= 0.95: mean {np.mean(good) if good else float('nan'):.3f}, >= 0.9 in "
                          f"{sum(a >= 0.9 for a in good)}/{len(good)}")
-        good = [r for r in sel if r["oracle"] >= 0.95]
         if auto:
+            good = [r for r in sel if r["oracle"] >= 0.95]
             lines.append(f"{split}: K chosen right in {sum(r['k'] == r['K'] for r in sel)}/{len(sel)} worlds, "
                          f"{sum(r['k'] == r['K'] for r in good)}/{len(good)} with oracle >= 0.95")
         lines.append(f"{split}: {sum(r['seconds'] for r in sel):.0f} s of feature_start")

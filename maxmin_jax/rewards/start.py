@@ -129,8 +129,7 @@ def rival_agreement(chosen: FeatureMixture, others: list[FeatureMixture]) -> dic
     one standard error of the per-user differences), and the lowest ARI between their partitions and the chosen
     one's (None without rivals). Where equally good feature sets group the users differently, the data do not
     settle the groups (`diagnostics.MIN_RIVAL_AGREEMENT`)."""
-    rivals = [f for f in others
-              if chosen.score - f.score <= paired_standard_error(chosen.user_scores, f.user_scores)]
+    rivals = [f for f in others if not _clearly_better(chosen, f)]
     lowest = min((adjusted_rand(chosen.assignments, f.assignments) for f in rivals), default=None)
     return {"count": len(rivals), "lowest_ari": lowest}
 
