@@ -5,7 +5,7 @@ columns are the tokens users disagree about, not the most frequent ones."""
 import numpy as np
 
 from maxmin_jax.data.batching import PairBatch
-from maxmin_jax.rewards.features import disputed_tokens, length_hinges, pair_features
+from maxmin_jax.rewards.features import disputed_tokens, length_hinges, pair_features, response_ends
 
 
 def _batch(pairs: list[tuple[list[int], list[int], list[int]]], user_index=None) -> PairBatch:
@@ -161,7 +161,8 @@ def test_disputed_tokens_find_a_word_class_whose_words_never_occur_together():
     assert world.oracle_ari(rows) == 1.0
     batch = tokenize_pairs(world.tokenizer(), rows, max_length=64)
     small = dict(num_groups=3, progress=False, feature_clusters=(8,), feature_seeds=1, prompt_features="off",
-                 length_shape="off")  # a small screen: the word clusters' variants are not what this is about
+                 length_shape="off", response_ends="off")  # a small screen: the word clusters' variants are not
+    # what this is about
     ari = {}
     for disputed in ((), (32,)):
         _, mixture, _, chosen = feature_start(batch, batch.num_pairs, batch.user_index, batch.num_users,
@@ -169,3 +170,51 @@ def test_disputed_tokens_find_a_word_class_whose_words_never_occur_together():
         ari[disputed] = clustering_metrics(mixture.assignments, batch.groups)["ari"]
     assert chosen["token_order"] == "disputed" and chosen["tokens"] == 32
     assert ari[(32,)] >= 0.7 and ari[()] < 0.4, ari  # measured: 0.82 and 0.20
+
+
+def test_response_ends_mark_how_a_response_opens_and_closes():
+    eos = 99
+    pairs = [([40, 41], [1, 2, 3], [4, 5]),  # 1 and 4 only ever open, 3 only closes: their counts say it all
+             ([40], [1, 7], [1, 8, 9]),  # both open with 1: the first word that differs (7 against 8) opens
+             ([40, 41, 42], [5, 3], [6, 5, 9])]  # 5 opens one response and sits inside the other
+    batch = _batch([(p, c + [eos], r + [eos]) for p, c, r in pairs])
+    ends = response_ends(batch, 10)
+    # Every (place, token) column but "opens with 5" repeats its token's count difference, so only that one is kept.
+    np.testing.assert_array_equal(ends, [[0.0], [0.0], [1.0]])
+    assert response_ends(batch, 0).shape == (3, 0)
+
+
+def test_the_start_finds_groups_that_differ_only_in_how_answers_open():
+    """Two groups who like answers that open with an affirmation or with a hedge; the same words also occur inside
+    answers, where neither group cares about them. Counts of words cannot tell the groups apart; whether a word
+    opens the response can, and the start adds those columns because they predict left-out users clearly better."""
+    from maxmin_jax.rewards.em import EMConfig
+    from maxmin_jax.rewards.scoring import clustering_metrics
+    from maxmin_jax.rewards.start import feature_start
+
+    rng = np.random.default_rng(0)
+    affirm, hedge, fillers = [1, 2, 3], [4, 5, 6], list(range(10, 40))
+    pairs, users = [], []
+    for user in range(24):
+        likes = affirm if user % 2 == 0 else hedge
+        for _ in range(32):
+            a, b = ([int(rng.choice(affirm + hedge if rng.random() < 0.5 else fillers))]  # half open with either
+                    + rng.choice(fillers[:12] + affirm + hedge, size=int(rng.integers(4, 9))).tolist() + [99]
+                    for _ in range(2))
+            margin = 3.0 * ((a[0] in likes) - (b[0] in likes))
+            first = rng.random() < 1.0 / (1.0 + np.exp(-margin))
+            pairs.append(([50 + int(rng.integers(5))], *((a, b) if first else (b, a))))
+            users.append(user)
+    batch = _batch(pairs, users)
+    batch = PairBatch(batch.chosen_ids, batch.chosen_mask, batch.rejected_ids, batch.rejected_mask,
+                      batch.user_index, batch.user_ids, tuple(str(u % 2) for u in range(24)))
+    small = dict(num_groups=2, progress=False, feature_clusters=(8,), feature_tokens=(0,), feature_disputed_tokens=(),
+                 feature_seeds=1, prompt_features="off", length_shape="off")  # one candidate: the others are not
+    # what this is about
+    ari = {}
+    for ends in ("off", "auto"):
+        _, mixture, _, chosen = feature_start(batch, batch.num_pairs, batch.user_index, batch.num_users,
+                                              EMConfig(**small, response_ends=ends))
+        ari[ends] = clustering_metrics(mixture.assignments, batch.groups)["ari"]
+    assert chosen["response_ends"] is True
+    assert ari["auto"] >= 0.9 and ari["off"] < 0.5, ari  # measured: 1.00 and 0.22

@@ -80,7 +80,8 @@ def test_flips_keep_a_user_whom_plain_bradley_terry_misplaces():
     world = zoo("tune")[10]
     batch = tokenize_pairs(world.tokenizer(), world.preference_rows(), max_length=64)
     small = dict(num_groups=2, progress=False, feature_clusters=(8,), feature_tokens=(0,), feature_disputed_tokens=(),
-                 prompt_features="off", feature_seeds=1, length_shape="off")  # one feature set: the likelihood is tested
+                 prompt_features="off", feature_seeds=1, length_shape="off",
+                 response_ends="off")  # one feature set: the likelihood is tested
     ari, rate = {}, {}
     for flips in ("auto", 0.0):
         _, mixture, _, _ = feature_start(batch, batch.num_pairs, batch.user_index, batch.num_users,

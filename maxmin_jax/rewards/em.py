@@ -89,6 +89,14 @@ class EMConfig:
     every candidate."""
     length_knots: int = 3
     """Bends of the length hinges (at the 1/(n+1), ..., n/(n+1) quantiles of the response lengths)."""
+    response_ends: Literal["auto", "on", "off"] = "auto"
+    """Add whether the response opens or closes with a token, for the `response_end_tokens` most frequent (place,
+    token) (`features.response_ends`), so a head can prefer answers that begin "Sure, ..." over "Perhaps ..."
+    wherever else those words occur. "auto": tried on the chosen feature set (after the length hinges) and kept
+    only when they raise its leave-one-user-out log-likelihood by more than one standard error (one more fit);
+    "on": in every candidate."""
+    response_end_tokens: int = 16
+    """How many of the most frequent response openers and closers response_ends adds."""
     feature_l2: float = 3.0
     """L2 penalty of the token-feature mixture's linear heads."""
     feature_flip_rate: float | Literal["auto"] = "auto"
@@ -127,7 +135,7 @@ class EMConfig:
                          f"expected [lo, hi] with 1 <= lo <= hi, got {list(self.k_range)}")
         for name, allowed in (("method", ("hard", "soft")), ("init", ("features", "round_robin", "random")),
                               ("assign_by", ("heldout", "reward_model")), ("prompt_features", ("auto", "on", "off")),
-                              ("length_shape", ("auto", "on", "off"))):
+                              ("length_shape", ("auto", "on", "off")), ("response_ends", ("auto", "on", "off"))):
             validate.one_of(self, name, allowed)
         validate.require(self.num_groups != "auto" or self.init == "features", self, "init",
                          "num_groups='auto' chooses K with the token-feature mixture, so it needs init='features', "
@@ -135,7 +143,7 @@ class EMConfig:
         validate.require(isinstance(self.user_folds, int) and self.user_folds >= 2, self, "user_folds",
                          f"expected an integer >= 2, got {self.user_folds!r}")
         validate.positive_int(self, "restarts", "init_restarts", "rounds", "batch_size", "chunk_size", "patience",
-                              "feature_seeds", "length_knots")
+                              "feature_seeds", "length_knots", "response_end_tokens")
         for name, lowest, least in (("feature_clusters", 1, 1), ("feature_tokens", 0, 1),
                                     ("feature_disputed_tokens", 1, 0)):
             values = getattr(self, name)

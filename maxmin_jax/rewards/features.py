@@ -13,6 +13,9 @@ gives, for each pair, chosen minus rejected of:
   finds the words a group cares about even where they do not occur together and so form no cluster,
 - with `length_knots`: hinges of the response's length at quantiles of all response lengths (`length_hinges`),
   so a head can prefer a length in the middle, not only longer or shorter,
+- with `ends`: whether the response opens or closes with a token, for the `ends` most frequent such (token, place)
+  (`response_ends`), so a head can prefer answers that begin "Sure, ..." over "Perhaps ..." wherever else those
+  words occur,
 - with `prompt_terms`: for each cluster, whether the prompt uses it times the count difference (does the response
   stay with what was asked about?) and times the length difference (does the prompt ask for more or less?).
 
@@ -35,16 +38,26 @@ def _sequence_counts(ids: np.ndarray, mask: np.ndarray, vocab: int):
                              shape=(n, vocab)).tocsr()
 
 
+def _start_aligned(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """[N, T] the real tokens of each left-padded row moved to its start, -1 after them."""
+    t = ids.shape[1]
+    length = mask.sum(1)
+    index = (t - length)[:, None] + np.arange(t)[None]
+    return np.where(np.arange(t)[None] < length[:, None], np.take_along_axis(ids, np.minimum(index, t - 1), 1), -1)
+
+
+def _aligned_pairs(batch: PairBatch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each pair's chosen and rejected sequence moved to its start (`_start_aligned`), and [N] the length of their
+    longest common prefix: the prompt (a PairBatch does not mark where it ends), and any words both responses
+    begin with."""
+    a, b = _start_aligned(batch.chosen_ids, batch.chosen_mask), _start_aligned(batch.rejected_ids, batch.rejected_mask)
+    return a, b, np.argmax((a != b) | (a < 0) | (b < 0), axis=1)  # the first place they differ or one ends
+
+
 def _prompts(batch: PairBatch) -> list[np.ndarray]:
     """Each pair's shared prefix of real tokens (the prompt)."""
-    out = []
-    for i in range(batch.num_pairs):
-        a = batch.chosen_ids[i][batch.chosen_mask[i] > 0]
-        b = batch.rejected_ids[i][batch.rejected_mask[i] > 0]
-        m = min(len(a), len(b))
-        differ = np.flatnonzero(a[:m] != b[:m])
-        out.append(a[:differ[0] if len(differ) else m])
-    return out
+    a, _, prefix = _aligned_pairs(batch)
+    return [row[:n] for row, n in zip(a, prefix)]
 
 
 def _prompt_presence(prompts: list[np.ndarray], vocab: int):
@@ -63,6 +76,42 @@ def _response_counts(batch: PairBatch):
     vocab = int(max(batch.chosen_ids.max(), batch.rejected_ids.max())) + 1
     return (_sequence_counts(batch.chosen_ids, batch.chosen_mask, vocab),
             _sequence_counts(batch.rejected_ids, batch.rejected_mask, vocab))
+
+
+def response_ends(batch: PairBatch, num: int) -> np.ndarray:
+    """[N, <= num] chosen minus rejected of "the response opens with token t" / "closes with t" (its last token
+    before EOS), for the `num` most frequent (place, token) over all responses. A PairBatch does not mark where
+    the prompt ends, so a response opens after the longest common prefix of the pair's two sequences: where both
+    responses begin with the same words, at the first word that differs. A column that equals its token's count
+    difference in every pair (a token that occurs nowhere else, e.g. a closing '?') adds nothing and is left out."""
+    from scipy import sparse
+
+    a, b, prefix = _aligned_pairs(batch)
+    rows = np.arange(batch.num_pairs)
+    ends = []  # per sequence: (opening token, closing token), -1 where the response has none after the prefix
+    for x, length in ((a, batch.chosen_mask.sum(1)), (b, batch.rejected_mask.sum(1))):
+        ends.append((np.where(prefix < length - 1, x[rows, prefix], -1),  # the last real token is EOS
+                     np.where(length - 2 >= prefix, x[rows, np.maximum(length - 2, 0)], -1)))
+    chosen, rejected = _response_counts(batch)
+    vocab = chosen.shape[1]
+    counts = (chosen - rejected).tocsr()
+
+    def one_hot(tokens):
+        hit = np.flatnonzero(tokens >= 0)
+        return sparse.csr_matrix((np.ones(len(hit)), (hit, tokens[hit])), shape=(batch.num_pairs, vocab))
+
+    columns, frequency = [], []
+    for place in range(2):  # opens, closes
+        diff = (one_hot(ends[0][place]) - one_hot(ends[1][place])).tocsc()
+        repeats = (diff - counts).tocsc()
+        repeats.eliminate_zeros()
+        informative = (repeats.getnnz(axis=0) > 0) & (abs(diff).sum(axis=0).A.ravel() > 0)
+        columns.append(diff[:, informative])
+        frequency.append(np.bincount(np.concatenate([t[t >= 0] for t in (ends[0][place], ends[1][place])]),
+                                     minlength=vocab)[informative])
+    frequency = np.concatenate(frequency)
+    top = np.argsort(-frequency, kind="stable")[:num]
+    return np.asarray(sparse.hstack(columns).tocsc()[:, top].todense(), np.float64)
 
 
 def disputed_tokens(batch: PairBatch, num_pairs: int, user_index: np.ndarray, num_users: int) -> np.ndarray:
@@ -149,10 +198,10 @@ def batch_word_clusters(batch: PairBatch, clusters: int, *, embedding_dim: int =
 
 
 def pair_features(batch: PairBatch, *, clusters: int = 16, tokens: int = 16, prompt_terms: bool = False,
-                  length_knots: int = 0, embedding_dim: int = 16, max_vocab: int = 2048, seed: int = 0,
-                  labels: np.ndarray | None = None, token_order: np.ndarray | None = None) -> np.ndarray:
+                  length_knots: int = 0, ends: int = 0, embedding_dim: int = 16, max_vocab: int = 2048,
+                  seed: int = 0, labels: np.ndarray | None = None, token_order: np.ndarray | None = None) -> np.ndarray:
     """[N, d] float32 features of each pair (module docstring): d <= clusters + 1 + tokens (+ 2 * clusters with
-    `prompt_terms`, + `length_knots`); columns that are zero for every pair are dropped. `labels`: the word clusters
+    `prompt_terms`, + `length_knots`, + `ends`); columns that are zero for every pair are dropped. `labels`: the word clusters
     (`batch_word_clusters` with the same `clusters`), when several feature sets share one clustering.
     `token_order`: token ids whose first `tokens` are the single-token columns (e.g. `disputed_tokens`); default
     the most widespread. Memory O(N * tokens per pair + max_vocab^2)."""
@@ -181,6 +230,8 @@ def pair_features(batch: PairBatch, *, clusters: int = 16, tokens: int = 16, pro
         prompt_length = np.array([len(p) for p in prompts])
         columns.append(length_hinges(batch.chosen_mask.sum(1) - prompt_length,
                                      batch.rejected_mask.sum(1) - prompt_length, length_knots))
+    if ends:
+        columns.append(response_ends(batch, ends))
     if prompt_terms:
         in_prompt = np.asarray((_prompt_presence(prompts, vocab) @ member).todense())[:, :clusters] > 0
         columns += [in_prompt * by_cluster, in_prompt * length]
@@ -189,4 +240,5 @@ def pair_features(batch: PairBatch, *, clusters: int = 16, tokens: int = 16, pro
     return x[:, keep if keep.any() else slice(0, 1)].astype(np.float32)
 
 
-__all__ = ["batch_word_clusters", "disputed_tokens", "length_hinges", "pair_features", "word_clusters"]
+__all__ = ["batch_word_clusters", "disputed_tokens", "length_hinges", "pair_features", "response_ends",
+           "word_clusters"]

@@ -1,9 +1,9 @@
 """Where the reward-model EM starts: the token-feature mixture, its feature set chosen by held-out users.
 
 `feature_start` builds every candidate feature set (word clusters, single tokens, prompt terms, word clustering,
-length hinges; `features.pair_features`), fits the token-feature mixture on each (`init.fit_feature_mixture`, or
-one per K with num_groups="auto") and keeps the one that predicts left-out users best. `starting_points` gives
-each restart's initial responsibilities.
+length hinges, the response's openers and closers; `features.pair_features`), fits the token-feature mixture on
+each (`init.fit_feature_mixture`, or one per K with num_groups="auto") and keeps the one that predicts left-out
+users best. `starting_points` gives each restart's initial responsibilities.
 """
 
 from __future__ import annotations
@@ -44,9 +44,9 @@ def feature_start(everything: PairBatch, num_train_pairs: int, user_index: np.nd
     is kept; with num_groups="auto" (a fit per K), the word clusterings after the first are tried for the best
     candidate only. The best candidate with the most disputed tokens replaces the best of the others only if it
     scores higher by more than one standard error (`_clearly_better`), and with length_shape="auto" the chosen one
-    is then tried once more with the length hinges, kept on the same condition. A feature that tells no group
-    apart still gets a noisy weight in every head and blurs which head predicts a user best, so fewer features win
-    where they suffice.
+    is then tried once more with the length hinges, kept on the same condition, and likewise with the response's
+    openers and closers (response_ends="auto"). A feature that tells no group apart still gets a noisy weight in
+    every head and blurs which head predicts a user best, so fewer features win where they suffice.
     Returns (features, mixture, K selection or None, the chosen candidate as a dict, with every candidate's score
     and `rival_agreement`)."""
     prompt = {"on": [True], "off": [False], "auto": [False, True]}[config.prompt_features]
@@ -58,11 +58,12 @@ def feature_start(everything: PairBatch, num_train_pairs: int, user_index: np.nd
     tokens = [(n, "frequent") for n in config.feature_tokens] + [(n, "disputed")
                                                                   for n in config.feature_disputed_tokens]
 
-    def fit(clusters, tokens, token_order, prompt_terms, seed, shape):
+    def fit(clusters, tokens, token_order, prompt_terms, seed, shape, ends):
         if (clusters, seed) not in clusterings:
             clusterings[clusters, seed] = batch_word_clusters(everything, clusters, seed=config.seed + seed)
         x = pair_features(everything, clusters=clusters, tokens=tokens, prompt_terms=prompt_terms,
-                          length_knots=config.length_knots if shape else 0, labels=clusterings[clusters, seed],
+                          length_knots=config.length_knots if shape else 0,
+                          ends=config.response_end_tokens if ends else 0, labels=clusterings[clusters, seed],
                           token_order=token_orders[token_order])
         train = x[:num_train_pairs]
         if config.num_groups == "auto":
@@ -78,15 +79,15 @@ def feature_start(everything: PairBatch, num_train_pairs: int, user_index: np.nd
         # widest fits (the cost grows with the cube of the width), and on the zoo never chosen
         return tokens[1] != "disputed" or not prompt_terms or config.prompt_features == "on"
 
-    shape = config.length_shape == "on"
+    shape, ends = config.length_shape == "on", config.response_ends == "on"
     if config.num_groups != "auto":
-        fits = {(c, *t, p, s, shape): fit(c, *t, p, s, shape) for c, t, p, s in itertools.product(
+        fits = {(c, *t, p, s, shape, ends): fit(c, *t, p, s, shape, ends) for c, t, p, s in itertools.product(
             config.feature_clusters, tokens, prompt, range(config.feature_seeds)) if usual(t, p)}
     else:  # every K of k_range per candidate: the other word clusterings only for the best candidate
-        fits = {(c, *t, p, 0, shape): fit(c, *t, p, 0, shape) for c, t, p in itertools.product(
+        fits = {(c, *t, p, 0, shape, ends): fit(c, *t, p, 0, shape, ends) for c, t, p in itertools.product(
             config.feature_clusters, tokens, prompt) if usual(t, p)}
         top = max(fits, key=lambda c: fits[c][0])[:4]
-        fits.update({(*top, s, shape): fit(*top, s, shape) for s in range(1, config.feature_seeds)})
+        fits.update({(*top, s, shape, ends): fit(*top, s, shape, ends) for s in range(1, config.feature_seeds)})
 
     def best(keys):
         return max(keys, key=lambda c: fits[c][0])
@@ -98,11 +99,13 @@ def feature_start(everything: PairBatch, num_train_pairs: int, user_index: np.nd
     disputed = [c for c in fits if c[2] == "disputed"]
     if disputed and _clearly_better(fits[best(disputed)][2], fits[chosen][2]):
         chosen = best(disputed)
-    if config.length_shape == "auto":  # the length hinges on the best candidate only: one more fit, not twice as many
-        shaped = (*chosen[:5], True)
-        fits[shaped] = fit(*shaped)
-        if _clearly_better(fits[shaped][2], fits[chosen][2]):
-            chosen = shaped
+    # The length hinges, then the response's ends, on the best candidate only: one more fit each, not twice as many.
+    for place, option in ((5, config.length_shape), (6, config.response_ends)):
+        if option == "auto":
+            extended = (*chosen[:place], True, *chosen[place + 1:])
+            fits[extended] = fit(*extended)
+            if _clearly_better(fits[extended][2], fits[chosen][2]):
+                chosen = extended
     agreement = rival_agreement(fits[chosen][2], [f[2] for c, f in fits.items() if c != chosen])
     if config.num_groups == "auto":  # K by users held out of the fit, on the chosen features
         _, x, _, screen = fits[chosen]
@@ -116,7 +119,8 @@ def feature_start(everything: PairBatch, num_train_pairs: int, user_index: np.nd
                                           start=mixture.assignments, flip_rate=config.flip_rate_or_none)
         fits[chosen] = (fits[chosen][0], x, mixture, selection)
     _, x, mixture, selection = fits[chosen]
-    names = ("clusters", "tokens", "token_order", "prompt_features", "clustering_seed", "length_shape")
+    names = ("clusters", "tokens", "token_order", "prompt_features", "clustering_seed", "length_shape",
+             "response_ends")
     candidate = dict(zip(names, chosen))
     candidate["scores"] = [{**dict(zip(names, c)), "leave_one_user_out_log_likelihood": float(f[0])}
                            for c, f in fits.items()]
