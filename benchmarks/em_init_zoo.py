@@ -74,8 +74,12 @@ def run_world(world, overrides: dict, seed: int, auto: bool = False) -> dict:
     out = {"oracle": world.oracle_ari(rows), "ari": clustering_metrics(mixture.assignments, batch.groups)["ari"],
            "seconds": seconds, "chosen": {k: v for k, v in candidate.items() if k != "scores"}, "candidates": scores,
            "k": mixture.num_groups}
-    for name in ("length_shape", "response_ends", "prompt_features", "tokens", "disputed") if not auto else ():
-        rest = [c for c in scores if (c["token_order"] != "disputed" if name == "disputed" else not c[name])]
+    without = {name: (lambda c, name=name: not c[name])
+               for name in ("length_shape", "response_ends", "prompt_features", "tokens")}
+    without["disputed"] = lambda c: c["token_order"] == "frequent"
+    without["disputed_bigrams"] = lambda c: c["token_order"] != "disputed_bigrams"
+    for name, off in without.items() if not auto else ():
+        rest = [c for c in scores if off(c)]
         if rest and len(rest) < len(scores):
             out[f"ari_without_{name}"] = max(rest, key=lambda c: c["leave_one_user_out_log_likelihood"])["ari"]
     return out
@@ -108,7 +112,8 @@ def main(argv=None) -> int:
             rows.append(r)
             print(f"{split:8s} {r['world']:14s} K={r['K']} chose {r['k']} oracle {r['oracle']:.2f} ari {r['ari']:.3f} "
                   f"(without length_shape {r.get('ari_without_length_shape', float('nan')):.3f}, without response_ends "
-                  f"{r.get('ari_without_response_ends', float('nan')):.3f}, without disputed "
+                  f"{r.get('ari_without_response_ends', float('nan')):.3f}, without bigrams "
+                  f"{r.get('ari_without_disputed_bigrams', float('nan')):.3f}, without disputed "
                   f"tokens {r.get('ari_without_disputed', float('nan')):.3f}) "
                   f"{r['seconds']:6.1f}s {r['chosen']}", flush=True)
             if args.out:
@@ -123,7 +128,8 @@ def summary(rows: list[dict], auto: bool = False) -> str:
     lines = []
     for split in dict.fromkeys(r["split"] for r in rows):
         sel = [r for r in rows if r["split"] == split]
-        for key in ("ari", "ari_without_length_shape", "ari_without_response_ends", "ari_without_disputed"):
+        for key in ("ari", "ari_without_length_shape", "ari_without_response_ends", "ari_without_disputed_bigrams",
+                    "ari_without_disputed"):
             if not all(key in r for r in sel):
                 continue
             good = [r[key] for r in sel if r["oracle"] >= 0.95]

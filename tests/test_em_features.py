@@ -1,11 +1,12 @@
 """The token features of EM's start, by their arithmetic: the length hinges let a linear head prefer a length in the
 middle (which the length column alone cannot), and they measure the response, not the prompt; the single-token
-columns are the tokens users disagree about, not the most frequent ones."""
+columns are the tokens users disagree about, not the most frequent ones, and with bigrams a phrase is a term of its
+own."""
 
 import numpy as np
 
 from maxmin_jax.data.batching import PairBatch
-from maxmin_jax.rewards.features import disputed_tokens, length_hinges, pair_features, response_ends
+from maxmin_jax.rewards.features import disputed_tokens, length_hinges, pair_features, response_ends, term_counts
 
 
 def _batch(pairs: list[tuple[list[int], list[int], list[int]]], user_index=None) -> PairBatch:
@@ -218,3 +219,67 @@ def test_the_start_finds_groups_that_differ_only_in_how_answers_open():
         ari[ends] = clustering_metrics(mixture.assignments, batch.groups)["ari"]
     assert chosen["response_ends"] is True
     assert ari["auto"] >= 0.9 and ari["off"] < 0.5, ari  # measured: 1.00 and 0.22
+
+
+def test_term_counts_count_each_adjacent_token_pair_as_a_term():
+    pairs = [([40], [1, 2, 1, 2], [2, 1]), ([40, 41], [3], [1, 2, 3])]
+    batch = _batch(pairs)
+    chosen, rejected, bigrams = term_counts(batch)
+    chosen, rejected = chosen.toarray(), rejected.toarray()
+    vocab = 42
+    np.testing.assert_array_equal(chosen[:, :vocab], term_counts(batch, bigrams=False)[0].toarray())
+    # Kept: as many bigrams as there are distinct tokens (5), those whose count differs within the most pairs,
+    # ties by (a, b): (1, 2) differs in both pairs; (2, 1) and the prompt's (40, 41) in none, (41, 3) loses a tie.
+    kept = [(1, 2), (2, 3), (40, 1), (40, 2), (41, 1)]
+    assert chosen.shape == rejected.shape == (2, vocab + len(kept))
+    assert [tuple(b) for b in bigrams.tolist()] == kept
+    column = {b: vocab + i for i, b in enumerate(kept)}
+    np.testing.assert_array_equal(chosen[:, column[1, 2]], [2, 0])
+    np.testing.assert_array_equal(rejected[:, column[1, 2]], [0, 1])
+    np.testing.assert_array_equal(chosen[:, column[40, 1]] - rejected[:, column[40, 1]], [1, 0])  # how it opens
+    # pair_features takes a bigram's id as a single-token column: chosen minus rejected of the phrase.
+    x = pair_features(batch, clusters=2, tokens=2, token_order=np.array([column[1, 2], 1]))
+    np.testing.assert_array_equal(x[:, -2:], [[2, 1], [-1, -1]])
+
+
+def test_the_start_finds_groups_that_differ_only_in_word_order():
+    """Both groups like the same two words, one in the order "7 8", the other "8 7" (each phrase in 40% of the
+    responses, the words also scattered on their own): token counts cannot tell the groups apart, bigrams can."""
+    from maxmin_jax.rewards.em import EMConfig
+    from maxmin_jax.rewards.scoring import clustering_metrics
+    from maxmin_jax.rewards.start import feature_start
+
+    rng = np.random.default_rng(0)
+    phrases = ([7, 8], [8, 7])
+
+    def response():
+        words = rng.choice(np.arange(20, 40), size=int(rng.integers(4, 8))).tolist()
+        for w in rng.choice([7, 8], size=int(rng.integers(0, 3))).tolist():
+            words.insert(int(rng.integers(len(words) + 1)), w)
+        has = [rng.random() < 0.4 for _ in phrases]
+        for phrase in (p for p, h in zip(phrases, has) if h):
+            at = int(rng.integers(len(words) + 1))
+            words[at:at] = phrase
+        return words + [99], has
+
+    pairs, users = [], []
+    for user in range(24):
+        for _ in range(32):
+            (a, a_has), (b, b_has) = response(), response()
+            margin = (2.0 * a_has[user % 2] - 0.5 * a_has[1 - user % 2]) - (2.0 * b_has[user % 2]
+                                                                             - 0.5 * b_has[1 - user % 2])
+            first = rng.random() < 1.0 / (1.0 + np.exp(-margin / 0.5))
+            pairs.append(([50 + int(rng.integers(5))], *((a, b) if first else (b, a))))
+            users.append(user)
+    batch = _batch(pairs, users)
+    batch = PairBatch(batch.chosen_ids, batch.chosen_mask, batch.rejected_ids, batch.rejected_mask,
+                      batch.user_index, batch.user_ids, tuple(str(u % 2) for u in range(24)))
+    small = dict(num_groups=2, progress=False, feature_clusters=(8,), feature_tokens=(0,),
+                 feature_disputed_tokens=(16,), feature_seeds=1, prompt_features="off", length_shape="off",
+                 response_ends="off")  # two candidates: clusters alone, and with the disputed terms
+    ari = {}
+    for bigrams in (False, True):
+        _, mixture, _, _ = feature_start(batch, batch.num_pairs, batch.user_index, batch.num_users,
+                                         EMConfig(**small, disputed_bigrams="auto" if bigrams else "off"))
+        ari[bigrams] = clustering_metrics(mixture.assignments, batch.groups)["ari"]
+    assert ari[True] >= 0.9 and ari[False] < 0.3, ari  # measured: 1.00 and -0.04

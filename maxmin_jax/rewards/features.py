@@ -10,7 +10,9 @@ gives, for each pair, chosen minus rejected of:
 - the length in tokens (1),
 - the count of each of `tokens` single tokens on their own: by default the most widespread (punctuation, function
   words); `feature_start` passes the most disputed (`disputed_tokens`: the tokens users disagree about most), which
-  finds the words a group cares about even where they do not occur together and so form no cluster,
+  finds the words a group cares about even where they do not occur together and so form no cluster; with
+  `bigrams`, adjacent token pairs are ranked with the tokens (`term_counts`), so "step by step" counts apart from
+  "step" and "by" elsewhere, and a word a subword tokenizer splits can be one term,
 - with `length_knots`: hinges of the response's length at quantiles of all response lengths (`length_hinges`),
   so a head can prefer a length in the middle, not only longer or shorter,
 - with `ends`: whether the response opens or closes with a token, for the `ends` most frequent such (token, place)
@@ -78,6 +80,40 @@ def _response_counts(batch: PairBatch):
             _sequence_counts(batch.rejected_ids, batch.rejected_mask, vocab))
 
 
+def term_counts(batch: PairBatch, bigrams: bool = True):
+    """Sparse [N, vocab + B] counts of each pair's chosen and of its rejected sequence, and [B, 2] the bigrams:
+    counts of its tokens (ids < vocab, as `_response_counts`) and, with `bigrams`, of adjacent token pairs (id
+    vocab + b for the b-th row of the bigrams, in order of (first, second) token; B = 0 without). Only the bigrams whose count differs between the two responses of the most pairs are kept, as
+    many as the batch has distinct tokens: there are far more bigrams than tokens, and among thousands of rare
+    ones some look disputed by chance (seen by two users who happen to disagree), so bigrams get no more chances
+    than tokens to crowd the ranking of `disputed_tokens`. A function of the batch alone."""
+    from scipy import sparse
+
+    chosen, rejected = _response_counts(batch)
+    vocab = chosen.shape[1]
+    if not bigrams:
+        return chosen, rejected, np.zeros((0, 2), np.int64)
+    codes = []  # per sequence [N, T - 1]: a * vocab + b for each adjacent (a, b) of real tokens, -1 elsewhere
+    for ids, mask in ((batch.chosen_ids, batch.chosen_mask), (batch.rejected_ids, batch.rejected_mask)):
+        a = _start_aligned(ids, mask).astype(np.int64)
+        codes.append(np.where((a[:, :-1] >= 0) & (a[:, 1:] >= 0), a[:, :-1] * vocab + a[:, 1:], -1))
+    flat = np.concatenate([c.ravel() for c in codes])
+    distinct, column = np.unique(flat[flat >= 0], return_inverse=True)
+    index = np.full(len(flat), -1)
+    index[flat >= 0] = column
+    rows = np.repeat(np.arange(batch.num_pairs), codes[0].shape[1])
+    pairs = [sparse.csr_matrix((np.ones(int(np.sum(i >= 0))), (rows[i >= 0], i[i >= 0])),
+                               shape=(batch.num_pairs, len(distinct))) for i in np.split(index, 2)]
+    # Kept: the bigrams whose count differs within the most pairs (a prompt's bigrams never do).
+    spread = (pairs[0] - pairs[1]).tocsc()
+    spread.eliminate_zeros()
+    tokens_used = int(np.sum(np.asarray((chosen + rejected).sum(axis=0)).ravel() > 0))
+    kept = np.sort(np.argsort(-spread.getnnz(axis=0), kind="stable")[:tokens_used])
+    chosen, rejected = (sparse.hstack([counts, p.tocsc()[:, kept]]).tocsr() for counts, p in zip((chosen, rejected),
+                                                                                               pairs))
+    return chosen, rejected, np.stack(np.divmod(distinct[kept], vocab), axis=1)
+
+
 def response_ends(batch: PairBatch, num: int) -> np.ndarray:
     """[N, <= num] chosen minus rejected of "the response opens with token t" / "closes with t" (its last token
     before EOS), for the `num` most frequent (place, token) over all responses. A PairBatch does not mark where
@@ -114,9 +150,14 @@ def response_ends(batch: PairBatch, num: int) -> np.ndarray:
     return np.asarray(sparse.hstack(columns).tocsc()[:, top].todense(), np.float64)
 
 
-def disputed_tokens(batch: PairBatch, num_pairs: int, user_index: np.ndarray, num_users: int) -> np.ndarray:
+def disputed_tokens(batch: PairBatch, num_pairs: int, user_index: np.ndarray, num_users: int, *,
+                    bigrams: bool = False) -> np.ndarray:
     """Token ids, the most disputed first: ranked by how far the users' preferences for a token (from the labels
-    of the first `num_pairs` pairs, user_index [num_pairs]) differ more than chance would make them differ.
+    of the first `num_pairs` pairs, user_index [num_pairs]) differ more than chance would make them differ. With
+    `bigrams`, adjacent token pairs are ranked with the tokens (ids past the vocabulary: `term_counts`), those
+    more disputed than each of their two tokens: where the phrase, not its words, is what users disagree about
+    ("in short" against "short" and "in" elsewhere). A bigram of a disputed word and any neighbour is that word's
+    dispute again, diluted, and would take its place among the top columns.
 
     User u's preference for token v is e_uv = a_uv / s_uv, a_uv = sum over u's pairs of d (chosen minus rejected
     count of v), s_uv = sum of d^2, with variance (1 - e_v^2) / s_uv if every user shared the pooled preference
@@ -126,7 +167,7 @@ def disputed_tokens(batch: PairBatch, num_pairs: int, user_index: np.ndarray, nu
     some care about, does, however rare. Tokens that differ in the pairs of fewer than two users come last."""
     from scipy import sparse
 
-    chosen, rejected = _response_counts(batch)
+    chosen, rejected, pairs = term_counts(batch, bigrams)
     diff = (chosen - rejected).tocsr()[:num_pairs]
     by_user = sparse.csr_matrix((np.ones(num_pairs), (np.asarray(user_index), np.arange(num_pairs))),
                                 shape=(num_users, num_pairs))
@@ -139,6 +180,8 @@ def disputed_tokens(batch: PairBatch, num_pairs: int, user_index: np.ndarray, nu
     q = spread / np.maximum(1.0 - pooled ** 2, 1e-6)
     dof = s.getnnz(axis=0) - 1.0
     z = np.where(dof >= 1, (q - dof) / np.sqrt(2.0 * np.maximum(dof, 1.0)), -np.inf)
+    vocab = z.size - len(pairs)
+    z[vocab:] = np.where(z[vocab:] > np.maximum(z[pairs[:, 0]], z[pairs[:, 1]]), z[vocab:], -np.inf)
     return np.argsort(-z, kind="stable")[:int(np.sum(np.isfinite(z)))]
 
 
@@ -203,8 +246,9 @@ def pair_features(batch: PairBatch, *, clusters: int = 16, tokens: int = 16, pro
     """[N, d] float32 features of each pair (module docstring): d <= clusters + 1 + tokens (+ 2 * clusters with
     `prompt_terms`, + `length_knots`, + `ends`); columns that are zero for every pair are dropped. `labels`: the word clusters
     (`batch_word_clusters` with the same `clusters`), when several feature sets share one clustering.
-    `token_order`: token ids whose first `tokens` are the single-token columns (e.g. `disputed_tokens`); default
-    the most widespread. Memory O(N * tokens per pair + max_vocab^2)."""
+    `token_order`: token ids whose first `tokens` are the single-token columns (e.g. `disputed_tokens`; ids past
+    the vocabulary are bigrams, `term_counts`); default the most widespread tokens. Memory O(N * tokens per pair
+    + max_vocab^2)."""
     from scipy import sparse
 
     if batch.num_pairs == 0:
@@ -224,7 +268,13 @@ def pair_features(batch: PairBatch, *, clusters: int = 16, tokens: int = 16, pro
         spread = np.asarray(((chosen > 0) + (rejected > 0)).sum(axis=0)).ravel()
         token_order = np.argsort(-spread, kind="stable")
         token_order = token_order[spread[token_order] > 0]
-    columns = [by_cluster, length, np.asarray(diff[:, np.asarray(token_order)[:tokens]].todense())]
+    single = np.asarray(token_order)[:tokens]
+    if np.any(single >= vocab):
+        chosen_terms, rejected_terms, _ = term_counts(batch, bigrams=True)
+        single = np.asarray((chosen_terms - rejected_terms).tocsc()[:, single].todense())
+    else:
+        single = np.asarray(diff[:, single].todense())
+    columns = [by_cluster, length, single]
     prompts = _prompts(batch) if prompt_terms or length_knots else None
     if length_knots:  # of the responses alone: the prompt's length would blur where the bends are
         prompt_length = np.array([len(p) for p in prompts])
@@ -241,4 +291,4 @@ def pair_features(batch: PairBatch, *, clusters: int = 16, tokens: int = 16, pro
 
 
 __all__ = ["batch_word_clusters", "disputed_tokens", "length_hinges", "pair_features", "response_ends",
-           "word_clusters"]
+           "term_counts", "word_clusters"]

@@ -52,10 +52,16 @@ def feature_start(everything: PairBatch, num_train_pairs: int, user_index: np.nd
     prompt = {"on": [True], "off": [False], "auto": [False, True]}[config.prompt_features]
 
     clusterings = {}  # (clusters, seed) -> word cluster of every token, shared by that clustering's candidates
-    token_orders = {"frequent": None,  # pair_features' default: the most widespread tokens
-                    "disputed": disputed_tokens(everything, num_train_pairs, user_index, num_users)  # training labels
-                    if config.feature_disputed_tokens else None}
-    tokens = [(n, "frequent") for n in config.feature_tokens] + [(n, "disputed")
+    token_orders = {"frequent": None}  # pair_features' default: the most widespread tokens
+    if config.feature_disputed_tokens:  # ranked by the training labels: tokens alone unless disputed_bigrams="on",
+        # with bigrams unless "off"
+        for name, bigrams, wanted in (("disputed", False, config.disputed_bigrams != "on"),
+                                      ("disputed_bigrams", True, config.disputed_bigrams != "off")):
+            if wanted:
+                token_orders[name] = disputed_tokens(everything, num_train_pairs, user_index, num_users,
+                                                     bigrams=bigrams)
+    disputed_order = "disputed_bigrams" if config.disputed_bigrams == "on" else "disputed"
+    tokens = [(n, "frequent") for n in config.feature_tokens] + [(n, disputed_order)
                                                                   for n in config.feature_disputed_tokens]
 
     def fit(clusters, tokens, token_order, prompt_terms, seed, shape, ends):
@@ -77,7 +83,7 @@ def feature_start(everything: PairBatch, num_train_pairs: int, user_index: np.nd
 
     def usual(tokens, prompt_terms):  # the disputed tokens without the prompt terms unless those are "on": the
         # widest fits (the cost grows with the cube of the width), and on the zoo never chosen
-        return tokens[1] != "disputed" or not prompt_terms or config.prompt_features == "on"
+        return tokens[1] == "frequent" or not prompt_terms or config.prompt_features == "on"
 
     shape, ends = config.length_shape == "on", config.response_ends == "on"
     if config.num_groups != "auto":
@@ -95,17 +101,25 @@ def feature_start(everything: PairBatch, num_train_pairs: int, user_index: np.nd
     # The disputed tokens are ranked by the labels the score is computed on, so their candidates' scores are
     # optimistic: they replace the best of the others only when clearly better (on the zoo, a near-tie won by
     # 0.7 nats chose a partition at ARI 0.26 over one at 0.78).
-    chosen = best([c for c in fits if c[2] != "disputed"])  # feature_tokens is never empty
-    disputed = [c for c in fits if c[2] == "disputed"]
+    chosen = best([c for c in fits if c[2] == "frequent"])  # feature_tokens is never empty
+    disputed = [c for c in fits if c[2] != "frequent"]
     if disputed and _clearly_better(fits[best(disputed)][2], fits[chosen][2]):
         chosen = best(disputed)
-    # The length hinges, then the response's ends, on the best candidate only: one more fit each, not twice as many.
-    for place, option in ((5, config.length_shape), (6, config.response_ends)):
-        if option == "auto":
-            extended = (*chosen[:place], True, *chosen[place + 1:])
+    # Tried on the best candidate only, one more fit each, not twice as many candidates: its single-token columns
+    # replaced by the most disputed tokens and bigrams, then the length hinges, then the response's ends.
+    extensions = []
+    if "disputed_bigrams" in token_orders and config.disputed_bigrams == "auto":
+        extensions.append(lambda c: (c[0], max(config.feature_disputed_tokens), "disputed_bigrams", *c[3:]))
+    if config.length_shape == "auto":
+        extensions.append(lambda c: (*c[:5], True, c[6]))
+    if config.response_ends == "auto":
+        extensions.append(lambda c: (*c[:6], True))
+    for extend in extensions:
+        extended = extend(chosen)
+        if extended not in fits:
             fits[extended] = fit(*extended)
-            if _clearly_better(fits[extended][2], fits[chosen][2]):
-                chosen = extended
+        if _clearly_better(fits[extended][2], fits[chosen][2]):
+            chosen = extended
     agreement = rival_agreement(fits[chosen][2], [f[2] for c, f in fits.items() if c != chosen])
     if config.num_groups == "auto":  # K by users held out of the fit, on the chosen features
         _, x, _, screen = fits[chosen]
