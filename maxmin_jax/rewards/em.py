@@ -49,8 +49,8 @@ class EMConfig:
     """Smallest and largest K tried by num_groups="auto" (the largest is capped at the number of users)."""
     user_folds: int = 5
     """num_groups="auto": folds of the cross-validation over users that scores each K (users held out of the fit
-    are predicted by the others' heads; from the smallest K, a group is added while it gains more than
-    `init.GAIN_STANDARD_ERRORS` standard errors)."""
+    are predicted by the others' heads; from the smallest K, the next K, or the one after it, replaces the K chosen
+    so far when it gains more than `init.GAIN_STANDARD_ERRORS` standard errors over it)."""
     method: Literal["hard", "soft"] = "hard"
     """The reward model's E-step: hard (argmax assignment, the paper) or soft (posterior responsibilities)."""
     init: Literal["features", "round_robin", "random"] = "features"

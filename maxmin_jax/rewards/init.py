@@ -10,8 +10,9 @@
 - Choosing K (`num_groups="auto"`): the same fit for every K in a range, scored by cross-validation over users:
   each K's heads are refitted on its partition without a fold of users, and each held-out user is placed by half
   of their pairs and scored on the other half (heads moderated by their Laplace uncertainty). From the smallest
-  K, a group is added while it raises that score by more than `GAIN_STANDARD_ERRORS` standard errors (from the
-  per-user gains). The leave-one-user-out score of the all-user fits is optimistic for larger K (the scored user
+  K, the next K replaces the K chosen so far when it raises that score by more than `GAIN_STANDARD_ERRORS`
+  standard errors (from the per-user gains over the chosen K); where it does not, the one after it may
+  (`LOOKAHEAD`). The leave-one-user-out score of the all-user fits is optimistic for larger K (the scored user
   helped choose the partition and picks the luckiest head), so it only screens feature sets.
 """
 
@@ -106,16 +107,21 @@ standard errors. Chosen on 30 zoo worlds (docs/em.md): 1.0 added spurious groups
 25 right, 1.5 splitting a real group in two 3-group worlds, 2.0 missing three real groups of 2 to 3 users. A
 missed minority is the worse error for MaxMin, which exists to serve it."""
 
+LOOKAHEAD = 1
+"""How many larger K in a row may fail to gain over the K chosen so far before num_groups="auto" stops looking: a
+poor fit at one K (its k-means++ starts all missed) then hides no group behind it. At 0 (stop at the first K that
+does not gain), a 4-group world's K=3 fit gained 9 nats over K=2 and K=4 then 42, and K=2 was chosen."""
+
 
 @dataclasses.dataclass
 class KSelection:
     """The curve behind `num_groups="auto"`: each K's held-out-user log-likelihood (`user_folds`-fold cross-
-    validation over users), each step's gain over K - 1 and its standard error, the K chosen, and each K's
-    mixture fitted on all users."""
+    validation over users), each K's gain over the K chosen among the smaller ones and its standard error, the K
+    chosen, and each K's mixture fitted on all users."""
 
     ks: list[int]
     scores: list[float]
-    gains: list[float]  # scores[i] - scores[i - 1] (0 for the smallest K)
+    gains: list[float]  # scores[i] - the score of the K chosen among the smaller ones (0 for the smallest K)
     standard_errors: list[float]  # of each gain, from the per-user differences (0 for the smallest K)
     chosen: int
     fits: dict[int, FeatureMixture]
@@ -123,8 +129,9 @@ class KSelection:
 
     def to_json(self) -> dict:
         return {"criterion": "log-likelihood of users held out of the token-feature mixture's fit (cross-"
-                             "validation over users); from the smallest K, a group is added while the next K "
-                             f"gains more than {GAIN_STANDARD_ERRORS} standard errors",
+                             "validation over users); from the smallest K, the next K replaces the K chosen so "
+                             f"far when it gains more than {GAIN_STANDARD_ERRORS} standard errors over it, or "
+                             f"the one after it does ({LOOKAHEAD} K in a row may fail)",
                 "k": self.ks, "score": self.scores, "gain": self.gains, "standard_error": self.standard_errors,
                 "chosen": self.chosen, "leave_one_user_out_log_likelihood": self.leave_one_user_out,
                 "restart_agreement": [self.fits[k].restart_agreement for k in self.ks]}
@@ -200,9 +207,10 @@ def select_num_groups(features: np.ndarray, user_index: np.ndarray, num_users: i
     """Fit the feature mixture for each K in `k_range` (inclusive, capped at the number of users) and choose K:
     scored by `user_folds`-fold cross-validation over users (at least 2 folds), or, with user_folds=0, by the
     leave-one-user-out score of the fits on all users (cheaper, but optimistic for larger K: a screen, not a
-    choice). From the smallest K, a group is added while the next K raises the score by more than
-    `GAIN_STANDARD_ERRORS` standard errors of the per-user gain. `fits`: the mixtures already fitted on these
-    features with these settings (a screen's), reused instead of refitted. `flip_rate`: as `fit_feature_mixture`
+    choice). From the smallest K, the next K replaces the K chosen so far when it raises the score by more than
+    `GAIN_STANDARD_ERRORS` standard errors of the per-user gain over it; where it does not, the one after it
+    may (`LOOKAHEAD`). `fits`: the mixtures already fitted on these features with these settings (a screen's),
+    reused instead of refitted. `flip_rate`: as `fit_feature_mixture`
     (each K's held-out users are scored with its fit's rate). Plain Bradley-Terry (0) by default: a rate learned
     at a K below the true one takes the groups' disagreement for label noise (K=1 on a 4-group zoo world learned
     5% flips), which shrinks the next group's gain; with learned rates the rule found the true K on 23 of 30 zoo
@@ -217,13 +225,17 @@ def select_num_groups(features: np.ndarray, user_index: np.ndarray, num_users: i
                                          folds=min(user_folds, num_users), l2=l2, seed=seed)
     else:
         per_user = {k: fits[k].user_scores for k in ks}
-    scores = [float(np.sum(per_user[k])) for k in ks]
-    errors = [0.0] + [paired_standard_error(per_user[k], per_user[k - 1]) for k in ks[1:]]
-    gains = [0.0] + [b - a for a, b in zip(scores, scores[1:])]
-    chosen = next((k for i, k in enumerate(ks)
-                   if k == hi or gains[i + 1] <= GAIN_STANDARD_ERRORS * errors[i + 1]), hi)
-    return KSelection(ks, scores, gains, errors, chosen, fits, [fits[k].score for k in ks])
+    score = {k: float(np.sum(per_user[k])) for k in ks}
+    chosen, misses, gains, errors = ks[0], 0, [0.0], [0.0]
+    for k in ks[1:]:  # each K against the K chosen so far; one K that does not gain (a poor fit) stops nothing
+        gains.append(score[k] - score[chosen])
+        errors.append(paired_standard_error(per_user[k], per_user[chosen]))
+        if misses < LOOKAHEAD + 1 and gains[-1] > GAIN_STANDARD_ERRORS * errors[-1]:
+            chosen, misses = k, 0
+        else:
+            misses += 1
+    return KSelection(ks, [score[k] for k in ks], gains, errors, chosen, fits, [fits[k].score for k in ks])
 
 
-__all__ = ["GAIN_STANDARD_ERRORS", "FeatureMixture", "KSelection", "adjusted_rand", "fit_feature_mixture",
-           "initial_assignments", "paired_standard_error", "select_num_groups"]
+__all__ = ["GAIN_STANDARD_ERRORS", "LOOKAHEAD", "FeatureMixture", "KSelection", "adjusted_rand",
+           "fit_feature_mixture", "initial_assignments", "paired_standard_error", "select_num_groups"]
