@@ -1,6 +1,7 @@
 """Preference worlds written outside the EM's design: a check of the defaults on data nobody tuned them for.
 
     python -m benchmarks.outside_worlds --out /tmp/outside [--only 1,7] [--seeds 0,1] [--set response_ends=off]
+    python -m benchmarks.outside_worlds --worlds unseen --out /tmp/unseen   # benchmarks/unseen_worlds.py's eight
 
 Eight worlds written on 2026-12-01 by an author who had not read the zoo's generator, docs/em.md or the EM code
 (asked for worlds that differ in what separates the groups): sentiment with negation ("not good"), questions
@@ -312,6 +313,9 @@ def fit(world_dir: str, model_dir: str, k: int, seed: int, extra: list[str]) -> 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.outside_worlds", description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="directory for the worlds, the model and the fits")
+    p.add_argument("--worlds", choices=("outside", "unseen"), default="outside",
+                   help="this file's eight worlds, or benchmarks/unseen_worlds.py's (written later by another "
+                        "outside author, with a subword tokenizer)")
     p.add_argument("--only", default="", help="comma-separated world numbers (1-8); default all")
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
@@ -324,10 +328,13 @@ def main(argv=None) -> int:
     extra = [a for s in args.set for a in (f"--{s.split('=', 1)[0].replace('_', '-')}", s.split("=", 1)[1])]
     model_dir = os.path.join(args.out, "model")
     os.makedirs(args.out, exist_ok=True)
-    write_model(model_dir)
+    worlds = sys.modules[__name__]
+    if args.worlds == "unseen":
+        from benchmarks import unseen_worlds as worlds
+    worlds.write_model(model_dir)
     results = []
-    for i in [int(w) for w in args.only.split(",") if w] or sorted(WORLDS):
-        rows, truth, meta = build(i)
+    for i in [int(w) for w in args.only.split(",") if w] or sorted(worlds.WORLDS):
+        rows, truth, meta = worlds.build(i)
         world_dir = os.path.join(args.out, f"w{i}")
         os.makedirs(world_dir, exist_ok=True)
         with open(os.path.join(world_dir, "prefs.jsonl"), "w") as f:

@@ -217,12 +217,14 @@ def test_em_init_zoo_summary_counts_the_k_chosen_only_with_auto():
 
 
 def test_outside_worlds_are_the_ones_measured():
-    """docs/em.md's table of the outside worlds is reproducible: each world's rows are a function of its number,
-    and its oracle is the one listed there (w2 and w7 here; the fits themselves are benchmarks/ work)."""
-    from benchmarks.outside_worlds import build
+    """docs/em.md's tables of the outside worlds are reproducible: each world's rows are a function of its number,
+    and its oracle is the one listed there (two worlds of each set here; the fits themselves are benchmarks/
+    work)."""
+    from benchmarks import outside_worlds, unseen_worlds
 
-    for world, oracle, users in ((2, 1.0, 48), (7, 1.0, 40)):
-        rows, truth, meta = build(world)
-        assert build(world)[0] == rows
+    for worlds, number, oracle, users in ((outside_worlds, 2, 1.0, 48), (outside_worlds, 7, 1.0, 40),
+                                          (unseen_worlds, 2, 1.0, 56), (unseen_worlds, 4, 1.0, 55)):
+        rows, truth, meta = worlds.build(number)
+        assert worlds.build(number)[0] == rows
         assert meta["oracle_ari"] == oracle and len(truth) == users
         assert {r["user_id"] for r in rows} == set(truth)
