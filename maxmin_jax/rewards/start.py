@@ -1,9 +1,9 @@
 """Where the reward-model EM starts: the token-feature mixture, its feature set chosen by held-out users.
 
-`feature_start` builds every candidate feature set (word clusters, single tokens, prompt terms, word clustering,
-length hinges, the response's openers and closers; `features.pair_features`), fits the token-feature mixture on
-each (`init.fit_feature_mixture`, or one per K with num_groups="auto") and keeps the one that predicts left-out
-users best. `starting_points` gives each restart's initial responsibilities.
+`feature_start` builds every candidate feature set (word clusters, single tokens or bigrams, prompt terms, word
+clustering, length hinges, the response's openers and closers; `features.pair_features`), fits the token-feature
+mixture on each (`init.fit_feature_mixture`, or one per K with num_groups="auto") and keeps the one that predicts
+left-out users best. `starting_points` gives each restart's initial responsibilities.
 """
 
 from __future__ import annotations
@@ -43,9 +43,10 @@ def feature_start(everything: PairBatch, num_train_pairs: int, user_index: np.nd
     word clustering) is fitted and the one that predicts left-out users best (leave-one-user-out log-likelihood)
     is kept; with num_groups="auto" (a fit per K), the word clusterings after the first are tried for the best
     candidate only. The best candidate with the most disputed tokens replaces the best of the others only if it
-    scores higher by more than one standard error (`_clearly_better`), and with length_shape="auto" the chosen one
-    is then tried once more with the length hinges, kept on the same condition, and likewise with the response's
-    openers and closers (response_ends="auto"). A feature that tells no group apart still gets a noisy weight in
+    scores higher by more than one standard error (`_clearly_better`). The chosen one is then tried once more with
+    the most disputed tokens and bigrams as its single-token columns (disputed_bigrams="auto"), with the length
+    hinges (length_shape="auto") and with the response's openers and closers (response_ends="auto"), each kept on
+    the same condition. A feature that tells no group apart still gets a noisy weight in
     every head and blurs which head predicts a user best, so fewer features win where they suffice.
     Returns (features, mixture, K selection or None, the chosen candidate as a dict, with every candidate's score
     and `rival_agreement`)."""
