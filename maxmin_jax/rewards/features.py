@@ -73,9 +73,14 @@ def _prompt_presence(prompts: list[np.ndarray], vocab: int):
     return out
 
 
+def _vocab_size(batch: PairBatch) -> int:
+    """The largest token id of the batch + 1: the width of its token counts."""
+    return int(max(batch.chosen_ids.max(), batch.rejected_ids.max())) + 1
+
+
 def _response_counts(batch: PairBatch):
-    """Sparse [N, vocab] token counts of each pair's chosen and of its rejected sequence, vocab the largest id + 1."""
-    vocab = int(max(batch.chosen_ids.max(), batch.rejected_ids.max())) + 1
+    """Sparse [N, vocab] token counts of each pair's chosen and of its rejected sequence (`_vocab_size`)."""
+    vocab = _vocab_size(batch)
     return (_sequence_counts(batch.chosen_ids, batch.chosen_mask, vocab),
             _sequence_counts(batch.rejected_ids, batch.rejected_mask, vocab))
 
@@ -83,8 +88,9 @@ def _response_counts(batch: PairBatch):
 def term_counts(batch: PairBatch, bigrams: bool = True):
     """Sparse [N, vocab + B] counts of each pair's chosen and of its rejected sequence, and [B, 2] the bigrams:
     counts of its tokens (ids < vocab, as `_response_counts`) and, with `bigrams`, of adjacent token pairs (id
-    vocab + b for the b-th row of the bigrams, in order of (first, second) token; B = 0 without). Only the bigrams whose count differs between the two responses of the most pairs are kept, as
-    many as the batch has distinct tokens: there are far more bigrams than tokens, and among thousands of rare
+    vocab + b for the b-th row of the bigrams, in order of (first, second) token; B = 0 without). Only the
+    bigrams whose count differs between the two responses of the most pairs are kept, as many as the batch has
+    distinct tokens: there are far more bigrams than tokens, and among thousands of rare
     ones some look disputed by chance (seen by two users who happen to disagree), so bigrams get no more chances
     than tokens to crowd the ranking of `disputed_tokens`. A function of the batch alone."""
     from scipy import sparse
@@ -244,8 +250,8 @@ def pair_features(batch: PairBatch, *, clusters: int = 16, tokens: int = 16, pro
                   length_knots: int = 0, ends: int = 0, embedding_dim: int = 16, max_vocab: int = 2048,
                   seed: int = 0, labels: np.ndarray | None = None, token_order: np.ndarray | None = None) -> np.ndarray:
     """[N, d] float32 features of each pair (module docstring): d <= clusters + 1 + tokens (+ 2 * clusters with
-    `prompt_terms`, + `length_knots`, + `ends`); columns that are zero for every pair are dropped. `labels`: the word clusters
-    (`batch_word_clusters` with the same `clusters`), when several feature sets share one clustering.
+    `prompt_terms`, + `length_knots`, + `ends`); columns that are zero for every pair are dropped. `labels`: the
+    word clusters (`batch_word_clusters` with the same `clusters`), when several feature sets share one clustering.
     `token_order`: token ids whose first `tokens` are the single-token columns (e.g. `disputed_tokens`; ids past
     the vocabulary are bigrams, `term_counts`); default the most widespread tokens. Memory O(N * tokens per pair
     + max_vocab^2)."""
@@ -253,28 +259,25 @@ def pair_features(batch: PairBatch, *, clusters: int = 16, tokens: int = 16, pro
 
     if batch.num_pairs == 0:
         raise ValueError("pair_features: no pairs")
-    chosen, rejected = _response_counts(batch)
-    vocab = chosen.shape[1]
+    vocab = _vocab_size(batch)
+    bigrams = token_order is not None and bool(np.any(np.asarray(token_order)[:tokens] >= vocab))
+    chosen, rejected, _ = term_counts(batch, bigrams)  # bigram columns only when token_order asks for them
+    diff = terms = (chosen - rejected).tocsr()
+    if bigrams:  # the clusters and the default order are of tokens
+        chosen, rejected, diff = chosen[:, :vocab], rejected[:, :vocab], terms[:, :vocab]
     if labels is None:
         labels = word_clusters(sparse.vstack([chosen, rejected]).tocsr(), clusters, embedding_dim=embedding_dim,
                                max_vocab=max_vocab, seed=seed)
     width = clusters + 1  # the clusters and "the rest"
     member = sparse.csr_matrix((np.ones(int(np.sum(labels >= 0))), (np.flatnonzero(labels >= 0),
                                                                     labels[labels >= 0])), shape=(vocab, width))
-    diff = (chosen - rejected).tocsr()
     by_cluster = np.asarray((diff @ member).todense())[:, :clusters]
     length = (batch.chosen_mask.sum(1) - batch.rejected_mask.sum(1)).astype(np.float64)[:, None]
     if token_order is None:
         spread = np.asarray(((chosen > 0) + (rejected > 0)).sum(axis=0)).ravel()
         token_order = np.argsort(-spread, kind="stable")
         token_order = token_order[spread[token_order] > 0]
-    single = np.asarray(token_order)[:tokens]
-    if np.any(single >= vocab):
-        chosen_terms, rejected_terms, _ = term_counts(batch, bigrams=True)
-        single = np.asarray((chosen_terms - rejected_terms).tocsc()[:, single].todense())
-    else:
-        single = np.asarray(diff[:, single].todense())
-    columns = [by_cluster, length, single]
+    columns = [by_cluster, length, np.asarray(terms[:, np.asarray(token_order)[:tokens]].todense())]
     prompts = _prompts(batch) if prompt_terms or length_knots else None
     if length_knots:  # of the responses alone: the prompt's length would blur where the bends are
         prompt_length = np.array([len(p) for p in prompts])
