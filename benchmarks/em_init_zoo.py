@@ -75,13 +75,13 @@ def run_world(world, overrides: dict, seed: int, auto: bool = False) -> dict:
            "seconds": seconds, "chosen": {k: v for k, v in candidate.items() if k != "scores"}, "candidates": scores,
            "k": mixture.num_groups}
     without = {name: (lambda c, name=name: not c[name])
-               for name in ("length_shape", "response_ends", "prompt_features", "tokens")}
+               for name in ("length_shape", "response_ends", "token_positions", "prompt_features", "tokens")}
     without["disputed"] = lambda c: c["token_order"] == "frequent"
     without["disputed_bigrams"] = lambda c: c["token_order"] != "disputed_bigrams"
     for name, off in without.items() if not auto else ():
         rest = [c for c in scores if off(c)]
         if rest and len(rest) < len(scores):
-            out[f"ari_without_{name}"] = max(rest, key=lambda c: c["leave_one_user_out_log_likelihood"])["ari"]
+            out[f"ari_without_{name}"] = max(rest, key=lambda c: c["held_out_users_log_likelihood"])["ari"]
     return out
 
 

@@ -6,7 +6,8 @@ own."""
 import numpy as np
 
 from maxmin_jax.data.batching import PairBatch
-from maxmin_jax.rewards.features import disputed_tokens, length_hinges, pair_features, response_ends, term_counts
+from maxmin_jax.rewards.features import (disputed_positions, disputed_tokens, length_hinges, pair_features,
+                                         response_ends, term_counts, token_positions)
 
 
 def _batch(pairs: list[tuple[list[int], list[int], list[int]]], user_index=None) -> PairBatch:
@@ -210,8 +211,8 @@ def test_the_start_finds_groups_that_differ_only_in_how_answers_open():
     batch = PairBatch(batch.chosen_ids, batch.chosen_mask, batch.rejected_ids, batch.rejected_mask,
                       batch.user_index, batch.user_ids, tuple(str(u % 2) for u in range(24)))
     small = dict(num_groups=2, progress=False, feature_clusters=(8,), feature_tokens=(0,), feature_disputed_tokens=(),
-                 feature_seeds=1, prompt_features="off", length_shape="off")  # one candidate: the others are not
-    # what this is about
+                 feature_seeds=1, prompt_features="off", length_shape="off", token_positions="off")  # one candidate:
+    # the others are not what this is about (the opening word's place would find these groups too)
     ari = {}
     for ends in ("off", "auto"):
         _, mixture, _, chosen = feature_start(batch, batch.num_pairs, batch.user_index, batch.num_users,
@@ -276,10 +277,81 @@ def test_the_start_finds_groups_that_differ_only_in_word_order():
                       batch.user_index, batch.user_ids, tuple(str(u % 2) for u in range(24)))
     small = dict(num_groups=2, progress=False, feature_clusters=(8,), feature_tokens=(0,),
                  feature_disputed_tokens=(16,), feature_seeds=1, prompt_features="off", length_shape="off",
-                 response_ends="off")  # two candidates: clusters alone, and with the disputed terms
+                 response_ends="off", token_positions="off")  # two candidates: clusters alone, and with the
+    # disputed terms
     ari = {}
     for bigrams in (False, True):
         _, mixture, _, _ = feature_start(batch, batch.num_pairs, batch.user_index, batch.num_users,
                                          EMConfig(**small, disputed_bigrams="auto" if bigrams else "off"))
         ari[bigrams] = clustering_metrics(mixture.assignments, batch.groups)["ari"]
     assert ari[True] >= 0.9 and ari[False] < 0.3, ari  # measured: 1.00 and -0.04
+
+
+def test_token_positions_place_each_token_from_the_first_to_the_last():
+    eos = 99
+    # Responses after the shared prefix [40, 41] (the prompt) and [40, 1] (the prompt and a shared first word).
+    pairs = [([40, 41], [1, 2, 3, 4], [4, 5]), ([40], [1, 7, 7], [1, 8])]
+    batch = _batch([(p, c + [eos], r + [eos]) for p, c, r in pairs])
+    chosen, rejected = (m.toarray() for m in token_positions(batch))
+    # Four tokens stand at -3/4, -1/4, 1/4, 3/4; two at -1/2, 1/2; EOS and the prefix nowhere.
+    np.testing.assert_allclose(chosen[0, [1, 2, 3, 4]], [-0.75, -0.25, 0.25, 0.75])
+    np.testing.assert_allclose(rejected[0, [4, 5]], [-0.5, 0.5])
+    np.testing.assert_allclose(chosen[1, 7], -0.5 + 0.5)  # the response after the shared "1": 7 at both places
+    np.testing.assert_allclose(rejected[1, 8], 0.0)  # a one-token response: its token in the middle
+    assert chosen[:, [40, 41, eos]].sum() == 0 and rejected[:, [40, 41, eos]].sum() == 0
+    x = pair_features(batch, clusters=2, tokens=0, positions=np.array([4, 1]))
+    np.testing.assert_allclose(x[:, -2:], [[0.75 + 0.5, -0.75], [0.0, 0.0]])
+
+
+def _advice_world(seed: int = 0):
+    """Two groups of 16 users who both like "the advice" (token 7) in an answer, one where it comes first, the
+    other where it comes last (as in `benchmarks/unseen_worlds.py`'s world 7): its count says nothing about the
+    group, where it stands does."""
+    rng = np.random.default_rng(seed)
+
+    def response():
+        words = rng.choice(np.arange(20, 40), size=int(rng.integers(3, 8))).tolist()
+        if rng.random() < 0.7:
+            words.insert(int(rng.integers(len(words) + 1)), 7)
+        return words + [99]
+
+    def reward(words, late):
+        if 7 not in words:
+            return 0.0
+        place = words.index(7) / max(len(words) - 2, 1)  # 0: first, 1: last before EOS
+        return 2.0 * (place - 0.5) * (1 if late else -1)
+
+    pairs, users = [], []
+    for user in range(32):
+        for _ in range(24):
+            a, b = response(), response()
+            first = rng.random() < 1.0 / (1.0 + np.exp(-(reward(a, user % 2) - reward(b, user % 2)) / 0.5))
+            pairs.append(([50 + int(rng.integers(5))], *((a, b) if first else (b, a))))
+            users.append(user)
+    batch = _batch(pairs, users)
+    return PairBatch(batch.chosen_ids, batch.chosen_mask, batch.rejected_ids, batch.rejected_mask,
+                     batch.user_index, batch.user_ids, tuple(str(u % 2) for u in range(32)))
+
+
+def test_the_place_users_dispute_most_is_the_word_whose_place_they_care_about():
+    batch = _advice_world()
+    assert disputed_positions(batch, batch.num_pairs, batch.user_index, batch.num_users)[0] == 7
+
+
+def test_the_start_finds_groups_that_differ_only_in_where_a_word_stands():
+    """Counts of words cannot tell the two groups of `_advice_world` apart; where the advice stands can, and the
+    start adds those columns because they predict held-out users clearly better."""
+    from maxmin_jax.rewards.em import EMConfig
+    from maxmin_jax.rewards.scoring import clustering_metrics
+    from maxmin_jax.rewards.start import feature_start
+
+    batch = _advice_world()
+    small = dict(num_groups=2, progress=False, feature_clusters=(8,), feature_tokens=(0,), feature_disputed_tokens=(),
+                 feature_seeds=1, prompt_features="off", length_shape="off", response_ends="off")  # one candidate
+    ari = {}
+    for positions in ("off", "auto"):
+        _, mixture, _, chosen = feature_start(batch, batch.num_pairs, batch.user_index, batch.num_users,
+                                              EMConfig(**small, token_positions=positions))
+        ari[positions] = clustering_metrics(mixture.assignments, batch.groups)["ari"]
+    assert chosen["token_positions"] is True
+    assert ari["auto"] >= 0.9 and ari["off"] < 0.3, ari  # measured: 1.00 and 0.03 (seeds 1, 2: 1.00 / 0.02, 0.00)

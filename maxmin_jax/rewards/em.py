@@ -88,11 +88,11 @@ class EMConfig:
     users best is kept (the clustering of a small vocabulary varies with the seed)."""
     prompt_features: Literal["auto", "on", "off"] = "auto"
     """Add prompt-relevance features (does the response use the prompt's word clusters; does the prompt change
-    the preferred length)? "auto": only when they raise the leave-one-user-out log-likelihood."""
+    the preferred length)? "auto": only when they raise the held-out users' log-likelihood."""
     length_shape: Literal["auto", "on", "off"] = "auto"
     """Add length hinges (`length_knots` bends at quantiles of the response lengths), so a head can prefer a length
     in the middle, not only longer or shorter. "auto": tried on the best feature set of the others and kept only
-    when they raise its leave-one-user-out log-likelihood by more than one standard error (one more fit); "on": in
+    when they raise its held-out users' log-likelihood by more than one standard error (one more fit); "on": in
     every candidate."""
     length_knots: int = 3
     """Bends of the length hinges (at the 1/(n+1), ..., n/(n+1) quantiles of the response lengths)."""
@@ -100,10 +100,17 @@ class EMConfig:
     """Add whether the response opens or closes with a token, for the `response_end_tokens` most frequent (place,
     token) (`features.response_ends`), so a head can prefer answers that begin "Sure, ..." over "Perhaps ..."
     wherever else those words occur. "auto": tried on the chosen feature set (after the length hinges) and kept
-    only when they raise its leave-one-user-out log-likelihood by more than one standard error (one more fit);
-    "on": in every candidate."""
+    only when they raise its held-out users' log-likelihood by more than one standard error (one more fit); "on":
+    in every candidate."""
     response_end_tokens: int = 16
     """How many of the most frequent response openers and closers response_ends adds."""
+    token_positions: Literal["auto", "on", "off"] = "auto"
+    """Add where in the response each of the `position_tokens` tokens whose place users dispute most stands
+    (`features.token_positions`, `features.disputed_positions`), so a head can prefer the advice first or last
+    wherever both groups like advice. "auto": tried on the chosen feature set (after the response's ends) and kept
+    only when clearly better, as the length hinges; "on": in every candidate."""
+    position_tokens: int = 16
+    """How many tokens' positions token_positions adds."""
     feature_l2: float = 3.0
     """L2 penalty of the token-feature mixture's linear heads."""
     feature_flip_rate: float | Literal["auto"] = "auto"
@@ -143,6 +150,7 @@ class EMConfig:
         for name, allowed in (("method", ("hard", "soft")), ("init", ("features", "round_robin", "random")),
                               ("assign_by", ("heldout", "reward_model")), ("prompt_features", ("auto", "on", "off")),
                               ("length_shape", ("auto", "on", "off")), ("response_ends", ("auto", "on", "off")),
+                              ("token_positions", ("auto", "on", "off")),
                               ("disputed_bigrams", ("auto", "on", "off"))):
             validate.one_of(self, name, allowed)
         validate.require(self.num_groups != "auto" or self.init == "features", self, "init",
@@ -151,7 +159,7 @@ class EMConfig:
         validate.require(isinstance(self.user_folds, int) and self.user_folds >= 2, self, "user_folds",
                          f"expected an integer >= 2, got {self.user_folds!r}")
         validate.positive_int(self, "restarts", "init_restarts", "rounds", "batch_size", "chunk_size", "patience",
-                              "feature_seeds", "length_knots", "response_end_tokens")
+                              "feature_seeds", "length_knots", "response_end_tokens", "position_tokens")
         for name, lowest, least in (("feature_clusters", 1, 1), ("feature_tokens", 0, 1),
                                     ("feature_disputed_tokens", 1, 0)):
             values = getattr(self, name)

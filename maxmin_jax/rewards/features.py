@@ -171,24 +171,65 @@ def disputed_tokens(batch: PairBatch, num_pairs: int, user_index: np.ndarray, nu
     chi-square with (users who saw v differ) - 1 degrees of freedom; tokens are ranked by its z-score. A token
     all users like alike tells no group apart, however frequent; one that some like and others dislike, or only
     some care about, does, however rare. Tokens that differ in the pairs of fewer than two users come last."""
+    chosen, rejected, pairs = term_counts(batch, bigrams)
+    z = _dispute(chosen - rejected, num_pairs, user_index, num_users)
+    vocab = z.size - len(pairs)
+    z[vocab:] = np.where(z[vocab:] > np.maximum(z[pairs[:, 0]], z[pairs[:, 1]]), z[vocab:], -np.inf)
+    return np.argsort(-z, kind="stable")[:int(np.sum(np.isfinite(z)))]
+
+
+def disputed_positions(batch: PairBatch, num_pairs: int, user_index: np.ndarray, num_users: int) -> np.ndarray:
+    """Token ids, those whose place in the response users disagree about most first (`token_positions`, ranked as
+    `disputed_tokens` ranks counts): a group that wants the advice first and one that wants it last both like the
+    advice, so its count is not disputed, but where it stands is."""
+    chosen, rejected = token_positions(batch)
+    z = _dispute(chosen - rejected, num_pairs, user_index, num_users, counts=False)
+    return np.argsort(-z, kind="stable")[:int(np.sum(np.isfinite(z)))]
+
+
+def _dispute(diff, num_pairs: int, user_index: np.ndarray, num_users: int, counts: bool = True) -> np.ndarray:
+    """[columns] how far users' preferences for each column of `diff` (sparse [N, columns], chosen minus rejected;
+    the first `num_pairs` rows are labelled, user_index [num_pairs]) differ more than chance would make them: the
+    z-score of Cochran's Q (`disputed_tokens`), -inf for columns that differ in the pairs of fewer than two users.
+    A label's variance is 1 - (e d)^2 at pooled preference e; for count differences (|d| >= 1, mostly 1) it is
+    taken as 1 - e^2, otherwise (`counts=False`, |d| < 1 too) averaged over the column's differences."""
     from scipy import sparse
 
-    chosen, rejected, pairs = term_counts(batch, bigrams)
-    diff = (chosen - rejected).tocsr()[:num_pairs]
+    diff = diff.tocsr()[:num_pairs]
     by_user = sparse.csr_matrix((np.ones(num_pairs), (np.asarray(user_index), np.arange(num_pairs))),
                                 shape=(num_users, num_pairs))
-    a = (by_user @ diff).tocsr()  # [U, vocab], sparse: memory O(pairs' tokens), not O(users * vocab)
+    a = (by_user @ diff).tocsr()  # [U, columns], sparse: memory O(pairs' tokens), not O(users * vocab)
     s = (by_user @ diff.multiply(diff)).tocsr()
     total_a, total_s = (np.asarray(m.sum(axis=0)).ravel() for m in (a, s))
     pooled = total_a / np.maximum(total_s, 1e-12)
     # sum_u s (a/s - pooled)^2 = sum_u a^2/s - total_a^2/total_s (a != 0 only where s != 0)
     spread = np.asarray(a.multiply(a).multiply(s.power(-1)).sum(axis=0)).ravel() - total_a * pooled
-    q = spread / np.maximum(1.0 - pooled ** 2, 1e-6)
+    if counts:
+        q = spread / np.maximum(1.0 - pooled ** 2, 1e-6)
+    else:  # 1 - e^2 sum d^4 / sum d^2
+        fourth = np.asarray(diff.power(4).sum(axis=0)).ravel()
+        q = spread / np.maximum(1.0 - pooled ** 2 * fourth / np.maximum(total_s, 1e-12), 1e-6)
     dof = s.getnnz(axis=0) - 1.0
-    z = np.where(dof >= 1, (q - dof) / np.sqrt(2.0 * np.maximum(dof, 1.0)), -np.inf)
-    vocab = z.size - len(pairs)
-    z[vocab:] = np.where(z[vocab:] > np.maximum(z[pairs[:, 0]], z[pairs[:, 1]]), z[vocab:], -np.inf)
-    return np.argsort(-z, kind="stable")[:int(np.sum(np.isfinite(z)))]
+    return np.where(dof >= 1, (q - dof) / np.sqrt(2.0 * np.maximum(dof, 1.0)), -np.inf)
+
+
+def token_positions(batch: PairBatch):
+    """Sparse [N, vocab] of each pair's chosen and of its rejected response: for each token, the sum over its
+    occurrences of where it stands, from -1 (the response's first token) to +1 (its last before EOS). The response
+    starts after the longest common prefix of the pair's two sequences (`response_ends`). Chosen minus rejected,
+    with the token's count, lets a head prefer a token early or late, whatever else the response holds."""
+    from scipy import sparse
+
+    a, b, prefix = _aligned_pairs(batch)
+    vocab = _vocab_size(batch)
+    out = []
+    for ids, length in ((a, batch.chosen_mask.sum(1)), (b, batch.rejected_mask.sum(1))):
+        place = np.arange(ids.shape[1])[None] - prefix[:, None]
+        span = np.maximum(length - 1 - prefix, 1)[:, None]  # the response's tokens before EOS
+        rows, cols = np.nonzero((place >= 0) & (place < span))
+        where = 2.0 * (place[rows, cols] + 0.5) / span[rows, 0] - 1.0
+        out.append(sparse.csr_matrix((where, (rows, ids[rows, cols])), shape=(batch.num_pairs, vocab)))
+    return out[0], out[1]
 
 
 def length_hinges(chosen: np.ndarray, rejected: np.ndarray, knots: int) -> np.ndarray:
@@ -248,9 +289,11 @@ def batch_word_clusters(batch: PairBatch, clusters: int, *, embedding_dim: int =
 
 def pair_features(batch: PairBatch, *, clusters: int = 16, tokens: int = 16, prompt_terms: bool = False,
                   length_knots: int = 0, ends: int = 0, embedding_dim: int = 16, max_vocab: int = 2048,
-                  seed: int = 0, labels: np.ndarray | None = None, token_order: np.ndarray | None = None) -> np.ndarray:
+                  seed: int = 0, labels: np.ndarray | None = None, token_order: np.ndarray | None = None,
+                  positions: np.ndarray | None = None) -> np.ndarray:
     """[N, d] float32 features of each pair (module docstring): d <= clusters + 1 + tokens (+ 2 * clusters with
-    `prompt_terms`, + `length_knots`, + `ends`); columns that are zero for every pair are dropped. `labels`: the
+    `prompt_terms`, + `length_knots`, + `ends`, + len(`positions`)); columns that are zero for every pair are
+    dropped. `positions`: token ids whose place in the response is a column each (`token_positions`). `labels`: the
     word clusters (`batch_word_clusters` with the same `clusters`), when several feature sets share one clustering.
     `token_order`: token ids whose first `tokens` are the single-token columns (e.g. `disputed_tokens`; ids past
     the vocabulary are bigrams, `term_counts`); default the most widespread tokens. Memory O(N * tokens per pair
@@ -285,6 +328,9 @@ def pair_features(batch: PairBatch, *, clusters: int = 16, tokens: int = 16, pro
                                      batch.rejected_mask.sum(1) - prompt_length, length_knots))
     if ends:
         columns.append(response_ends(batch, ends))
+    if positions is not None and len(positions):
+        places = token_positions(batch)
+        columns.append(np.asarray((places[0] - places[1]).tocsc()[:, np.asarray(positions)].todense()))
     if prompt_terms:
         in_prompt = np.asarray((_prompt_presence(prompts, vocab) @ member).todense())[:, :clusters] > 0
         columns += [in_prompt * by_cluster, in_prompt * length]
@@ -293,5 +339,5 @@ def pair_features(batch: PairBatch, *, clusters: int = 16, tokens: int = 16, pro
     return x[:, keep if keep.any() else slice(0, 1)].astype(np.float32)
 
 
-__all__ = ["batch_word_clusters", "disputed_tokens", "length_hinges", "pair_features", "response_ends",
-           "term_counts", "word_clusters"]
+__all__ = ["batch_word_clusters", "disputed_positions", "disputed_tokens", "length_hinges", "pair_features",
+           "response_ends", "term_counts", "token_positions", "word_clusters"]

@@ -101,6 +101,9 @@ def fit_feature_mixture(features: np.ndarray, user_index: np.ndarray, num_users:
                           float(fit.flip_rate[best]))
 
 
+REFIT_ROUNDS = 8
+"""Hard rounds that regroup the other users when a fold of users is held out (`held_out_user_scores`)."""
+
 GAIN_STANDARD_ERRORS = 1.5
 """num_groups="auto" adds a group while it raises the held-out users' log-likelihood by more than this many
 standard errors. Chosen on 30 zoo worlds (docs/em.md): 1.0 added spurious groups on five; 1.5 and 2.0 each got
@@ -125,7 +128,8 @@ class KSelection:
     standard_errors: list[float]  # of each gain, from the per-user differences (0 for the smallest K)
     chosen: int
     fits: dict[int, FeatureMixture]
-    leave_one_user_out: list[float]  # each K's leave-one-user-out score on all users (screens feature sets)
+    leave_one_user_out: list[float]  # each K's leave-one-user-out score on all users
+    user_scores: dict[int, np.ndarray]  # each K's score per user [U], of which `scores` are the sums
 
     def to_json(self) -> dict:
         return {"criterion": "log-likelihood of users held out of the token-feature mixture's fit (cross-"
@@ -151,7 +155,7 @@ def _predictive_margins(x_train, weights, theta, x_new, l2: float) -> np.ndarray
     return out
 
 
-def _held_out_user_scores(features, user_index, num_users, fits: dict[int, FeatureMixture], *, folds: int,
+def held_out_user_scores(features, user_index, num_users, fits: dict[int, FeatureMixture], *, folds: int,
                           l2: float, seed: int) -> dict[int, np.ndarray]:
     """Per K, each user's log-likelihood [U] under the heads and weights of K's partition (`fits[K]`, on all users;
     with its flip rate) refitted without the user's fold: log sum_k w_k exp(L_hk), scored on one half of the user's
@@ -172,27 +176,29 @@ def _held_out_user_scores(features, user_index, num_users, fits: dict[int, Featu
         rows = np.flatnonzero(user_index == u)
         half[rows] = np.arange(len(rows)) % 2
     out = {k: np.zeros(num_users) for k in ks}
-    for f in range(folds):
+    # Every fold and K at once, one compiled program: K's partition is one "restart" of a fit that leaves fold f's
+    # users out and regroups the others by `REFIT_ROUNDS` hard rounds of their own.
+    combos = [(f, k) for f in range(folds) for k in ks]
+    starts = np.stack([np.eye(width, dtype=np.float32)[fits[k].assignments] for _, k in combos])
+    in_fit = np.stack([(fold != f).astype(np.float32) for f, _ in combos])
+    flip_rates = np.array([fits[k].flip_rate for _, k in combos], np.float32)
+    fit = jax.device_get(fit_linear_mixture(features, user_index, starts, num_users=num_users, l2=l2,
+                                            soft_iters=0, hard_iters=REFIT_ROUNDS, flip_rate=flip_rates,
+                                            in_fit=in_fit))
+    for i, (f, k) in enumerate(combos):
         held = np.flatnonzero(fold == f)
         held_rows = np.isin(user_index, held)
-        # Every K at once, one compiled program: K's partition is one "restart" of a fit without EM rounds, its
-        # held-out users weighted 0 (so every fold has the same shapes).
-        starts = np.stack([np.eye(width, dtype=np.float32)[fits[k].assignments] * (fold != f)[:, None] for k in ks])
-        flip_rates = np.array([fits[k].flip_rate for k in ks], np.float32)
-        fit = jax.device_get(fit_linear_mixture(features, user_index, starts, num_users=num_users, l2=l2,
-                                                soft_iters=0, hard_iters=0, flip_rate=flip_rates))
-        for i, k in enumerate(ks):
-            gamma = np.asarray(starts[i][:, :k], np.float64)
-            log_w = np.log(np.maximum(gamma[fold != f].mean(0), 1e-6))
-            margins = _predictive_margins(x, gamma[user_index], np.asarray(fit.theta[i][:k], np.float64),
-                                          x[held_rows], l2)
-            L = np.zeros((2, num_users, k))
-            np.add.at(L, (half[held_rows], user_index[held_rows]),
-                      flipped_label_log_likelihood(margins, np.float64(flip_rates[i])))
-            for a in (0, 1):
-                placed = log_w + L[a, held]
-                placed -= np.logaddexp.reduce(placed, axis=-1, keepdims=True)
-                out[k][held] += np.logaddexp.reduce(placed + L[1 - a, held], axis=-1)
+        gamma = np.asarray(fit.gamma[i][:, :k], np.float64) * in_fit[i][:, None]
+        log_w = np.log(np.maximum(gamma[fold != f].mean(0), 1e-6))
+        margins = _predictive_margins(x, gamma[user_index], np.asarray(fit.theta[i][:k], np.float64),
+                                      x[held_rows], l2)
+        L = np.zeros((2, num_users, k))
+        np.add.at(L, (half[held_rows], user_index[held_rows]),
+                  flipped_label_log_likelihood(margins, np.float64(flip_rates[i])))
+        for a in (0, 1):
+            placed = log_w + L[a, held]
+            placed -= np.logaddexp.reduce(placed, axis=-1, keepdims=True)
+            out[k][held] += np.logaddexp.reduce(placed + L[1 - a, held], axis=-1)
     return out
 
 
@@ -221,7 +227,7 @@ def select_num_groups(features: np.ndarray, user_index: np.ndarray, num_users: i
     fits = {k: fits.get(k) or fit_feature_mixture(features, user_index, num_users, k, restarts=restarts, l2=l2,
                                                   seed=seed, pad_to=hi, flip_rate=flip_rate) for k in ks}
     if user_folds:
-        per_user = _held_out_user_scores(features, user_index, num_users, fits,
+        per_user = held_out_user_scores(features, user_index, num_users, fits,
                                          folds=min(user_folds, num_users), l2=l2, seed=seed)
     else:
         per_user = {k: fits[k].user_scores for k in ks}
@@ -234,8 +240,10 @@ def select_num_groups(features: np.ndarray, user_index: np.ndarray, num_users: i
             chosen, misses = k, 0
         else:
             misses += 1
-    return KSelection(ks, [score[k] for k in ks], gains, errors, chosen, fits, [fits[k].score for k in ks])
+    return KSelection(ks, [score[k] for k in ks], gains, errors, chosen, fits, [fits[k].score for k in ks],
+                      per_user)
 
 
 __all__ = ["GAIN_STANDARD_ERRORS", "LOOKAHEAD", "FeatureMixture", "KSelection", "adjusted_rand",
-           "fit_feature_mixture", "initial_assignments", "paired_standard_error", "select_num_groups"]
+           "fit_feature_mixture", "held_out_user_scores", "initial_assignments", "paired_standard_error",
+           "select_num_groups"]

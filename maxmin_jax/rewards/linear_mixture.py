@@ -114,14 +114,16 @@ def _newton(x, w, theta, l2, steps: int, eps):
 
 
 @functools.partial(jax.jit, static_argnames=("soft_iters", "hard_iters", "newton_steps", "learn_flip_rate"))
-def _fit(x, mask, gamma0, active, l2, flip_rate, soft_iters: int, hard_iters: int, newton_steps: int,
+def _fit(x, mask, gamma0, active, in_fit, l2, flip_rate, soft_iters: int, hard_iters: int, newton_steps: int,
          learn_flip_rate: bool) -> LinearMixtureFit:
     r, _, k = gamma0.shape
     theta = jnp.zeros((r, k, x.shape[-1]), x.dtype)
     pair_mask = mask[None, :, :, None]  # [1, U, P, 1]
+    users = in_fit[:, :, None]  # [R, U, 1]: 0 for users left out of a restart's fit
 
     def m_step(gamma, theta, steps, eps):
-        w = gamma[:, :, None, :] * pair_mask  # [R, U, P, K]: each pair weighted by its user's responsibilities
+        w = (gamma * users)[:, :, None, :] * pair_mask  # [R, U, P, K]: each pair weighted by its user's
+        # responsibilities
         theta, own, m = _newton(x, w, theta, l2, steps, eps[:, None, None, None])
         if learn_flip_rate:  # EM for eps: the responsibility-weighted mean posterior probability of a flip
             flipped = 1 - _kept(m, eps[:, None, None, None])
@@ -130,7 +132,9 @@ def _fit(x, mask, gamma0, active, l2, flip_rate, soft_iters: int, hard_iters: in
         return theta, _loo(x, w, m, own, l2, pair_mask, eps[:, None, None, None]), eps
 
     def log_weights(gamma):  # [R, U, K]: user h's prior, the group sizes without h; switched-off groups get none
-        others = (jnp.sum(gamma, axis=1, keepdims=True) - gamma) / max(gamma.shape[1] - 1, 1)
+        fitted = gamma * users
+        others = (jnp.sum(fitted, axis=1, keepdims=True) - fitted) / jnp.maximum(
+            jnp.sum(users, axis=1, keepdims=True) - users, 1.0)
         return jnp.where(active > 0, jnp.log(jnp.maximum(others, 1e-6)), -1e30)
 
     def soft(carry, _):
@@ -138,8 +142,8 @@ def _fit(x, mask, gamma0, active, l2, flip_rate, soft_iters: int, hard_iters: in
         theta, loo, eps = m_step(gamma, theta, newton_steps, eps)
         return (jax.nn.softmax(log_weights(gamma) + loo, axis=-1), theta, eps), None
 
-    def score(gamma, loo):  # [R]: the leave-one-user-out mixture log-likelihood
-        return jnp.sum(jax.nn.logsumexp(log_weights(gamma) + loo, axis=-1), axis=-1)
+    def score(gamma, loo):  # [R]: the leave-one-user-out mixture log-likelihood of the users in the fit
+        return jnp.sum(jax.nn.logsumexp(log_weights(gamma) + loo, axis=-1) * users[..., 0], axis=-1)
 
     def keep_better(best, new):  # per restart, the fit with the higher score
         better = new.score > best.score
@@ -177,14 +181,17 @@ def _loo(x, w, m, own, l2, pair_mask, eps):
 def fit_linear_mixture(x: Float[Array, "n d"], user_index: Int[Array, "n"], gamma0: Float[Array, "r u k"], *,
                        num_users: int, l2: float = 1.0, soft_iters: int = 12, hard_iters: int = 8,
                        newton_steps: int = 2, active: np.ndarray | None = None,
-                       flip_rate: float | np.ndarray | None = None) -> LinearMixtureFit:
+                       flip_rate: float | np.ndarray | None = None, in_fit: np.ndarray | None = None
+                       ) -> LinearMixtureFit:
     """EM from R initial responsibilities at once: `soft_iters` soft rounds (posterior responsibilities) then
     `hard_iters` hard ones (argmax), each an M-step of `newton_steps` Newton steps from the previous heads and a
     leave-one-user-out E-step. `active` [K] (default all): groups with 0 stay empty, so fits of every K up to
     the array's K share one compiled program (one per shape: users, R, K, and the most pairs per user and the
     features rounded up to `PAIR_BUCKET` and `FEATURE_BUCKET`, so feature sets of one run share it too).
     `flip_rate`: the rate of randomly flipped labels, learned from `FLIP_RATE_START` when None; a number (or one
-    per restart, [R]) fixes it (0: plain Bradley-Terry)."""
+    per restart, [R]) fixes it (0: plain Bradley-Terry). `in_fit` [R, U] (default all 1): 0 leaves a user out of a
+    restart's fit (its heads, group sizes and score), as cross-validation over users needs; their responsibilities
+    and leave-one-user-out scores are still computed."""
     if flip_rate is not None and not np.all((0.0 <= np.asarray(flip_rate)) & (np.asarray(flip_rate) < 0.5)):
         raise ValueError(f"fit_linear_mixture: flip_rate must be in [0, 0.5) or None (learned), got {flip_rate!r}")
     x = np.asarray(x, np.float32)
@@ -196,8 +203,9 @@ def fit_linear_mixture(x: Float[Array, "n d"], user_index: Int[Array, "n"], gamm
     active = np.ones(k, np.float32) if active is None else np.asarray(active, np.float32)
     eps = np.broadcast_to(np.asarray(FLIP_RATE_START if flip_rate is None else flip_rate, np.float32),
                           np.shape(gamma0)[:1])
+    in_fit = np.ones(np.shape(gamma0)[:2], np.float32) if in_fit is None else np.asarray(in_fit, np.float32)
     fit = _fit(jnp.asarray(xu), jnp.asarray(mask), jnp.asarray(gamma0, jnp.float32), jnp.asarray(active),
-               jnp.float32(l2), jnp.asarray(eps), soft_iters=soft_iters, hard_iters=hard_iters,
+               jnp.asarray(in_fit), jnp.float32(l2), jnp.asarray(eps), soft_iters=soft_iters, hard_iters=hard_iters,
                newton_steps=newton_steps, learn_flip_rate=flip_rate is None)
     fit = jax.device_get(fit)  # sliced on the host: an eager slice would compile once per feature width
     return fit._replace(theta=fit.theta[..., :d])

@@ -1,25 +1,48 @@
 """Where the reward-model EM starts: the token-feature mixture, its feature set chosen by held-out users.
 
 `feature_start` builds every candidate feature set (word clusters, single tokens or bigrams, prompt terms, word
-clustering, length hinges, the response's openers and closers; `features.pair_features`), fits the token-feature
-mixture on each (`init.fit_feature_mixture`, or one per K with num_groups="auto") and keeps the one that predicts
-left-out users best. `starting_points` gives each restart's initial responsibilities.
+clustering, length hinges, the response's openers and closers, the places of tokens; `features.pair_features`),
+fits the token-feature mixture on each (`init.fit_feature_mixture`, or one per K with num_groups="auto") and keeps
+the one that predicts held-out users best. `starting_points` gives each restart's initial responsibilities.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from maxmin_jax.data.batching import PairBatch
-from maxmin_jax.rewards.features import batch_word_clusters, disputed_tokens, pair_features
-from maxmin_jax.rewards.init import (FeatureMixture, adjusted_rand, fit_feature_mixture, initial_assignments,
-                                     paired_standard_error, select_num_groups)
+from maxmin_jax.rewards.features import batch_word_clusters, disputed_positions, disputed_tokens, pair_features
+from maxmin_jax.rewards.init import (FeatureMixture, KSelection, adjusted_rand, fit_feature_mixture,
+                                     held_out_user_scores, initial_assignments, paired_standard_error,
+                                     select_num_groups)
 
 if TYPE_CHECKING:
     from maxmin_jax.rewards.em import EMConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """One candidate feature set: its features [N, d] (every pair), the token-feature mixture on the training pairs,
+    and each user's log-likelihood [U] by which candidates are compared: held out of the mixture's fit
+    (`init.held_out_user_scores`). With num_groups="auto" (a mixture per K, `selection`), a screen: the mixture
+    and leave-one-user-out scores of the K that scores best so; K is then chosen on the chosen candidate alone."""
+
+    x: np.ndarray
+    mixture: FeatureMixture
+    selection: KSelection | None
+    user_scores: np.ndarray
+
+    @property
+    def score(self) -> float:
+        return float(np.sum(self.user_scores))
+
+    @property
+    def assignments(self) -> np.ndarray:
+        return self.mixture.assignments
 
 
 def starting_points(config: EMConfig, k: int, num_users: int, restart: int, rng: np.random.Generator,
@@ -40,14 +63,23 @@ def feature_start(everything: PairBatch, num_train_pairs: int, user_index: np.nd
     on the batch's pairs, at config.num_groups or at the K chosen in k_range.
 
     Which features: every candidate (clusters, single tokens, the most frequent or the most disputed, prompt terms,
-    word clustering) is fitted and the one that predicts left-out users best (leave-one-user-out log-likelihood)
-    is kept; with num_groups="auto" (a fit per K), the word clusterings after the first are tried for the best
-    candidate only. The best candidate with the most disputed tokens replaces the best of the others only if it
-    scores higher by more than one standard error (`_clearly_better`). The chosen one is then tried once more with
-    the most disputed tokens and bigrams as its single-token columns (disputed_bigrams="auto"), with the length
-    hinges (length_shape="auto") and with the response's openers and closers (response_ends="auto"), each kept on
-    the same condition. A feature that tells no group apart still gets a noisy weight in
-    every head and blurs which head predicts a user best, so fewer features win where they suffice.
+    word clustering) is fitted and the one that predicts held-out users best is kept (`Candidate`: users held out
+    of the fit by folds, each placed by half of their pairs and scored on the other half); with num_groups="auto"
+    (a fit per K), the word clusterings after the first are tried for the best candidate only. The best candidate
+    with the most disputed tokens replaces the best of the others only if it scores higher by more than one
+    standard error (`_clearly_better`). The chosen one is then tried once more with the most disputed tokens and
+    bigrams as its single-token columns (disputed_bigrams="auto"), with the length hinges (length_shape="auto"),
+    with the response's openers and closers (response_ends="auto") and with the places of the tokens whose place
+    users dispute most (token_positions="auto"), each kept on the same condition. A feature that tells no group
+    apart still gets a noisy weight in every head and blurs which head predicts a user best, so fewer features
+    win where they suffice.
+
+    Why held-out users and not the mixture's own leave-one-user-out score: that score lets each user pick the
+    head that fits all of their pairs best, among heads fitted to a partition the user helped choose, so it grows
+    with the width of the features even where they say nothing of the groups. On unseen world 7
+    (`benchmarks/unseen_worlds.py`) with its labels' signs drawn at random, the widest candidate's K=2 mixture
+    gained 28 nats over K=1 by that score and 2 by held-out users; with the true labels, that candidate beat the
+    places of 16 tokens by 9 nats (ARI 0.02 against 0.82) by the first and lost by 92 by the second.
     Returns (features, mixture, K selection or None, the chosen candidate as a dict, with every candidate's score
     and `rival_agreement`)."""
     prompt = {"on": [True], "off": [False], "auto": [False, True]}[config.prompt_features]
@@ -65,86 +97,93 @@ def feature_start(everything: PairBatch, num_train_pairs: int, user_index: np.nd
     tokens = [(n, "frequent") for n in config.feature_tokens] + [(n, disputed_order)
                                                                   for n in config.feature_disputed_tokens]
 
-    def fit(clusters, tokens, token_order, prompt_terms, seed, shape, ends):
+    places = []  # the tokens whose place users dispute most, ranked once when first asked for
+
+    def fit(clusters, tokens, token_order, prompt_terms, seed, shape, ends, positions):
+        if positions and not places:
+            places.append(disputed_positions(everything, num_train_pairs, user_index, num_users)[
+                :config.position_tokens])
         if (clusters, seed) not in clusterings:
             clusterings[clusters, seed] = batch_word_clusters(everything, clusters, seed=config.seed + seed)
         x = pair_features(everything, clusters=clusters, tokens=tokens, prompt_terms=prompt_terms,
                           length_knots=config.length_knots if shape else 0,
                           ends=config.response_end_tokens if ends else 0, labels=clusterings[clusters, seed],
-                          token_order=token_orders[token_order])
+                          token_order=token_orders[token_order], positions=places[0] if positions else None)
         train = x[:num_train_pairs]
-        if config.num_groups == "auto":
+        if config.num_groups == "auto":  # screened by each K's leave-one-user-out score, the best K's
             selection = select_num_groups(train, user_index, num_users, config.k_range,
                                           restarts=config.init_restarts, l2=config.feature_l2, seed=config.seed)
-            return max(selection.scores), x, selection.fits[selection.chosen], selection
+            best = max(selection.ks, key=lambda k: selection.fits[k].score)
+            return Candidate(x, selection.fits[best], selection, selection.fits[best].user_scores)
         mixture = fit_feature_mixture(train, user_index, num_users, config.num_groups,
                                       restarts=config.init_restarts, l2=config.feature_l2, seed=config.seed,
                                       flip_rate=config.flip_rate_or_none)
-        return mixture.score, x, mixture, None
+        held_out = held_out_user_scores(train, user_index, num_users, {mixture.num_groups: mixture},
+                                        folds=min(config.user_folds, num_users), l2=config.feature_l2,
+                                        seed=config.seed)
+        return Candidate(x, mixture, None, held_out[mixture.num_groups])
 
     def usual(tokens, prompt_terms):  # the disputed tokens without the prompt terms unless those are "on": the
         # widest fits (the cost grows with the cube of the width), and on the zoo never chosen
         return tokens[1] == "frequent" or not prompt_terms or config.prompt_features == "on"
 
-    shape, ends = config.length_shape == "on", config.response_ends == "on"
+    on = tuple(getattr(config, name) == "on" for name in ("length_shape", "response_ends", "token_positions"))
     if config.num_groups != "auto":
-        fits = {(c, *t, p, s, shape, ends): fit(c, *t, p, s, shape, ends) for c, t, p, s in itertools.product(
+        fits = {(c, *t, p, s, *on): fit(c, *t, p, s, *on) for c, t, p, s in itertools.product(
             config.feature_clusters, tokens, prompt, range(config.feature_seeds)) if usual(t, p)}
     else:  # every K of k_range per candidate: the other word clusterings only for the best candidate
-        fits = {(c, *t, p, 0, shape, ends): fit(c, *t, p, 0, shape, ends) for c, t, p in itertools.product(
+        fits = {(c, *t, p, 0, *on): fit(c, *t, p, 0, *on) for c, t, p in itertools.product(
             config.feature_clusters, tokens, prompt) if usual(t, p)}
-        top = max(fits, key=lambda c: fits[c][0])[:4]
-        fits.update({(*top, s, shape, ends): fit(*top, s, shape, ends) for s in range(1, config.feature_seeds)})
+        top = max(fits, key=lambda c: fits[c].score)[:4]
+        fits.update({(*top, s, *on): fit(*top, s, *on) for s in range(1, config.feature_seeds)})
 
     def best(keys):
-        return max(keys, key=lambda c: fits[c][0])
+        return max(keys, key=lambda c: fits[c].score)
 
     # The disputed tokens are ranked by the labels the score is computed on, so their candidates' scores are
     # optimistic: they replace the best of the others only when clearly better (on the zoo, a near-tie won by
     # 0.7 nats chose a partition at ARI 0.26 over one at 0.78).
     chosen = best([c for c in fits if c[2] == "frequent"])  # feature_tokens is never empty
     disputed = [c for c in fits if c[2] != "frequent"]
-    if disputed and _clearly_better(fits[best(disputed)][2], fits[chosen][2]):
+    if disputed and _clearly_better(fits[best(disputed)], fits[chosen]):
         chosen = best(disputed)
     # Tried on the best candidate only, one more fit each, not twice as many candidates: its single-token columns
-    # replaced by the most disputed tokens and bigrams, then the length hinges, then the response's ends.
+    # replaced by the most disputed tokens and bigrams, then the length hinges, the response's ends, the places of
+    # the tokens.
     extensions = []
     if "disputed_bigrams" in token_orders and config.disputed_bigrams == "auto":
         extensions.append(lambda c: (c[0], max(config.feature_disputed_tokens), "disputed_bigrams", *c[3:]))
-    if config.length_shape == "auto":
-        extensions.append(lambda c: (*c[:5], True, c[6]))
-    if config.response_ends == "auto":
-        extensions.append(lambda c: (*c[:6], True))
+    for i, name in enumerate(("length_shape", "response_ends", "token_positions")):
+        if getattr(config, name) == "auto":
+            extensions.append(lambda c, i=5 + i: (*c[:i], True, *c[i + 1:]))
     for extend in extensions:
         extended = extend(chosen)
         if extended not in fits:
             fits[extended] = fit(*extended)
-        if _clearly_better(fits[extended][2], fits[chosen][2]):
+        if _clearly_better(fits[extended], fits[chosen]):
             chosen = extended
-    agreement = rival_agreement(fits[chosen][2], [f[2] for c, f in fits.items() if c != chosen])
+    agreement = rival_agreement(fits[chosen], [f for c, f in fits.items() if c != chosen])
+    x, mixture, selection = fits[chosen].x, fits[chosen].mixture, fits[chosen].selection
     if config.num_groups == "auto":  # K by users held out of the fit, on the chosen features
-        _, x, _, screen = fits[chosen]
         selection = select_num_groups(x[:num_train_pairs], user_index, num_users, config.k_range,
                                       restarts=config.init_restarts, l2=config.feature_l2, seed=config.seed,
-                                      user_folds=config.user_folds, fits=screen.fits)
+                                      user_folds=config.user_folds, fits=selection.fits)
         mixture = selection.fits[selection.chosen]
         if config.flip_rate_or_none != 0.0:  # K was chosen without label flips (`select_num_groups`): add them now
             mixture = fit_feature_mixture(x[:num_train_pairs], user_index, num_users, selection.chosen,
                                           restarts=config.init_restarts, l2=config.feature_l2, seed=config.seed,
                                           start=mixture.assignments, flip_rate=config.flip_rate_or_none)
-        fits[chosen] = (fits[chosen][0], x, mixture, selection)
-    _, x, mixture, selection = fits[chosen]
     names = ("clusters", "tokens", "token_order", "prompt_features", "clustering_seed", "length_shape",
-             "response_ends")
+             "response_ends", "token_positions")
     candidate = dict(zip(names, chosen))
-    candidate["scores"] = [{**dict(zip(names, c)), "leave_one_user_out_log_likelihood": float(f[0])}
-                           for c, f in fits.items()]
+    candidate["scores"] = [{**dict(zip(names, c)), "held_out_users_log_likelihood": f.score,
+                            "leave_one_user_out_log_likelihood": f.mixture.score} for c, f in fits.items()]
     candidate["rivals"] = agreement
     return x, mixture, selection, candidate
 
 
-def rival_agreement(chosen: FeatureMixture, others: list[FeatureMixture]) -> dict:
-    """The candidates the score cannot tell from the chosen one (leave-one-user-out log-likelihood lower by at most
+def rival_agreement(chosen: Candidate, others: list[Candidate]) -> dict:
+    """The candidates the score cannot tell from the chosen one (held-out users' log-likelihood lower by at most
     one standard error of the per-user differences), and the lowest ARI between their partitions and the chosen
     one's (None without rivals). Where equally good feature sets group the users differently, the data do not
     settle the groups (`diagnostics.MIN_RIVAL_AGREEMENT`)."""
@@ -153,8 +192,8 @@ def rival_agreement(chosen: FeatureMixture, others: list[FeatureMixture]) -> dic
     return {"count": len(rivals), "lowest_ari": lowest}
 
 
-def _clearly_better(new: FeatureMixture, old: FeatureMixture) -> bool:
-    """Whether `new` predicts left-out users better than `old` by more than one standard error of the per-user
+def _clearly_better(new: Candidate, old: Candidate) -> bool:
+    """Whether `new` predicts held-out users better than `old` by more than one standard error of the per-user
     differences. The best of several candidates' scores is biased upwards, so a candidate tried on top of that
     best wins ties by luck: on the zoo the length hinges gained 54 and 78 nats where groups want a middle length
     and -9 to +0.3 elsewhere."""
@@ -162,4 +201,4 @@ def _clearly_better(new: FeatureMixture, old: FeatureMixture) -> bool:
     return float(np.sum(new_scores - old_scores)) > paired_standard_error(new_scores, old_scores)
 
 
-__all__ = ["feature_start", "rival_agreement", "starting_points"]
+__all__ = ["Candidate", "feature_start", "rival_agreement", "starting_points"]
