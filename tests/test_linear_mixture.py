@@ -95,3 +95,32 @@ def test_flips_keep_a_user_whom_plain_bradley_terry_misplaces():
 def test_feature_flip_rate_is_checked(bad):
     with pytest.raises(ConfigError, match=r"feature_flip_rate.*expected 'auto' or a number in \[0, 0.5\)"):
         EMConfig(num_groups=2, feature_flip_rate=bad)
+
+
+def test_users_left_out_of_a_fit_shape_neither_its_heads_nor_its_groups():
+    """in_fit=0 leaves a user out: the heads equal those of a fit on the other users' pairs alone."""
+    x, user_index, _ = _two_group_world(0.0)
+    gamma0 = np.eye(2, dtype=np.float32)[np.arange(24) % 2][None]
+    keep = np.arange(24) >= 6
+    rows = keep[user_index]
+    left_out = fit_linear_mixture(x, user_index, gamma0, num_users=24, in_fit=keep[None].astype(np.float32))
+    remapped = np.cumsum(keep) - 1
+    alone = fit_linear_mixture(x[rows], remapped[user_index[rows]], gamma0[:, keep], num_users=18)
+    # The same fit up to float32 rounding (other padding, other order of sums, over 20 rounds).
+    np.testing.assert_allclose(left_out.theta, alone.theta, rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(left_out.score, alone.score, rtol=1e-4)
+    np.testing.assert_array_equal(np.argmax(left_out.gamma[0, keep], -1), np.argmax(alone.gamma[0], -1))
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_a_population_of_one_group_is_not_split_by_users_held_out(seed):
+    """48 users who all label at random, 40 features of noise: the held-out users' score finds no second group.
+    With the heads only refitted on the all-user partition (each held-out user's pairs had shaped it), K=4, 3
+    and 3 were chosen for these seeds; regrouping the others without the fold gives K=1."""
+    from maxmin_jax.rewards.init import select_num_groups
+
+    rng = np.random.default_rng(seed)
+    x = (0.5 * rng.normal(size=(48 * 20, 40))).astype(np.float32)
+    user_index = np.repeat(np.arange(48), 20)
+    selection = select_num_groups(x, user_index, 48, (1, 4), restarts=8, l2=3.0, seed=0, user_folds=5)
+    assert selection.chosen == 1, (selection.gains, selection.standard_errors)
