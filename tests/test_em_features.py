@@ -10,8 +10,9 @@ from maxmin_jax.rewards.features import (disputed_positions, disputed_tokens, le
                                          response_ends, term_counts, token_positions)
 
 
-def _batch(pairs: list[tuple[list[int], list[int], list[int]]], user_index=None) -> PairBatch:
-    """(prompt, chosen response, rejected response) token ids -> a left-padded PairBatch (default: one user)."""
+def _batch(pairs: list[tuple[list[int], list[int], list[int]]], user_index=None, groups=None) -> PairBatch:
+    """(prompt, chosen response, rejected response) token ids -> a left-padded PairBatch (default: one user);
+    `groups`: each user's true group, when a test scores the start's partition against it."""
     width = max(len(p) + max(len(c), len(r)) for p, c, r in pairs)
 
     def pad(seqs):
@@ -26,7 +27,19 @@ def _batch(pairs: list[tuple[list[int], list[int], list[int]]], user_index=None)
     rejected_ids, rejected_mask = pad([p + r for p, _, r in pairs])
     users = np.zeros(len(pairs), np.int32) if user_index is None else np.asarray(user_index, np.int32)
     return PairBatch(chosen_ids, chosen_mask, rejected_ids, rejected_mask, users,
-                     tuple(f"u{i}" for i in range(int(users.max()) + 1)))
+                     tuple(f"u{i}" for i in range(int(users.max()) + 1)), None if groups is None else tuple(groups))
+
+
+def _start(batch: PairBatch, **config) -> tuple[float, dict]:
+    """The start's ARI against the batch's groups and its chosen candidate (`feature_start` at these EMConfig
+    settings)."""
+    from maxmin_jax.rewards.em import EMConfig
+    from maxmin_jax.rewards.scoring import clustering_metrics
+    from maxmin_jax.rewards.start import feature_start
+
+    _, mixture, _, chosen = feature_start(batch, batch.num_pairs, batch.user_index, batch.num_users,
+                                          EMConfig(progress=False, **config))
+    return clustering_metrics(mixture.assignments, batch.groups)["ari"], chosen
 
 
 def test_length_hinges_represent_a_preferred_middle_length():
@@ -153,23 +166,18 @@ def test_disputed_tokens_find_a_word_class_whose_words_never_occur_together():
     columns are no word class, docs/em.md.)"""
     from maxmin_jax.data.batching import tokenize_pairs
     from maxmin_jax.data.zoo import zoo_world
-    from maxmin_jax.rewards.em import EMConfig
-    from maxmin_jax.rewards.scoring import clustering_metrics
-    from maxmin_jax.rewards.start import feature_start
 
     world = zoo_world("sunsea", shares=(6, 3, 1), num_users=40, pairs_per_user=20, noise=1.0,
                       response_style="independent", seed=3)
     rows = world.preference_rows()
     assert world.oracle_ari(rows) == 1.0
     batch = tokenize_pairs(world.tokenizer(), rows, max_length=64)
-    small = dict(num_groups=3, progress=False, feature_clusters=(8,), feature_seeds=1, prompt_features="off",
+    small = dict(num_groups=3, feature_clusters=(8,), feature_seeds=1, prompt_features="off",
                  length_shape="off", response_ends="off")  # a small screen: the word clusters' variants are not
     # what this is about
     ari = {}
     for disputed in ((), (32,)):
-        _, mixture, _, chosen = feature_start(batch, batch.num_pairs, batch.user_index, batch.num_users,
-                                              EMConfig(**small, feature_disputed_tokens=disputed))
-        ari[disputed] = clustering_metrics(mixture.assignments, batch.groups)["ari"]
+        ari[disputed], chosen = _start(batch, **small, feature_disputed_tokens=disputed)
     assert chosen["token_order"] == "disputed" and chosen["tokens"] == 32
     assert ari[(32,)] >= 0.7 and ari[()] < 0.4, ari  # measured: 0.82 and 0.20
 
@@ -190,10 +198,6 @@ def test_the_start_finds_groups_that_differ_only_in_how_answers_open():
     """Two groups who like answers that open with an affirmation or with a hedge; the same words also occur inside
     answers, where neither group cares about them. Counts of words cannot tell the groups apart; whether a word
     opens the response can, and the start adds those columns because they predict left-out users clearly better."""
-    from maxmin_jax.rewards.em import EMConfig
-    from maxmin_jax.rewards.scoring import clustering_metrics
-    from maxmin_jax.rewards.start import feature_start
-
     rng = np.random.default_rng(0)
     affirm, hedge, fillers = [1, 2, 3], [4, 5, 6], list(range(10, 40))
     pairs, users = [], []
@@ -207,17 +211,13 @@ def test_the_start_finds_groups_that_differ_only_in_how_answers_open():
             first = rng.random() < 1.0 / (1.0 + np.exp(-margin))
             pairs.append(([50 + int(rng.integers(5))], *((a, b) if first else (b, a))))
             users.append(user)
-    batch = _batch(pairs, users)
-    batch = PairBatch(batch.chosen_ids, batch.chosen_mask, batch.rejected_ids, batch.rejected_mask,
-                      batch.user_index, batch.user_ids, tuple(str(u % 2) for u in range(24)))
-    small = dict(num_groups=2, progress=False, feature_clusters=(8,), feature_tokens=(0,), feature_disputed_tokens=(),
+    batch = _batch(pairs, users, groups=[str(u % 2) for u in range(24)])
+    small = dict(num_groups=2, feature_clusters=(8,), feature_tokens=(0,), feature_disputed_tokens=(),
                  feature_seeds=1, prompt_features="off", length_shape="off", token_positions="off")  # one candidate:
     # the others are not what this is about (the opening word's place would find these groups too)
     ari = {}
     for ends in ("off", "auto"):
-        _, mixture, _, chosen = feature_start(batch, batch.num_pairs, batch.user_index, batch.num_users,
-                                              EMConfig(**small, response_ends=ends))
-        ari[ends] = clustering_metrics(mixture.assignments, batch.groups)["ari"]
+        ari[ends], chosen = _start(batch, **small, response_ends=ends)
     assert chosen["response_ends"] is True
     assert ari["auto"] >= 0.9 and ari["off"] < 0.5, ari  # measured: 1.00 and 0.22
 
@@ -246,10 +246,6 @@ def test_term_counts_count_each_adjacent_token_pair_as_a_term():
 def test_the_start_finds_groups_that_differ_only_in_word_order():
     """Both groups like the same two words, one in the order "7 8", the other "8 7" (each phrase in 40% of the
     responses, the words also scattered on their own): token counts cannot tell the groups apart, bigrams can."""
-    from maxmin_jax.rewards.em import EMConfig
-    from maxmin_jax.rewards.scoring import clustering_metrics
-    from maxmin_jax.rewards.start import feature_start
-
     rng = np.random.default_rng(0)
     phrases = ([7, 8], [8, 7])
 
@@ -272,18 +268,14 @@ def test_the_start_finds_groups_that_differ_only_in_word_order():
             first = rng.random() < 1.0 / (1.0 + np.exp(-margin / 0.5))
             pairs.append(([50 + int(rng.integers(5))], *((a, b) if first else (b, a))))
             users.append(user)
-    batch = _batch(pairs, users)
-    batch = PairBatch(batch.chosen_ids, batch.chosen_mask, batch.rejected_ids, batch.rejected_mask,
-                      batch.user_index, batch.user_ids, tuple(str(u % 2) for u in range(24)))
-    small = dict(num_groups=2, progress=False, feature_clusters=(8,), feature_tokens=(0,),
+    batch = _batch(pairs, users, groups=[str(u % 2) for u in range(24)])
+    small = dict(num_groups=2, feature_clusters=(8,), feature_tokens=(0,),
                  feature_disputed_tokens=(16,), feature_seeds=1, prompt_features="off", length_shape="off",
                  response_ends="off", token_positions="off")  # two candidates: clusters alone, and with the
     # disputed terms
     ari = {}
     for bigrams in (False, True):
-        _, mixture, _, _ = feature_start(batch, batch.num_pairs, batch.user_index, batch.num_users,
-                                         EMConfig(**small, disputed_bigrams="auto" if bigrams else "off"))
-        ari[bigrams] = clustering_metrics(mixture.assignments, batch.groups)["ari"]
+        ari[bigrams], _ = _start(batch, **small, disputed_bigrams="auto" if bigrams else "off")
     assert ari[True] >= 0.9 and ari[False] < 0.3, ari  # measured: 1.00 and -0.04
 
 
@@ -328,9 +320,7 @@ def _advice_world(seed: int = 0):
             first = rng.random() < 1.0 / (1.0 + np.exp(-(reward(a, user % 2) - reward(b, user % 2)) / 0.5))
             pairs.append(([50 + int(rng.integers(5))], *((a, b) if first else (b, a))))
             users.append(user)
-    batch = _batch(pairs, users)
-    return PairBatch(batch.chosen_ids, batch.chosen_mask, batch.rejected_ids, batch.rejected_mask,
-                     batch.user_index, batch.user_ids, tuple(str(u % 2) for u in range(32)))
+    return _batch(pairs, users, groups=[str(u % 2) for u in range(32)])
 
 
 def test_the_place_users_dispute_most_is_the_word_whose_place_they_care_about():
@@ -341,17 +331,11 @@ def test_the_place_users_dispute_most_is_the_word_whose_place_they_care_about():
 def test_the_start_finds_groups_that_differ_only_in_where_a_word_stands():
     """Counts of words cannot tell the two groups of `_advice_world` apart; where the advice stands can, and the
     start adds those columns because they predict held-out users clearly better."""
-    from maxmin_jax.rewards.em import EMConfig
-    from maxmin_jax.rewards.scoring import clustering_metrics
-    from maxmin_jax.rewards.start import feature_start
-
     batch = _advice_world()
-    small = dict(num_groups=2, progress=False, feature_clusters=(8,), feature_tokens=(0,), feature_disputed_tokens=(),
+    small = dict(num_groups=2, feature_clusters=(8,), feature_tokens=(0,), feature_disputed_tokens=(),
                  feature_seeds=1, prompt_features="off", length_shape="off", response_ends="off")  # one candidate
     ari = {}
     for positions in ("off", "auto"):
-        _, mixture, _, chosen = feature_start(batch, batch.num_pairs, batch.user_index, batch.num_users,
-                                              EMConfig(**small, token_positions=positions))
-        ari[positions] = clustering_metrics(mixture.assignments, batch.groups)["ari"]
+        ari[positions], chosen = _start(batch, **small, token_positions=positions)
     assert chosen["token_positions"] is True
     assert ari["auto"] >= 0.9 and ari["off"] < 0.3, ari  # measured: 1.00 and 0.03 (seeds 1, 2: 1.00 / 0.02, 0.00)
