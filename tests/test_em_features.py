@@ -7,7 +7,8 @@ import numpy as np
 
 from maxmin_jax.data.batching import PairBatch
 from maxmin_jax.rewards.features import (disputed_positions, disputed_tokens, length_hinges, pair_features,
-                                         response_ends, term_counts, token_positions)
+                                         prompt_topics, repetition, response_ends, term_counts,
+                                         token_positions)
 
 
 def _batch(pairs: list[tuple[list[int], list[int], list[int]]], user_index=None, groups=None) -> PairBatch:
@@ -293,6 +294,103 @@ def test_token_positions_place_each_token_from_the_first_to_the_last():
     assert chosen[:, [40, 41, eos]].sum() == 0 and rejected[:, [40, 41, eos]].sum() == 0
     x = pair_features(batch, clusters=2, tokens=0, positions=np.array([4, 1]))
     np.testing.assert_allclose(x[:, -2:], [[0.75 + 0.5, -0.75], [0.0, 0.0]])
+
+
+def test_repetition_counts_repeats_of_rare_words_in_the_response_alone():
+    eos = 99
+    # Prompt [40, 3]; token 3 is in every response (rarity 0), token 5 in one of four (rarity log 4).
+    pairs = [([40, 3], [5, 5, 5, 3, 3], [6, 3]), ([40, 3], [3, 40, 7], [7, 3])]  # 40, 7 repeat the prompt, not
+    # themselves
+    batch = _batch([(p, c + [eos], r + [eos]) for p, c, r in pairs])
+    rarity = {t: np.log(4 / n) for t, n in ((5, 1), (3, 4), (40, 1), (7, 2))}
+    np.testing.assert_allclose(repetition(batch), [2 * rarity[5] + rarity[3], 0.0])
+    x = pair_features(batch, clusters=2, tokens=0, repeats=True)
+    np.testing.assert_allclose(x[:, -1], repetition(batch), rtol=1e-6)
+
+
+def _repetition_world(seed: int = 0):
+    """32 users who dislike an answer that repeats a word and 8 who like it (as `benchmarks/unseen_worlds.py`'s
+    world 4, redundancy): every answer is 7 words, 4 to 7 of them distinct, drawn at random from 40, so its words
+    and length say nothing about the group; how often it repeats them does."""
+    rng = np.random.default_rng(seed)
+
+    def response():
+        distinct = rng.choice(np.arange(20, 60), size=int(rng.integers(4, 8)), replace=False).tolist()
+        return rng.permutation(distinct + rng.choice(distinct, size=7 - len(distinct)).tolist()).tolist() + [99]
+
+    def repeats(words):
+        return len(words) - len(set(words))
+
+    pairs, users, groups = [], [], ["concise"] * 32 + ["repetitive"] * 8
+    for user, group in enumerate(groups):
+        sign = 1.0 if group == "repetitive" else -1.0
+        for _ in range(20):
+            a, b = response(), response()
+            first = rng.random() < 1.0 / (1.0 + np.exp(-sign * (repeats(a) - repeats(b))))
+            pairs.append(([10 + int(rng.integers(5))], *((a, b) if first else (b, a))))
+            users.append(user)
+    return _batch(pairs, users, groups=groups)
+
+
+def test_the_start_finds_groups_that_differ_only_in_how_much_answers_repeat_themselves():
+    """No count of words tells the groups of `_repetition_world` apart; the repetition column does, and the start
+    adds it because it predicts held-out users clearly better."""
+    batch = _repetition_world()
+    small = dict(num_groups=2, feature_clusters=(8,), feature_tokens=(0,), feature_disputed_tokens=(),
+                 feature_seeds=1, prompt_features="off", length_shape="off", response_ends="off",
+                 token_positions="off")  # one candidate
+    ari = {}
+    for repeats in ("off", "auto"):
+        ari[repeats], chosen = _start(batch, **small, repetition=repeats)
+    assert chosen["repetition"] is True
+    assert ari["auto"] >= 0.9 and ari["off"] < 0.3, ari  # measured: 1.00 and -0.01 (seeds 1, 2: 1.00 / -0.05, -0.08)
+
+
+def _topic_world(seed: int = 0, follow: float = 0.6):
+    """16 users who like answers on the prompt's topic and 16 who like answers on the next topic (of three, in a
+    cycle). Answers follow their prompt's topic (each of 6 words from it with probability `follow`, else from any
+    of the three), so which words go with which prompts is in the data without labels. A word's count says nothing
+    of the group; a word cluster's count where the prompt holds that cluster (the prompt terms) says "on topic"
+    only."""
+    rng = np.random.default_rng(seed)
+    words = np.arange(20, 38).reshape(3, 6)  # each topic's words; prompt tokens 100 + 3 * topic + j
+
+    def response(topic):
+        return [int(rng.choice(words[topic if rng.random() < follow else rng.integers(3)])) for _ in range(6)] + [99]
+
+    pairs, users, groups = [], [], ["on_topic", "next_topic"] * 16
+    for user, group in enumerate(groups):
+        for _ in range(24):
+            topic = int(rng.integers(3))
+            liked = set(words[topic if group == "on_topic" else (topic + 1) % 3].tolist())
+            a, b = response(topic), response(topic)
+            margin = sum(w in liked for w in a) - sum(w in liked for w in b)
+            first = rng.random() < 1.0 / (1.0 + np.exp(-margin))
+            pairs.append(([100 + 3 * topic + int(rng.integers(3))], *((a, b) if first else (b, a))))
+            users.append(user)
+    return _batch(pairs, users, groups=groups)
+
+
+def test_prompt_topics_are_found_without_labels():
+    batch = _topic_world()
+    x = prompt_topics(batch)
+    assert x.shape[1] == 4, x.shape  # two directions (three topics, centred), 2 x 2 products
+    assert prompt_topics(_topic_world(follow=0.0)).shape[1] == 0  # answers that ignore the prompt: none
+
+
+def test_the_start_finds_groups_that_differ_in_which_topic_they_want_for_a_prompt():
+    """The topics' products express "the prompt's topic" and "the next one" alike, and the start adds them because
+    they predict held-out users clearly better."""
+    batch = _topic_world()
+    small = dict(num_groups=2, feature_clusters=(8,), feature_tokens=(0,), feature_disputed_tokens=(),
+                 feature_seeds=1, prompt_features="off", length_shape="off", response_ends="off",
+                 token_positions="off", repetition="off")  # one candidate
+    ari = {}
+    for topics in ("off", "auto"):
+        ari[topics], chosen = _start(batch, **small, prompt_topics=topics)
+    assert chosen["prompt_topics"] is True
+    assert ari["auto"] >= 0.9 and ari["off"] < 0.3, ari  # measured: 1.00 and -0.01 (seeds 1, 2: 1.00 / -0.02,
+    # 0.87 / -0.01); with the prompt terms in place of the topics 0.55
 
 
 def _advice_world(seed: int = 0):

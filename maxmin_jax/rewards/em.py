@@ -111,6 +111,15 @@ class EMConfig:
     only when clearly better, as the length hinges; "on": in every candidate."""
     position_tokens: int = 16
     """How many tokens' positions token_positions adds."""
+    repetition: Literal["auto", "on", "off"] = "auto"
+    """Add how much the response repeats itself, rare words weighted up (`features.repetition`), so a head can
+    prefer concise answers or restatements. "auto": tried on the chosen feature set (after the token positions)
+    and kept only when clearly better, as the length hinges; "on": in every candidate."""
+    prompt_topics: Literal["auto", "on", "off"] = "auto"
+    """Add what the prompt is about times what the response is about (`features.prompt_topics`: the directions
+    along which prompts and their responses' words go together, found without labels), so a head can prefer
+    answers on the prompt's topic, or on another. "auto": tried on the chosen feature set (after the repetition)
+    and kept only when clearly better, as the length hinges; "on": in every candidate."""
     feature_l2: float = 3.0
     """L2 penalty of the token-feature mixture's linear heads."""
     feature_flip_rate: float | Literal["auto"] = "auto"
@@ -150,7 +159,8 @@ class EMConfig:
         for name, allowed in (("method", ("hard", "soft")), ("init", ("features", "round_robin", "random")),
                               ("assign_by", ("heldout", "reward_model")), ("prompt_features", ("auto", "on", "off")),
                               ("length_shape", ("auto", "on", "off")), ("response_ends", ("auto", "on", "off")),
-                              ("token_positions", ("auto", "on", "off")),
+                              ("token_positions", ("auto", "on", "off")), ("repetition", ("auto", "on", "off")),
+                              ("prompt_topics", ("auto", "on", "off")),
                               ("disputed_bigrams", ("auto", "on", "off"))):
             validate.one_of(self, name, allowed)
         validate.require(self.num_groups != "auto" or self.init == "features", self, "init",

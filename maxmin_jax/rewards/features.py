@@ -18,6 +18,10 @@ gives, for each pair, chosen minus rejected of:
 - with `ends`: whether the response opens or closes with a token, for the `ends` most frequent such (token, place)
   (`response_ends`), so a head can prefer answers that begin "Sure, ..." over "Perhaps ..." wherever else those
   words occur,
+- with `repetition`: how much the response repeats itself, rare words weighted up (`repetition`),
+- with `topics`: what the prompt is about times what the response is about (`prompt_topics`): the products of
+  the prompt's and the response's coordinates on the few directions along which prompts and their responses'
+  words go together, so a head can prefer answers on the prompt's topic, or on the next one,
 - with `prompt_terms`: for each cluster, whether the prompt uses it times the count difference (does the response
   stay with what was asked about?) and times the length difference (does the prompt ask for more or less?).
 
@@ -71,6 +75,15 @@ def _prompt_presence(prompts: list[np.ndarray], vocab: int):
     out = sparse.coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(len(prompts), vocab)).tocsr()
     out.data[:] = 1.0
     return out
+
+
+def _prompt_counts(prompts: list[np.ndarray], vocab: int):
+    """Sparse [N, vocab] token counts of each pair's prompt."""
+    from scipy import sparse
+
+    rows = np.repeat(np.arange(len(prompts)), [len(p) for p in prompts])
+    cols = np.concatenate(prompts) if prompts else np.zeros(0, np.int64)
+    return sparse.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(len(prompts), vocab))
 
 
 def _vocab_size(batch: PairBatch) -> int:
@@ -232,6 +245,81 @@ def token_positions(batch: PairBatch):
     return out[0], out[1]
 
 
+def repetition(batch: PairBatch) -> np.ndarray:
+    """[N] chosen minus rejected of how much the response repeats itself: the sum over its tokens of their
+    occurrences after the first, each weighted by its rarity, -log(the share of responses that hold it). Repeating
+    a rare word is redundancy ("the soil ... the soil ... good soil"); repeating "the" or "." is grammar, and a
+    count of all repeats would be mostly the response's length. The prompt's tokens are not counted (a response
+    that echoes the prompt does not repeat itself)."""
+    chosen, rejected = _response_counts(batch)
+    prompts = _prompt_counts(_prompts(batch), chosen.shape[1])
+    own = [(counts - prompts).tocsr() for counts in (chosen, rejected)]
+    for m in own:
+        m.eliminate_zeros()
+    held = (own[0] > 0).astype(np.float64) + (own[1] > 0).astype(np.float64)
+    share = np.asarray(held.sum(axis=0)).ravel() / (2 * batch.num_pairs)
+    rarity = -np.log(np.maximum(share, 1.0 / (2 * batch.num_pairs)))
+
+    def repeats(m):
+        m = m.astype(np.float64)
+        m.data = np.maximum(m.data - 1.0, 0.0)
+        return m @ rarity
+
+    return repeats(own[0]) - repeats(own[1])
+
+
+def prompt_topics(batch: PairBatch, *, max_topics: int = 6, max_vocab: int = 1024, nulls: int = 3,
+                  seed: int = 0) -> np.ndarray:
+    """[N, k * k] chosen minus rejected of (the prompt's coordinate i) x (the response's coordinate j) for the k
+    directions along which prompts and their responses' words go together, without labels: the singular vectors of
+    the correlation between a prompt's tokens (0/1) and its responses' token counts (the prompt's own tokens taken
+    out), over the `max_vocab` most widespread tokens of each side. k counts the singular values above the largest
+    one of `nulls` copies with the prompts shuffled across pairs (what chance alone correlates), at most
+    `max_topics`; 0 columns where none is. Where responses follow their prompt's topic, these directions are the
+    topics, and the k * k products let a head prefer the prompt's topic, or another topic for each, which the
+    prompt terms (a word cluster's count where the prompt holds that cluster) can say only where clusters are
+    topics. Memory O(N * tokens per pair + max_vocab^2)."""
+    from scipy import sparse
+
+    vocab = _vocab_size(batch)
+    chosen, rejected = _response_counts(batch)
+    prompts = _prompts(batch)
+    prompt_counts = _prompt_counts(prompts, vocab)
+    own = [(counts - prompt_counts).tocsr() for counts in (chosen, rejected)]
+    present = _prompt_presence(prompts, vocab)
+
+    def widest(m):  # the most widespread columns that vary
+        spread = np.asarray((m > 0).sum(axis=0)).ravel()
+        order = np.argsort(-spread, kind="stable")[:max_vocab]
+        return order[(spread[order] > 0) & (spread[order] < m.shape[0])]
+
+    responses = sparse.vstack(own).tocsr()
+    p_cols, r_cols = widest(present), widest(responses)
+    if len(p_cols) == 0 or len(r_cols) == 0:
+        return np.zeros((batch.num_pairs, 0), np.float64)
+    r = responses[:, r_cols]
+    r_mean = np.asarray(r.mean(axis=0)).ravel()
+    r_std = np.sqrt(np.maximum(np.asarray(r.multiply(r).mean(axis=0)).ravel() - r_mean ** 2, 1e-12))
+
+    def correlation(p):  # [p_cols, r_cols] between each response's prompt tokens p [N, .] and its counts
+        both = sparse.vstack([p, p]).tocsr()
+        p_mean = np.asarray(both.mean(axis=0)).ravel()
+        p_std = np.sqrt(np.maximum(p_mean - p_mean ** 2, 1e-12))  # 0/1 columns
+        cov = np.asarray((both.T @ r).todense()) / both.shape[0] - np.outer(p_mean, r_mean)
+        return cov / np.outer(p_std, r_std), p_mean
+
+    p = present[:, p_cols].astype(np.float64)
+    corr, p_mean = correlation(p)
+    u, s, vt = np.linalg.svd(corr, full_matrices=False)
+    rng = np.random.default_rng(seed)
+    chance = max(np.linalg.svd(correlation(p[rng.permutation(batch.num_pairs)])[0], compute_uv=False)[0]
+                 for _ in range(nulls))
+    k = min(int(np.sum(s > chance)), max_topics)
+    prompt_side = np.asarray(p @ u[:, :k]) - p_mean @ u[:, :k]  # [N, k]
+    response_side = np.asarray((own[0] - own[1])[:, r_cols] @ (vt[:k].T / r_std[:, None]))  # [N, k]
+    return (prompt_side[:, :, None] * response_side[:, None, :]).reshape(batch.num_pairs, k * k)
+
+
 def length_hinges(chosen: np.ndarray, rejected: np.ndarray, knots: int) -> np.ndarray:
     """[N, knots]: chosen minus rejected of max(0, length - q_j), q_j the j/(knots+1) quantiles of all response
     lengths. With the length column, a linear head then represents any piecewise-linear reward of length with
@@ -290,11 +378,13 @@ def batch_word_clusters(batch: PairBatch, clusters: int, *, embedding_dim: int =
 def pair_features(batch: PairBatch, *, clusters: int = 16, tokens: int = 16, prompt_terms: bool = False,
                   length_knots: int = 0, ends: int = 0, embedding_dim: int = 16, max_vocab: int = 2048,
                   seed: int = 0, labels: np.ndarray | None = None, token_order: np.ndarray | None = None,
-                  positions: np.ndarray | None = None) -> np.ndarray:
+                  positions: np.ndarray | None = None, repeats: bool = False,
+                  topics: bool = False) -> np.ndarray:
     """[N, d] float32 features of each pair (module docstring): d <= clusters + 1 + tokens (+ 2 * clusters with
-    `prompt_terms`, + `length_knots`, + `ends`, + len(`positions`)); columns that are zero for every pair are
-    dropped. `positions`: token ids whose place in the response is a column each (`token_positions`). `labels`: the
-    word clusters (`batch_word_clusters` with the same `clusters`), when several feature sets share one clustering.
+    `prompt_terms`, + `length_knots`, + `ends`, + len(`positions`), + 1 with `repeats`, + up to 36 with `topics`);
+    columns that are zero for every pair are dropped. `positions`: token ids whose place in the response is a column
+    each (`token_positions`). `labels`: the word clusters (`batch_word_clusters` with the same `clusters`), when
+    several feature sets share one clustering.
     `token_order`: token ids whose first `tokens` are the single-token columns (e.g. `disputed_tokens`; ids past
     the vocabulary are bigrams, `term_counts`); default the most widespread tokens. Memory O(N * tokens per pair
     + max_vocab^2)."""
@@ -331,6 +421,10 @@ def pair_features(batch: PairBatch, *, clusters: int = 16, tokens: int = 16, pro
     if positions is not None and len(positions):
         places = token_positions(batch)
         columns.append(np.asarray((places[0] - places[1]).tocsc()[:, np.asarray(positions)].todense()))
+    if repeats:
+        columns.append(repetition(batch)[:, None])
+    if topics:
+        columns.append(prompt_topics(batch, seed=seed))
     if prompt_terms:
         in_prompt = np.asarray((_prompt_presence(prompts, vocab) @ member).todense())[:, :clusters] > 0
         columns += [in_prompt * by_cluster, in_prompt * length]
@@ -340,4 +434,4 @@ def pair_features(batch: PairBatch, *, clusters: int = 16, tokens: int = 16, pro
 
 
 __all__ = ["batch_word_clusters", "disputed_positions", "disputed_tokens", "length_hinges", "pair_features",
-           "response_ends", "term_counts", "token_positions", "word_clusters"]
+           "prompt_topics", "repetition", "response_ends", "term_counts", "token_positions", "word_clusters"]

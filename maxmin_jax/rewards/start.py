@@ -1,9 +1,10 @@
 """Where the reward-model EM starts: the token-feature mixture, its feature set chosen by held-out users.
 
 `feature_start` builds every candidate feature set (word clusters, single tokens or bigrams, prompt terms, word
-clustering, length hinges, the response's openers and closers, the places of tokens; `features.pair_features`),
-fits the token-feature mixture on each (`init.fit_feature_mixture`, or one per K with num_groups="auto") and keeps
-the one that predicts held-out users best. `starting_points` gives each restart's initial responsibilities.
+clustering, length hinges, the response's openers and closers, the places of tokens, repetition, topics;
+`features.pair_features`), fits the token-feature mixture on each (`init.fit_feature_mixture`, or one per K with
+num_groups="auto") and keeps the one that predicts held-out users best. `starting_points` gives each restart's
+initial responsibilities.
 """
 
 from __future__ import annotations
@@ -22,6 +23,10 @@ from maxmin_jax.rewards.init import (FeatureMixture, KSelection, adjusted_rand, 
 
 if TYPE_CHECKING:
     from maxmin_jax.rewards.em import EMConfig
+
+EXTENSIONS = ("length_shape", "response_ends", "token_positions", "repetition", "prompt_topics")
+"""EMConfig's features tried on the chosen candidate, in this order, each kept only when clearly better; each is a
+flag of a candidate's key, after (clusters, tokens, token order, prompt terms, clustering seed)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,8 +74,10 @@ def feature_start(everything: PairBatch, num_train_pairs: int, user_index: np.nd
     with the most disputed tokens replaces the best of the others only if it scores higher by more than one
     standard error (`_clearly_better`). The chosen one is then tried once more with the most disputed tokens and
     bigrams as its single-token columns (disputed_bigrams="auto"), with the length hinges (length_shape="auto"),
-    with the response's openers and closers (response_ends="auto") and with the places of the tokens whose place
-    users dispute most (token_positions="auto"), each kept on the same condition. A feature that tells no group
+    with the response's openers and closers (response_ends="auto"), with the places of the tokens whose place
+    users dispute most (token_positions="auto"), with how much the response repeats itself (repetition="auto") and
+    with what the prompt is about times what the response is about (prompt_topics="auto"), each kept on the same
+    condition. A feature that tells no group
     apart still gets a noisy weight in every head and blurs which head predicts a user best, so fewer features
     win where they suffice.
 
@@ -99,7 +106,7 @@ def feature_start(everything: PairBatch, num_train_pairs: int, user_index: np.nd
 
     places = []  # the tokens whose place users dispute most, ranked once when first asked for
 
-    def fit(clusters, tokens, token_order, prompt_terms, seed, shape, ends, positions):
+    def fit(clusters, tokens, token_order, prompt_terms, seed, shape, ends, positions, repeats, topics):
         if positions and not places:
             places.append(disputed_positions(everything, num_train_pairs, user_index, num_users)[
                 :config.position_tokens])
@@ -108,7 +115,8 @@ def feature_start(everything: PairBatch, num_train_pairs: int, user_index: np.nd
         x = pair_features(everything, clusters=clusters, tokens=tokens, prompt_terms=prompt_terms,
                           length_knots=config.length_knots if shape else 0,
                           ends=config.response_end_tokens if ends else 0, labels=clusterings[clusters, seed],
-                          token_order=token_orders[token_order], positions=places[0] if positions else None)
+                          token_order=token_orders[token_order], positions=places[0] if positions else None,
+                          repeats=repeats, topics=topics)
         train = x[:num_train_pairs]
         if config.num_groups == "auto":  # screened by each K's leave-one-user-out score, the best K's
             selection = select_num_groups(train, user_index, num_users, config.k_range,
@@ -127,7 +135,7 @@ def feature_start(everything: PairBatch, num_train_pairs: int, user_index: np.nd
         # widest fits (the cost grows with the cube of the width), and on the zoo never chosen
         return tokens[1] == "frequent" or not prompt_terms or config.prompt_features == "on"
 
-    on = tuple(getattr(config, name) == "on" for name in ("length_shape", "response_ends", "token_positions"))
+    on = tuple(getattr(config, name) == "on" for name in EXTENSIONS)
     if config.num_groups != "auto":
         fits = {(c, *t, p, s, *on): fit(c, *t, p, s, *on) for c, t, p, s in itertools.product(
             config.feature_clusters, tokens, prompt, range(config.feature_seeds)) if usual(t, p)}
@@ -149,17 +157,28 @@ def feature_start(everything: PairBatch, num_train_pairs: int, user_index: np.nd
         chosen = best(disputed)
     # Tried on the best candidate only, one more fit each, not twice as many candidates: its single-token columns
     # replaced by the most disputed tokens and bigrams, then the length hinges, the response's ends, the places of
-    # the tokens.
+    # the tokens, the repetition and the topics. The topics say what the prompt terms say where clusters are
+    # topics, and more, so they are also tried in place of the prompt terms (the narrower set wins where it
+    # suffices): the better of the two variants is kept if clearly better.
+    def switch(c, name, on=True):
+        i = 5 + EXTENSIONS.index(name)
+        return (*c[:i], on, *c[i + 1:])
+
     extensions = []
     if "disputed_bigrams" in token_orders and config.disputed_bigrams == "auto":
-        extensions.append(lambda c: (c[0], max(config.feature_disputed_tokens), "disputed_bigrams", *c[3:]))
-    for i, name in enumerate(("length_shape", "response_ends", "token_positions")):
+        extensions.append(lambda c: [(c[0], max(config.feature_disputed_tokens), "disputed_bigrams", *c[3:])])
+    for name in EXTENSIONS:
         if getattr(config, name) == "auto":
-            extensions.append(lambda c, i=5 + i: (*c[:i], True, *c[i + 1:]))
+            extensions.append(lambda c, name=name: [switch(c, name)])
+    if config.prompt_topics == "auto" and config.prompt_features == "auto":
+        extensions[-1] = lambda c: [switch(c, "prompt_topics")] + (
+            [(*c[:3], False, *switch(c, "prompt_topics")[4:])] if c[3] else [])
     for extend in extensions:
-        extended = extend(chosen)
-        if extended not in fits:
-            fits[extended] = fit(*extended)
+        variants = extend(chosen)
+        for extended in variants:
+            if extended not in fits:
+                fits[extended] = fit(*extended)
+        extended = best(variants)
         if _clearly_better(fits[extended], fits[chosen]):
             chosen = extended
     agreement = rival_agreement(fits[chosen], [f for c, f in fits.items() if c != chosen])
@@ -173,8 +192,7 @@ def feature_start(everything: PairBatch, num_train_pairs: int, user_index: np.nd
             mixture = fit_feature_mixture(x[:num_train_pairs], user_index, num_users, selection.chosen,
                                           restarts=config.init_restarts, l2=config.feature_l2, seed=config.seed,
                                           start=mixture.assignments, flip_rate=config.flip_rate_or_none)
-    names = ("clusters", "tokens", "token_order", "prompt_features", "clustering_seed", "length_shape",
-             "response_ends", "token_positions")
+    names = ("clusters", "tokens", "token_order", "prompt_features", "clustering_seed", *EXTENSIONS)
     candidate = dict(zip(names, chosen))
     candidate["scores"] = [{**dict(zip(names, c)), "held_out_users_log_likelihood": f.score,
                             "leave_one_user_out_log_likelihood": f.mixture.score} for c, f in fits.items()]
