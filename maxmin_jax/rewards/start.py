@@ -76,10 +76,9 @@ def feature_start(everything: PairBatch, num_train_pairs: int, user_index: np.nd
     bigrams as its single-token columns (disputed_bigrams="auto"), with the length hinges (length_shape="auto"),
     with the response's openers and closers (response_ends="auto"), with the places of the tokens whose place
     users dispute most (token_positions="auto"), with how much the response repeats itself (repetition="auto") and
-    with what the prompt is about times what the response is about (prompt_topics="auto"), each kept on the same
-    condition. A feature that tells no group
-    apart still gets a noisy weight in every head and blurs which head predicts a user best, so fewer features
-    win where they suffice.
+    with what the prompt is about times what the response is about (prompt_topics="auto"; also in place of its
+    prompt terms), each kept on the same condition. A feature that tells no group apart still gets a noisy weight
+    in every head and blurs which head predicts a user best, so fewer features win where they suffice.
 
     Why held-out users and not the mixture's own leave-one-user-out score: that score lets each user pick the
     head that fits all of their pairs best, among heads fitted to a partition the user helped choose, so it grows
@@ -160,19 +159,18 @@ def feature_start(everything: PairBatch, num_train_pairs: int, user_index: np.nd
     # the tokens, the repetition and the topics. The topics say what the prompt terms say where clusters are
     # topics, and more, so they are also tried in place of the prompt terms (the narrower set wins where it
     # suffices): the better of the two variants is kept if clearly better.
-    def switch(c, name, on=True):
+    def variants_with(c, name):  # c with extension `name` on; the topics also in place of c's prompt terms
         i = 5 + EXTENSIONS.index(name)
-        return (*c[:i], on, *c[i + 1:])
+        on = (*c[:i], True, *c[i + 1:])
+        instead = name == "prompt_topics" and c[3] and config.prompt_features == "auto"
+        return [on, (*on[:3], False, *on[4:])] if instead else [on]
 
     extensions = []
     if "disputed_bigrams" in token_orders and config.disputed_bigrams == "auto":
         extensions.append(lambda c: [(c[0], max(config.feature_disputed_tokens), "disputed_bigrams", *c[3:])])
     for name in EXTENSIONS:
         if getattr(config, name) == "auto":
-            extensions.append(lambda c, name=name: [switch(c, name)])
-    if config.prompt_topics == "auto" and config.prompt_features == "auto":
-        extensions[-1] = lambda c: [switch(c, "prompt_topics")] + (
-            [(*c[:3], False, *switch(c, "prompt_topics")[4:])] if c[3] else [])
+            extensions.append(lambda c, name=name: variants_with(c, name))
     for extend in extensions:
         variants = extend(chosen)
         for extended in variants:
