@@ -75,8 +75,7 @@ def run_world(world, overrides: dict, seed: int, auto: bool = False) -> dict:
            "seconds": seconds, "chosen": {k: v for k, v in candidate.items() if k != "scores"}, "candidates": scores,
            "k": mixture.num_groups}
     without = {name: (lambda c, name=name: not c[name])
-               for name in ("length_shape", "response_ends", "token_positions", "repetition", "prompt_topics",
-                            "prompt_features", "tokens")}
+               for name in (*start_module.EXTENSIONS, "prompt_features", "tokens")}
     without["disputed"] = lambda c: c["token_order"] == "frequent"
     without["disputed_bigrams"] = lambda c: c["token_order"] != "disputed_bigrams"
     for name, off in without.items() if not auto else ():

@@ -66,17 +66,6 @@ def _prompts(batch: PairBatch) -> list[np.ndarray]:
     return [row[:n] for row, n in zip(a, prefix)]
 
 
-def _prompt_presence(prompts: list[np.ndarray], vocab: int):
-    """Sparse [N, vocab] 0/1: tokens of each pair's prompt."""
-    from scipy import sparse
-
-    rows = np.repeat(np.arange(len(prompts)), [len(p) for p in prompts])
-    cols = np.concatenate(prompts) if prompts else np.zeros(0, np.int64)
-    out = sparse.coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(len(prompts), vocab)).tocsr()
-    out.data[:] = 1.0
-    return out
-
-
 def _prompt_counts(prompts: list[np.ndarray], vocab: int):
     """Sparse [N, vocab] token counts of each pair's prompt."""
     from scipy import sparse
@@ -84,6 +73,13 @@ def _prompt_counts(prompts: list[np.ndarray], vocab: int):
     rows = np.repeat(np.arange(len(prompts)), [len(p) for p in prompts])
     cols = np.concatenate(prompts) if prompts else np.zeros(0, np.int64)
     return sparse.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(len(prompts), vocab))
+
+
+def _prompt_presence(prompts: list[np.ndarray], vocab: int):
+    """Sparse [N, vocab] 0/1: tokens of each pair's prompt."""
+    out = _prompt_counts(prompts, vocab)
+    out.data[:] = 1.0
+    return out
 
 
 def _vocab_size(batch: PairBatch) -> int:
@@ -245,17 +241,23 @@ def token_positions(batch: PairBatch):
     return out[0], out[1]
 
 
+def _own_counts(batch: PairBatch, prompts: list[np.ndarray]):
+    """Sparse [N, vocab] token counts of each pair's chosen and of its rejected response without its prompt."""
+    chosen, rejected = _response_counts(batch)
+    prompt_counts = _prompt_counts(prompts, chosen.shape[1])
+    own = [(counts - prompt_counts).tocsr() for counts in (chosen, rejected)]
+    for m in own:
+        m.eliminate_zeros()
+    return own
+
+
 def repetition(batch: PairBatch) -> np.ndarray:
     """[N] chosen minus rejected of how much the response repeats itself: the sum over its tokens of their
     occurrences after the first, each weighted by its rarity, -log(the share of responses that hold it). Repeating
     a rare word is redundancy ("the soil ... the soil ... good soil"); repeating "the" or "." is grammar, and a
     count of all repeats would be mostly the response's length. The prompt's tokens are not counted (a response
     that echoes the prompt does not repeat itself)."""
-    chosen, rejected = _response_counts(batch)
-    prompts = _prompt_counts(_prompts(batch), chosen.shape[1])
-    own = [(counts - prompts).tocsr() for counts in (chosen, rejected)]
-    for m in own:
-        m.eliminate_zeros()
+    own = _own_counts(batch, _prompts(batch))
     held = (own[0] > 0).astype(np.float64) + (own[1] > 0).astype(np.float64)
     share = np.asarray(held.sum(axis=0)).ravel() / (2 * batch.num_pairs)
     rarity = -np.log(np.maximum(share, 1.0 / (2 * batch.num_pairs)))
@@ -281,12 +283,9 @@ def prompt_topics(batch: PairBatch, *, max_topics: int = 6, max_vocab: int = 102
     topics. Memory O(N * tokens per pair + max_vocab^2)."""
     from scipy import sparse
 
-    vocab = _vocab_size(batch)
-    chosen, rejected = _response_counts(batch)
     prompts = _prompts(batch)
-    prompt_counts = _prompt_counts(prompts, vocab)
-    own = [(counts - prompt_counts).tocsr() for counts in (chosen, rejected)]
-    present = _prompt_presence(prompts, vocab)
+    own = _own_counts(batch, prompts)
+    present = _prompt_presence(prompts, own[0].shape[1])
 
     def widest(m):  # the most widespread columns that vary
         spread = np.asarray((m > 0).sum(axis=0)).ravel()
