@@ -40,6 +40,9 @@ FLIP_RATE_START = 0.05  # where a learned flip rate starts
 FLIP_RATE_BOUNDS = (1e-3, 0.25)  # a learned flip rate stays inside: 0 is a fixed point of its EM update
 FEATURE_BUCKET = 16  # features padded with zero columns to a multiple of this
 PAIR_BUCKET = 8  # pairs per user padded (masked) to a multiple of this
+USER_BUCKET = 8  # users padded to a multiple of this (users without pairs, out of every fit); restarts are padded
+# to a power of two (copies of the last, dropped): a start's fits (8 restarts) and its held-out refits (5 folds), and
+# worlds of nearby sizes, then share one compiled program per feature width
 
 
 class LinearMixtureFit(NamedTuple):
@@ -84,8 +87,8 @@ def _objective(x, w, theta, l2, kept):
     return jnp.einsum("rupk,rupk->rk", w, nll) + 0.5 * l2 * jnp.sum(theta**2, -1)
 
 
-def _newton(x, w, theta, l2, steps: int, eps):
-    """`steps` damped Newton steps on every head at once (the best of a few step sizes, so it never goes up),
+def _newton(x, w, theta, l2, steps, eps):
+    """`steps` (traced) damped Newton steps on every head at once (the best of a few step sizes, so it never goes up),
     each on the soft labels of the flip model at the current heads (eps [R, 1, 1, 1]). Returns the heads and the
     per-user Hessian contributions [R, U, K, d, d] and the margins [R, U, P, K] at them (for the flip rate's update
     and the leave-one-user-out step). The Newton steps contract users and pairs in one go: materialising the
@@ -97,7 +100,7 @@ def _newton(x, w, theta, l2, steps: int, eps):
         s = jax.nn.sigmoid(m)
         return m, s, w * s * (1 - s)
 
-    def step(theta, _):
+    def step(_, theta):
         m, s, c = margins_and_curvature(theta)
         kept = _kept(m, eps)
         h = jnp.einsum("upd,rupk,upe->rkde", x, c, x) + l2 * eye
@@ -106,18 +109,26 @@ def _newton(x, w, theta, l2, steps: int, eps):
         candidates = theta[None] - jnp.asarray(_STEPS)[:, None, None, None] * delta[None]  # [S, R, K, d]
         values = jax.vmap(lambda t: _objective(x, w, t, l2, kept))(candidates)  # [S, R, K]
         best = jnp.argmin(values, axis=0)
-        return jnp.take_along_axis(candidates, best[None, ..., None], axis=0)[0], None
+        return jnp.take_along_axis(candidates, best[None, ..., None], axis=0)[0]
 
-    theta, _ = jax.lax.scan(step, theta, None, length=steps)
+    theta = jax.lax.fori_loop(0, steps, step, theta)
     m, _, c = margins_and_curvature(theta)
     return theta, jnp.einsum("upd,rupk,upe->rukde", x, c, x), m
 
 
-@functools.partial(jax.jit, static_argnames=("soft_iters", "hard_iters", "newton_steps", "learn_flip_rate"))
-def _fit(x, mask, gamma0, active, in_fit, l2, flip_rate, soft_iters: int, hard_iters: int, newton_steps: int,
-         learn_flip_rate: bool) -> LinearMixtureFit:
+# A fit is hundreds of small Newton steps, so its run time, not its compile time, counts: it is compiled at XLA's
+# full backend optimisation (XLA's default) even where XLA_FLAGS lower it for quicker compiles. At level 0, as the
+# test suite compiles, the start on a 32-user zoo world ran 2.7 times as long (22 s against 8 s, compiled).
+_FULL_OPTIMISATION = {"xla_backend_optimization_level": 3}
+
+
+@functools.partial(jax.jit, compiler_options=_FULL_OPTIMISATION)
+def _fit(x, mask, gamma0, active, in_fit, l2, flip_rate, soft_iters, hard_iters, newton_steps, learn_flip_rate
+         ) -> LinearMixtureFit:
+    """The EM of `fit_linear_mixture`. The iteration counts and whether the flip rate is learned are traced, and
+    the rounds are one loop whose round number says what it does, so every fit of one shape (a start's fits and
+    its held-out refits) runs one compiled program with one copy of the M-step in it."""
     r, _, k = gamma0.shape
-    theta = jnp.zeros((r, k, x.shape[-1]), x.dtype)
     pair_mask = mask[None, :, :, None]  # [1, U, P, 1]
     users = in_fit[:, :, None]  # [R, U, 1]: 0 for users left out of a restart's fit
 
@@ -125,10 +136,11 @@ def _fit(x, mask, gamma0, active, in_fit, l2, flip_rate, soft_iters: int, hard_i
         w = (gamma * users)[:, :, None, :] * pair_mask  # [R, U, P, K]: each pair weighted by its user's
         # responsibilities
         theta, own, m = _newton(x, w, theta, l2, steps, eps[:, None, None, None])
-        if learn_flip_rate:  # EM for eps: the responsibility-weighted mean posterior probability of a flip
-            flipped = 1 - _kept(m, eps[:, None, None, None])
-            total = jnp.maximum(jnp.einsum("rupk->r", w), 1e-6)
-            eps = jnp.clip(jnp.einsum("rupk,rupk->r", w, flipped) / total, *FLIP_RATE_BOUNDS)
+        # EM for eps: the responsibility-weighted mean posterior probability of a flip
+        flipped = 1 - _kept(m, eps[:, None, None, None])
+        total = jnp.maximum(jnp.einsum("rupk->r", w), 1e-6)
+        learned = jnp.clip(jnp.einsum("rupk,rupk->r", w, flipped) / total, *FLIP_RATE_BOUNDS)
+        eps = jnp.where(learn_flip_rate, learned, eps)
         return theta, _loo(x, w, m, own, l2, pair_mask, eps[:, None, None, None]), eps
 
     def log_weights(gamma):  # [R, U, K]: user h's prior, the group sizes without h; switched-off groups get none
@@ -137,33 +149,32 @@ def _fit(x, mask, gamma0, active, in_fit, l2, flip_rate, soft_iters: int, hard_i
             jnp.sum(users, axis=1, keepdims=True) - users, 1.0)
         return jnp.where(active > 0, jnp.log(jnp.maximum(others, 1e-6)), -1e30)
 
-    def soft(carry, _):
-        gamma, theta, eps = carry
-        theta, loo, eps = m_step(gamma, theta, newton_steps, eps)
-        return (jax.nn.softmax(log_weights(gamma) + loo, axis=-1), theta, eps), None
-
     def score(gamma, loo):  # [R]: the leave-one-user-out mixture log-likelihood of the users in the fit
         return jnp.sum(jax.nn.logsumexp(log_weights(gamma) + loo, axis=-1) * users[..., 0], axis=-1)
 
-    def keep_better(best, new):  # per restart, the fit with the higher score
-        better = new.score > best.score
+    def keep_better(best, new, allowed):  # per restart, the fit with the higher score (if `allowed`)
+        better = allowed & (new.score > best.score)
         return jax.tree.map(lambda b, n: jnp.where(better.reshape((-1,) + (1,) * (n.ndim - 1)), n, b), best, new)
 
-    def hard(carry, _):
+    # Round 0 is the first M-step (from zero heads, twice the Newton steps); rounds 1..soft_iters are soft (each
+    # user's posterior responsibilities), the rest hard (argmax). The leave-one-user-out E-step is not a true EM
+    # step (a user's move changes the heads the others are scored by), so the hard rounds can lower the score: the
+    # best partition along the way is kept, and the last round is an M-step and its score only.
+    def round_(i, carry):
         gamma, theta, eps, best = carry
-        theta, loo, eps = m_step(gamma, theta, newton_steps, eps)
-        best = keep_better(best, LinearMixtureFit(gamma, theta, loo, score(gamma, loo), eps))
-        return (jax.nn.one_hot(jnp.argmax(log_weights(gamma) + loo, -1), k, dtype=x.dtype), theta, eps, best), None
+        theta, loo, eps = m_step(gamma, theta, jnp.where(i == 0, 2 * newton_steps, newton_steps), eps)
+        logits = log_weights(gamma) + loo
+        hard = i > soft_iters
+        best = keep_better(best, LinearMixtureFit(gamma, theta, loo, score(gamma, loo), eps), hard)
+        gamma = jnp.where(i == 0, gamma, jnp.where(hard, jax.nn.one_hot(jnp.argmax(logits, -1), k, dtype=x.dtype),
+                                                   jax.nn.softmax(logits, axis=-1)))
+        return gamma, theta, eps, best
 
-    # The first M-step starts from zero heads.
-    theta, _, eps = m_step(gamma0, theta, 2 * newton_steps, flip_rate)
-    (gamma, theta, eps), _ = jax.lax.scan(soft, (gamma0, theta, eps), None, length=soft_iters)
-    # The leave-one-user-out E-step is not a true EM step (a user's move changes the heads the others are scored
-    # by), so the hard rounds can lower the score: the best partition along the way is kept.
-    worst = LinearMixtureFit(gamma, theta, jnp.zeros(gamma.shape, x.dtype), jnp.full((r,), -jnp.inf, x.dtype), eps)
-    (gamma, theta, eps, best), _ = jax.lax.scan(hard, (gamma, theta, eps, worst), None, length=hard_iters)
-    theta, loo, eps = m_step(gamma, theta, newton_steps, eps)
-    return keep_better(best, LinearMixtureFit(gamma, theta, loo, score(gamma, loo), eps))
+    theta = jnp.zeros((r, k, x.shape[-1]), x.dtype)
+    worst = LinearMixtureFit(gamma0, theta, jnp.zeros(gamma0.shape, x.dtype), jnp.full((r,), -jnp.inf, x.dtype),
+                             flip_rate)
+    *_, best = jax.lax.fori_loop(0, 2 + soft_iters + hard_iters, round_, (gamma0, theta, flip_rate, worst))
+    return best
 
 
 def _loo(x, w, m, own, l2, pair_mask, eps):
@@ -186,8 +197,8 @@ def fit_linear_mixture(x: Float[Array, "n d"], user_index: Int[Array, "n"], gamm
     """EM from R initial responsibilities at once: `soft_iters` soft rounds (posterior responsibilities) then
     `hard_iters` hard ones (argmax), each an M-step of `newton_steps` Newton steps from the previous heads and a
     leave-one-user-out E-step. `active` [K] (default all): groups with 0 stay empty, so fits of every K up to
-    the array's K share one compiled program (one per shape: users, R, K, and the most pairs per user and the
-    features rounded up to `PAIR_BUCKET` and `FEATURE_BUCKET`, so feature sets of one run share it too).
+    the array's K share one compiled program (one per K and per shape: the users, restarts, most pairs per user and
+    features rounded up to `USER_BUCKET`, a power of two, `PAIR_BUCKET` and `FEATURE_BUCKET`).
     `flip_rate`: the rate of randomly flipped labels, learned from `FLIP_RATE_START` when None; a number (or one
     per restart, [R]) fixes it (0: plain Bradley-Terry). `in_fit` [R, U] (default all 1): 0 leaves a user out of a
     restart's fit (its heads, group sizes and score), as cross-validation over users needs; their responsibilities
@@ -197,18 +208,22 @@ def fit_linear_mixture(x: Float[Array, "n d"], user_index: Int[Array, "n"], gamm
     x = np.asarray(x, np.float32)
     d = x.shape[1]
     x = np.pad(x, ((0, 0), (0, -x.shape[1] % FEATURE_BUCKET)))  # zero columns keep zero heads: same fit
+    gamma0 = np.asarray(gamma0, np.float32)
+    r, u, k = gamma0.shape
+    more_restarts, more_users = (1 << (r - 1).bit_length()) - r, -num_users % USER_BUCKET
     xu, mask = by_user(x, np.asarray(user_index), num_users)
-    xu, mask = (np.pad(a, ((0, 0), (0, -a.shape[1] % PAIR_BUCKET)) + ((0, 0),) * (a.ndim - 2)) for a in (xu, mask))
-    k = np.shape(gamma0)[-1]
+    xu, mask = (np.pad(a, ((0, more_users), (0, -a.shape[1] % PAIR_BUCKET)) + ((0, 0),) * (a.ndim - 2))
+                for a in (xu, mask))
     active = np.ones(k, np.float32) if active is None else np.asarray(active, np.float32)
-    eps = np.broadcast_to(np.asarray(FLIP_RATE_START if flip_rate is None else flip_rate, np.float32),
-                          np.shape(gamma0)[:1])
-    in_fit = np.ones(np.shape(gamma0)[:2], np.float32) if in_fit is None else np.asarray(in_fit, np.float32)
-    fit = _fit(jnp.asarray(xu), jnp.asarray(mask), jnp.asarray(gamma0, jnp.float32), jnp.asarray(active),
-               jnp.asarray(in_fit), jnp.float32(l2), jnp.asarray(eps), soft_iters=soft_iters, hard_iters=hard_iters,
-               newton_steps=newton_steps, learn_flip_rate=flip_rate is None)
-    fit = jax.device_get(fit)  # sliced on the host: an eager slice would compile once per feature width
-    return fit._replace(theta=fit.theta[..., :d])
+    eps = np.broadcast_to(np.asarray(FLIP_RATE_START if flip_rate is None else flip_rate, np.float32), (r,))
+    in_fit = np.ones((r, u), np.float32) if in_fit is None else np.asarray(in_fit, np.float32)
+    in_fit = np.pad(np.pad(in_fit, ((0, 0), (0, more_users))), ((0, more_restarts), (0, 0)), mode="edge")
+    gamma0 = np.pad(gamma0, ((0, more_restarts), (0, more_users), (0, 0)), mode="edge")
+    fit = _fit(jnp.asarray(xu), jnp.asarray(mask), jnp.asarray(gamma0), jnp.asarray(active), jnp.asarray(in_fit),
+               jnp.float32(l2), jnp.asarray(np.pad(eps, (0, more_restarts), mode="edge")), jnp.int32(soft_iters),
+               jnp.int32(hard_iters), jnp.int32(newton_steps), jnp.bool_(flip_rate is None))
+    fit = jax.device_get(fit)  # sliced on the host: an eager slice would compile once per shape
+    return LinearMixtureFit(fit.gamma[:r, :u], fit.theta[:r, :, :d], fit.loo[:r, :u], fit.score[:r], fit.flip_rate[:r])
 
 
 # Initial partitions ---------------------------------------------------------------------------------------------
