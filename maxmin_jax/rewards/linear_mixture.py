@@ -116,9 +116,10 @@ def _newton(x, w, theta, l2, steps, eps):
     return theta, jnp.einsum("upd,rupk,upe->rukde", x, c, x), m
 
 
-# A fit is hundreds of small Newton steps, so its run time, not its compile time, counts: it is compiled at XLA's
-# full backend optimisation (XLA's default) even where XLA_FLAGS lower it for quicker compiles. At level 0, as the
-# test suite compiles, the start on a 32-user zoo world ran 2.7 times as long (22 s against 8 s, compiled).
+# A fit is twenty-odd rounds of Newton steps and leave-one-user-out solves, so its run time, not its compile
+# time, counts: it is compiled at XLA's full backend optimisation (XLA's default) even where XLA_FLAGS lower it for
+# quicker compiles. At level 0, as the test suite compiles, the start on a 32-user zoo world ran 2.7 times as long
+# (22 s against 8 s, compiled).
 _FULL_OPTIMISATION = {"xla_backend_optimization_level": 3}
 
 
