@@ -40,9 +40,6 @@ FLIP_RATE_START = 0.05  # where a learned flip rate starts
 FLIP_RATE_BOUNDS = (1e-3, 0.25)  # a learned flip rate stays inside: 0 is a fixed point of its EM update
 FEATURE_BUCKET = 16  # features padded with zero columns to a multiple of this
 PAIR_BUCKET = 8  # pairs per user padded (masked) to a multiple of this
-USER_BUCKET = 8  # users padded to a multiple of this (users without pairs, out of every fit); restarts are padded
-# to a power of two (copies of the last, dropped): a start's fits (8 restarts) and its held-out refits (5 folds), and
-# worlds of nearby sizes, then share one compiled program per feature width
 
 
 class LinearMixtureFit(NamedTuple):
@@ -126,9 +123,9 @@ _FULL_OPTIMISATION = {"xla_backend_optimization_level": 3}
 @functools.partial(jax.jit, compiler_options=_FULL_OPTIMISATION)
 def _fit(x, mask, gamma0, active, in_fit, l2, flip_rate, soft_iters, hard_iters, newton_steps, learn_flip_rate
          ) -> LinearMixtureFit:
-    """The EM of `fit_linear_mixture`. The iteration counts and whether the flip rate is learned are traced, and
-    the rounds are one loop whose round number says what it does, so every fit of one shape (a start's fits and
-    its held-out refits) runs one compiled program with one copy of the M-step in it."""
+    """The EM of `fit_linear_mixture`. The round counts and whether the flip rate is learned are traced, and the
+    rounds are one loop whose round number says what it does, so fits of one shape with different rounds (the EM
+    rounds' refits) share one compiled program, with one copy of the M-step in it."""
     r, _, k = gamma0.shape
     pair_mask = mask[None, :, :, None]  # [1, U, P, 1]
     users = in_fit[:, :, None]  # [R, U, 1]: 0 for users left out of a restart's fit
@@ -198,8 +195,9 @@ def fit_linear_mixture(x: Float[Array, "n d"], user_index: Int[Array, "n"], gamm
     """EM from R initial responsibilities at once: `soft_iters` soft rounds (posterior responsibilities) then
     `hard_iters` hard ones (argmax), each an M-step of `newton_steps` Newton steps from the previous heads and a
     leave-one-user-out E-step. `active` [K] (default all): groups with 0 stay empty, so fits of every K up to
-    the array's K share one compiled program (one per K and per shape: the users, restarts, most pairs per user and
-    features rounded up to `USER_BUCKET`, a power of two, `PAIR_BUCKET` and `FEATURE_BUCKET`).
+    the array's K share one compiled program (one per shape: users, R, K, and the most pairs per user and the
+    features rounded up to `PAIR_BUCKET` and `FEATURE_BUCKET`, so feature sets of one run share it too; the round
+    counts are traced, so they do not add programs).
     `flip_rate`: the rate of randomly flipped labels, learned from `FLIP_RATE_START` when None; a number (or one
     per restart, [R]) fixes it (0: plain Bradley-Terry). `in_fit` [R, U] (default all 1): 0 leaves a user out of a
     restart's fit (its heads, group sizes and score), as cross-validation over users needs; their responsibilities
@@ -210,21 +208,17 @@ def fit_linear_mixture(x: Float[Array, "n d"], user_index: Int[Array, "n"], gamm
     d = x.shape[1]
     x = np.pad(x, ((0, 0), (0, -x.shape[1] % FEATURE_BUCKET)))  # zero columns keep zero heads: same fit
     gamma0 = np.asarray(gamma0, np.float32)
-    r, u, k = gamma0.shape
-    more_restarts, more_users = (1 << (r - 1).bit_length()) - r, -num_users % USER_BUCKET
+    r, _, k = gamma0.shape
     xu, mask = by_user(x, np.asarray(user_index), num_users)
-    xu, mask = (np.pad(a, ((0, more_users), (0, -a.shape[1] % PAIR_BUCKET)) + ((0, 0),) * (a.ndim - 2))
-                for a in (xu, mask))
+    xu, mask = (np.pad(a, ((0, 0), (0, -a.shape[1] % PAIR_BUCKET)) + ((0, 0),) * (a.ndim - 2)) for a in (xu, mask))
     active = np.ones(k, np.float32) if active is None else np.asarray(active, np.float32)
     eps = np.broadcast_to(np.asarray(FLIP_RATE_START if flip_rate is None else flip_rate, np.float32), (r,))
-    in_fit = np.ones((r, u), np.float32) if in_fit is None else np.asarray(in_fit, np.float32)
-    in_fit = np.pad(np.pad(in_fit, ((0, 0), (0, more_users))), ((0, more_restarts), (0, 0)), mode="edge")
-    gamma0 = np.pad(gamma0, ((0, more_restarts), (0, more_users), (0, 0)), mode="edge")
+    in_fit = np.ones(gamma0.shape[:2], np.float32) if in_fit is None else np.asarray(in_fit, np.float32)
     fit = _fit(jnp.asarray(xu), jnp.asarray(mask), jnp.asarray(gamma0), jnp.asarray(active), jnp.asarray(in_fit),
-               jnp.float32(l2), jnp.asarray(np.pad(eps, (0, more_restarts), mode="edge")), jnp.int32(soft_iters),
-               jnp.int32(hard_iters), jnp.int32(newton_steps), jnp.bool_(flip_rate is None))
-    fit = jax.device_get(fit)  # sliced on the host: an eager slice would compile once per shape
-    return LinearMixtureFit(fit.gamma[:r, :u], fit.theta[:r, :, :d], fit.loo[:r, :u], fit.score[:r], fit.flip_rate[:r])
+               jnp.float32(l2), jnp.asarray(eps), jnp.int32(soft_iters), jnp.int32(hard_iters),
+               jnp.int32(newton_steps), jnp.bool_(flip_rate is None))
+    fit = jax.device_get(fit)  # sliced on the host: an eager slice would compile once per feature width
+    return fit._replace(theta=fit.theta[..., :d])
 
 
 # Initial partitions ---------------------------------------------------------------------------------------------
