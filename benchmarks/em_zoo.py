@@ -6,7 +6,8 @@ Each world's rows are fixed by the world; a seed fixes the reward model's initia
 The reward model is a one-layer GPT-2 (hidden 32, 4 heads) trained from scratch over the zoo's word tokenizer,
 as a user's tiny random checkpoint would be. "ours" is `EMConfig(num_groups=K)`; "paper" is `EMConfig.paper(K)`
 (hard EM, round-robin start, 10 rounds of 50 steps) with the same optimiser; the oracle assigns each user by the
-true rewards (`SyntheticWorld.oracle_ari`). `--auto` also runs num_groups="auto" and records the K it chose.
+true rewards (`SyntheticWorld.oracle_ari`; "oracle_group_sizes" weighs each group by its share of the users, as the
+mixture does). `--auto` also runs num_groups="auto" and records the K it chose.
 Prints a markdown table (the one in docs/em.md) and writes every number, with the command and the machine, to
 `--out`. `--reuse-paper` takes the paper's setting's figures from an earlier run where it has them (each reused
 figure says where from), so a change to the token-feature start reruns only "ours" there.
@@ -36,7 +37,7 @@ def run_world(world, seed: int, *, methods: tuple[str, ...], auto: bool, overrid
     batch = tokenize_pairs(tok, rows, max_length=64)
     config = GPT2Config(vocab_size=len(tok), max_position_embeddings=64, hidden_size=32, num_layers=1, num_heads=4)
     k = world.num_groups
-    out = {"oracle": world.oracle_ari(rows)}
+    out = {"oracle": world.oracle_ari(rows), "oracle_group_sizes": world.oracle_ari(rows, group_sizes=True)}
     configs = {"ours": EMConfig(num_groups=k, seed=seed, progress=False, **(overrides or {})),
                "paper": EMConfig.paper(k, seed=seed, progress=False)}
     if auto:

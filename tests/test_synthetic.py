@@ -231,6 +231,27 @@ def test_oracle_and_labelling_model():
     assert noisy.oracle_ari() < 0.9  # two very noisy pairs per user do not tell the groups apart
 
 
+def test_the_oracle_weighted_by_group_sizes_gives_weak_evidence_to_the_larger_group():
+    """Held-out prompt #9 (60:4, nine noisy pairs per user): every minority user's labels favour the minority's
+    true reward, but some by less than log(60 / 3) nats, so weighted by the group sizes (as a mixture weighs its
+    groups) the true rewards themselves place them in the majority."""
+    world = zoo("heldout")[9]
+    rows = world.preference_rows()
+    users, ll = world.label_log_likelihoods(rows)
+    group = {r.user_id: world.group_names.index(r.group) for r in rows}
+    sizes = np.bincount([group[u] for u in users])
+    minority = int(np.argmin(sizes))
+    evidence = np.array([ll[i, minority] - ll[i, 1 - minority] for i, u in enumerate(users) if group[u] == minority])
+    assert world.oracle_ari(rows) == 1.0 and np.all(evidence > 0)
+    weak = evidence < np.log(sizes.max() / (sizes.min() - 1))  # the prior odds against a minority user
+    assert weak.any()
+    weighted = world.oracle_assignments(rows, group_sizes=True)
+    moved = [u for u in users if group[u] == minority and weighted[u] != minority]
+    assert len(moved) == int(weak.sum())
+    assert all(weighted[u] == group[u] for u in users if group[u] != minority)
+    assert world.oracle_ari(rows, group_sizes=True) < 0.9
+
+
 def dataclass_replace(world, **changes):
     import dataclasses
 

@@ -12,6 +12,8 @@ T = `bt_temperature` (0: always the better one, ties by coin), flip = `flip_rate
 
 The oracle assigns each user to the group under whose true reward their labels are most likely; its adjusted Rand
 index against the true groups (`oracle_ari`) says how well any method could recover the groups from these rows.
+With `group_sizes=True` each group is also weighted by its share of the users, as a mixture weights its groups:
+where a small group's members are told apart by little evidence, that oracle misses them too.
 """
 
 from __future__ import annotations
@@ -179,18 +181,27 @@ class SyntheticWorld:
         np.add.at(out, [index[r.user_id] for r in rows], ll)
         return users, out
 
-    def oracle_assignments(self, rows: Sequence[PreferenceRow]) -> dict[str, int]:
-        """Each user's most likely group under the true rewards (ties to the lower index)."""
+    def oracle_assignments(self, rows: Sequence[PreferenceRow], *, group_sizes: bool = False) -> dict[str, int]:
+        """Each user's most likely group under the true rewards (ties to the lower index). With `group_sizes`, the
+        most probable one: each group weighted by its share of the other users, as a mixture weights its groups
+        (`rewards.linear_mixture`). A user of a small group whose labels favour it by less than log(the size
+        ratio) then goes to the larger group, even with the true rewards."""
         users, ll = self.label_log_likelihoods(rows)
+        if group_sizes:
+            group_of = {r.user_id: self.group_names.index(r.group) for r in rows}
+            own = np.eye(self.num_groups)[[group_of[u] for u in users]]
+            others = (own.sum(axis=0) - own) / max(len(users) - 1, 1)
+            ll = ll + np.log(np.maximum(others, 1e-12))
         return dict(zip(users, np.argmax(ll, axis=1).tolist()))
 
-    def oracle_ari(self, rows: Sequence[PreferenceRow] | None = None) -> float:
-        """Adjusted Rand index of the oracle's assignment against the true groups (default: the default rows)."""
+    def oracle_ari(self, rows: Sequence[PreferenceRow] | None = None, *, group_sizes: bool = False) -> float:
+        """Adjusted Rand index of the oracle's assignment against the true groups (default: the default rows);
+        `group_sizes` as `oracle_assignments`."""
         from sklearn.metrics import adjusted_rand_score
 
         rows = self.preference_rows() if rows is None else rows
         truth = {r.user_id: r.group for r in rows}
-        oracle = self.oracle_assignments(rows)
+        oracle = self.oracle_assignments(rows, group_sizes=group_sizes)
         return float(adjusted_rand_score([truth[u] for u in oracle], list(oracle.values())))
 
 
