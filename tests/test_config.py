@@ -84,6 +84,19 @@ def test_config_errors_name_the_key_path(tmp_path, text, message):
         load(tmp_path, text)
 
 
+def test_every_choice_of_the_em_config_is_checked():
+    """EMConfig checks each field typed as a Literal of strings against that Literal: a field added so is checked."""
+    from maxmin_jax.rewards.em import EMConfig, _choices
+
+    assert {"method", "init", "assign_by", "disputed_bigrams", "prompt_features", "length_shape", "response_ends",
+            "token_positions", "repetition", "prompt_topics"} == set(_choices())
+    for name, allowed in _choices().items():
+        assert getattr(EMConfig(num_groups=2), name) in allowed
+        with pytest.raises(ConfigError, match=rf"EMConfig.{name}: expected one of {', '.join(map(repr, allowed))}, "
+                                              "got 'x'"):
+            EMConfig(num_groups=2, **{name: "x"})
+
+
 def test_sections_state_only_what_differs_from_the_defaults(tmp_path):
     cfg = load(tmp_path, "rewards:\n  em: {rounds: 7}\npolicy:\n  ppo: {epochs: 3}\nsampling: {top_p: 0.9}\n")
     default = RunConfig()

@@ -22,7 +22,9 @@ rounds and steps.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import typing
 from typing import Literal
 
 import jax
@@ -156,12 +158,7 @@ class EMConfig:
         validate.require(len(self.k_range) == 2 and all(isinstance(k, int) for k in self.k_range)
                          and 1 <= self.k_range[0] <= self.k_range[1], self, "k_range",
                          f"expected [lo, hi] with 1 <= lo <= hi, got {list(self.k_range)}")
-        for name, allowed in (("method", ("hard", "soft")), ("init", ("features", "round_robin", "random")),
-                              ("assign_by", ("heldout", "reward_model")), ("prompt_features", ("auto", "on", "off")),
-                              ("length_shape", ("auto", "on", "off")), ("response_ends", ("auto", "on", "off")),
-                              ("token_positions", ("auto", "on", "off")), ("repetition", ("auto", "on", "off")),
-                              ("prompt_topics", ("auto", "on", "off")),
-                              ("disputed_bigrams", ("auto", "on", "off"))):
+        for name, allowed in _choices().items():  # every field typed as a Literal of strings
             validate.one_of(self, name, allowed)
         validate.require(self.num_groups != "auto" or self.init == "features", self, "init",
                          "num_groups='auto' chooses K with the token-feature mixture, so it needs init='features', "
@@ -272,6 +269,14 @@ def _check_inputs(model: nnx.Module, batch: PairBatch, config: EMConfig, trainab
         warnings.append(f"{int(np.sum(counts < 2))} of {batch.num_users} users have a single pair: they are "
                         "assigned on that one pair's evidence and none of it is held out")
     return warnings
+
+@functools.cache
+def _choices() -> dict[str, tuple[str, ...]]:
+    """EMConfig's fields whose type is a Literal of strings, and the strings (a field added that way is checked)."""
+    hints = typing.get_type_hints(EMConfig)
+    return {f.name: typing.get_args(hints[f.name]) for f in dataclasses.fields(EMConfig)
+            if typing.get_origin(hints[f.name]) is Literal}
+
 
 def fit_em(model: nnx.Module, batch: PairBatch, config: EMConfig, *, heldout: PairBatch | None = None,
            mesh=None, trainable: nnx.filterlib.Filter = nnx.Param) -> EMResult:
