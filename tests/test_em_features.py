@@ -90,6 +90,28 @@ def test_a_candidate_tried_on_top_of_the_best_must_win_clearly():
     assert _clearly_better(SimpleNamespace(user_scores=old.user_scores + gain), old)
 
 
+def test_the_narrowest_candidate_near_the_best_is_chosen():
+    """Of the candidates within one standard error of the best score, the one with the fewest feature columns; a
+    wider one only where it predicts left-out users clearly better; equally wide ones by their score."""
+    from types import SimpleNamespace
+
+    from maxmin_jax.rewards.start import narrowest_near_the_best
+
+    rng = np.random.default_rng(0)
+    base = rng.normal(-20.0, 3.0, size=40)
+
+    def candidate(width, gain):  # `gain` nats in total over `base`, per-user noise of spread 1 (SE about 6)
+        noise = rng.normal(0.0, 1.0, size=40)
+        scores = base + noise - noise.mean() + gain / 40
+        return SimpleNamespace(x=np.zeros((5, width)), user_scores=scores, score=float(scores.sum()))
+
+    narrow, wide_by_a_little, wide_by_far = candidate(9, 0.0), candidate(25, 3.0), candidate(41, 40.0)
+    assert narrowest_near_the_best({"narrow": narrow, "wide": wide_by_a_little}) == "narrow"
+    assert narrowest_near_the_best({"narrow": narrow, "wide": wide_by_a_little, "wider": wide_by_far}) == "wider"
+    same_width = candidate(9, 2.0)
+    assert narrowest_near_the_best({"a": narrow, "b": same_width}) == "b"
+
+
 def test_rivals_are_the_feature_sets_the_score_cannot_tell_apart_and_disagreement_is_warned_about():
     """A candidate within one standard error of the chosen one's score is a rival, however it groups the users;
     one clearly worse is not. A fit whose rival groups the users otherwise (ARI below MIN_RIVAL_AGREEMENT) is

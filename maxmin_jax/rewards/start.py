@@ -68,11 +68,12 @@ def feature_start(everything: PairBatch, num_train_pairs: int, user_index: np.nd
     on the batch's pairs, at config.num_groups or at the K chosen in k_range.
 
     Which features: every candidate (clusters, single tokens, the most frequent or the most disputed, prompt terms,
-    word clustering) is fitted and the one that predicts held-out users best is kept (`Candidate`: users held out
-    of the fit by folds, each placed by half of their pairs and scored on the other half); with num_groups="auto"
-    (a fit per K), the word clusterings after the first are tried for the best candidate only. The best candidate
-    with the most disputed tokens replaces the best of the others only if it scores higher by more than one
-    standard error (`_clearly_better`). The chosen one is then tried once more with the most disputed tokens and
+    word clustering) is fitted and scored by how well it predicts held-out users (`Candidate`: users held out of
+    the fit by folds, each placed by half of their pairs and scored on the other half); of those within one
+    standard error of the best, the one with the fewest columns is kept (`narrowest_near_the_best`). With
+    num_groups="auto" (a fit per K), the word clusterings after the first are tried for the best candidate only.
+    The chosen candidate with the most disputed tokens replaces the chosen one of the others only if it scores
+    higher by more than one standard error (`_clearly_better`). The chosen one is then tried once more with the most disputed tokens and
     bigrams as its single-token columns (disputed_bigrams="auto"), with the length hinges (length_shape="auto"),
     with the response's openers and closers (response_ends="auto"), with the places of the tokens whose place
     users dispute most (token_positions="auto"), with how much the response repeats itself (repetition="auto") and
@@ -145,7 +146,7 @@ def feature_start(everything: PairBatch, num_train_pairs: int, user_index: np.nd
         fits.update({(*top, s, *on): fit(*top, s, *on) for s in range(1, config.feature_seeds)})
 
     def best(keys):
-        return max(keys, key=lambda c: fits[c].score)
+        return narrowest_near_the_best({c: fits[c] for c in keys})
 
     # The disputed tokens are ranked by the labels the score is computed on, so their candidates' scores are
     # optimistic: they replace the best of the others only when clearly better (on the zoo, a near-tie won by
@@ -198,10 +199,22 @@ def feature_start(everything: PairBatch, num_train_pairs: int, user_index: np.nd
     return x, mixture, selection, candidate
 
 
+def narrowest_near_the_best(candidates: dict) -> tuple:
+    """The key of the candidate with the fewest feature columns among those the score cannot tell from the best
+    (held-out users' log-likelihood lower by at most one standard error of the per-user differences), the higher
+    score among equally wide ones: cross-validation's one-standard-error rule. A column that tells no group apart
+    still gets a noisy weight in every head, and the best of many scores is biased upwards, so a near-tie won by a
+    wider set is more often luck than signal (against the best score alone: docs/em.md, "The narrowest near the
+    best")."""
+    top = max(candidates, key=lambda c: candidates[c].score)
+    near = [c for c, f in candidates.items() if not _clearly_better(candidates[top], f)]
+    return min(near, key=lambda c: (candidates[c].x.shape[1], -candidates[c].score))
+
+
 def rival_agreement(chosen: Candidate, others: list[Candidate]) -> dict:
     """The candidates the score cannot tell from the chosen one (held-out users' log-likelihood lower by at most
-    one standard error of the per-user differences), and the lowest ARI between their partitions and the chosen
-    one's (None without rivals). Where equally good feature sets group the users differently, the data do not
+    one standard error of the per-user differences, or higher), and the lowest ARI between their partitions and
+    the chosen one's (None without rivals). Where equally good feature sets group the users differently, the data do not
     settle the groups (`diagnostics.MIN_RIVAL_AGREEMENT`)."""
     rivals = [f for f in others if not _clearly_better(chosen, f)]
     lowest = min((adjusted_rand(chosen.assignments, f.assignments) for f in rivals), default=None)
@@ -217,4 +230,4 @@ def _clearly_better(new: Candidate, old: Candidate) -> bool:
     return float(np.sum(new_scores - old_scores)) > paired_standard_error(new_scores, old_scores)
 
 
-__all__ = ["Candidate", "feature_start", "rival_agreement", "starting_points"]
+__all__ = ["Candidate", "feature_start", "narrowest_near_the_best", "rival_agreement", "starting_points"]
