@@ -71,7 +71,8 @@ def run_world(world, overrides: dict, seed: int, auto: bool = False) -> dict:
         if c["leave_one_user_out_log_likelihood"] in by_score:
             c["ari"] = clustering_metrics(by_score[c["leave_one_user_out_log_likelihood"]].assignments,
                                           batch.groups)["ari"]
-    out = {"oracle": world.oracle_ari(rows), "oracle_group_sizes": world.oracle_ari(rows, group_sizes=True), "ari": clustering_metrics(mixture.assignments, batch.groups)["ari"],
+    out = {"oracle": world.oracle_ari(rows), "oracle_group_sizes": world.oracle_ari(rows, group_sizes=True),
+           "ari": clustering_metrics(mixture.assignments, batch.groups)["ari"],
            "seconds": seconds, "chosen": {k: v for k, v in candidate.items() if k != "scores"}, "candidates": scores,
            "k": mixture.num_groups}
     without = {name: (lambda c, name=name: not c[name])

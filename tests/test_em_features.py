@@ -100,7 +100,7 @@ def test_the_narrowest_candidate_near_the_best_is_chosen():
     rng = np.random.default_rng(0)
     base = rng.normal(-20.0, 3.0, size=40)
 
-    def candidate(width, gain):  # `gain` nats in total over `base`, per-user noise of spread 1 (SE about 6)
+    def candidate(width, gain):  # `gain` nats in total over `base`, per-user noise of spread 1 (paired SE about 9)
         noise = rng.normal(0.0, 1.0, size=40)
         scores = base + noise - noise.mean() + gain / 40
         return SimpleNamespace(x=np.zeros((5, width)), user_scores=scores, score=float(scores.sum()))

@@ -270,6 +270,7 @@ def _check_inputs(model: nnx.Module, batch: PairBatch, config: EMConfig, trainab
                         "assigned on that one pair's evidence and none of it is held out")
     return warnings
 
+
 @functools.cache
 def _choices() -> dict[str, tuple[str, ...]]:
     """EMConfig's fields whose type is a Literal of strings, and the strings (a field added that way is checked)."""

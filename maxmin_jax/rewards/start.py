@@ -73,12 +73,12 @@ def feature_start(everything: PairBatch, num_train_pairs: int, user_index: np.nd
     standard error of the best, the one with the fewest columns is kept (`narrowest_near_the_best`). With
     num_groups="auto" (a fit per K), the word clusterings after the first are tried for the best candidate only.
     The chosen candidate with the most disputed tokens replaces the chosen one of the others only if it scores
-    higher by more than one standard error (`_clearly_better`). The chosen one is then tried once more with the most disputed tokens and
-    bigrams as its single-token columns (disputed_bigrams="auto"), with the length hinges (length_shape="auto"),
-    with the response's openers and closers (response_ends="auto"), with the places of the tokens whose place
-    users dispute most (token_positions="auto"), with how much the response repeats itself (repetition="auto") and
-    with what the prompt is about times what the response is about (prompt_topics="auto"; also in place of its
-    prompt terms), each kept on the same condition. A feature that tells no group apart still gets a noisy weight
+    higher by more than one standard error (`_clearly_better`). The chosen one is then tried once more with the
+    most disputed tokens and bigrams as its single-token columns (disputed_bigrams="auto"), with the length
+    hinges (length_shape="auto"), with the response's openers and closers (response_ends="auto"), with the places
+    of the tokens whose place users dispute most (token_positions="auto"), with how much the response repeats
+    itself (repetition="auto") and with what the prompt is about times what the response is about
+    (prompt_topics="auto"; also in place of its prompt terms), each kept on the same condition. A feature that tells no group apart still gets a noisy weight
     in every head and blurs which head predicts a user best, so fewer features win where they suffice.
 
     Why held-out users and not the mixture's own leave-one-user-out score: that score lets each user pick the
@@ -214,8 +214,8 @@ def narrowest_near_the_best(candidates: dict) -> tuple:
 def rival_agreement(chosen: Candidate, others: list[Candidate]) -> dict:
     """The candidates the score cannot tell from the chosen one (held-out users' log-likelihood lower by at most
     one standard error of the per-user differences, or higher), and the lowest ARI between their partitions and
-    the chosen one's (None without rivals). Where equally good feature sets group the users differently, the data do not
-    settle the groups (`diagnostics.MIN_RIVAL_AGREEMENT`)."""
+    the chosen one's (None without rivals). Where equally good feature sets group the users differently, the data
+    do not settle the groups (`diagnostics.MIN_RIVAL_AGREEMENT`)."""
     rivals = [f for f in others if not _clearly_better(chosen, f)]
     lowest = min((adjusted_rand(chosen.assignments, f.assignments) for f in rivals), default=None)
     return {"count": len(rivals), "lowest_ari": lowest}
