@@ -78,8 +78,9 @@ def feature_start(everything: PairBatch, num_train_pairs: int, user_index: np.nd
     hinges (length_shape="auto"), with the response's openers and closers (response_ends="auto"), with the places
     of the tokens whose place users dispute most (token_positions="auto"), with how much the response repeats
     itself (repetition="auto") and with what the prompt is about times what the response is about
-    (prompt_topics="auto"; also in place of its prompt terms), each kept on the same condition. A feature that tells no group apart still gets a noisy weight
-    in every head and blurs which head predicts a user best, so fewer features win where they suffice.
+    (prompt_topics="auto"; also in place of its prompt terms), each kept on the same condition. A feature that
+    tells no group apart still gets a noisy weight in every head and blurs which head predicts a user best, so
+    fewer features win where they suffice.
 
     Why held-out users and not the mixture's own leave-one-user-out score: that score lets each user pick the
     head that fits all of their pairs best, among heads fitted to a partition the user helped choose, so it grows
