@@ -9,7 +9,8 @@ against statements, a preferred length band, a bigram ("step by step"), numbers 
 plain), the response's first word, and a mix of four criteria. Responses are built from phrase chunks (neutral,
 sentiment, polite, blunt, number, prompt keyword, bigram, decoy, question word) in per-response proportions; users
 of group g label a pair by Bradley-Terry on g's true reward at temperature T, then a share of labels is flipped.
-The oracle assigns each user by the true rewards.
+The oracle assigns each user by the true rewards; the fitted oracle by heads on the true rewards' log-odds fitted on
+the true groups without the user (`rewards.fitted_oracle`): what a correctly specified model could recover.
 
 Each world is written as `fit-rewards` reads it (prefs.jsonl, and truth.json with each user's group), with a tiny
 random GPT-2 (one layer, hidden 32) over a word-level tokenizer, and fitted by the command line given only
@@ -310,6 +311,23 @@ def fit(world_dir: str, model_dir: str, k: int, seed: int, extra: list[str]) -> 
             "seconds": round(seconds, 1), "feature_set": chosen, "warnings": history.get("warnings", [])}
 
 
+def fitted_oracle_ari(rows: list[dict], truth: dict[str, int], spec: dict) -> float:
+    """ARI of the fitted oracle (`rewards.fitted_oracle`) on a world's rows: heads on each group's true log-odds
+    (reward gap over the world's temperature T) with its flip rate, fitted on the true groups without the user
+    scored."""
+    from sklearn.metrics import adjusted_rand_score
+
+    from maxmin_jax.rewards.fitted_oracle import fitted_oracle_assignments
+
+    users = {u: i for i, u in enumerate(dict.fromkeys(r["user_id"] for r in rows))}
+    log_odds = np.array([[(reward(r["prompt"], r["chosen"]) - reward(r["prompt"], r["rejected"])) / spec["T"]
+                          for reward in spec["rewards"]] for r in rows])
+    groups = np.array([truth[u] for u in users])
+    found = fitted_oracle_assignments(log_odds, np.array([users[r["user_id"]] for r in rows]), groups,
+                                      flip_rate=spec["flip"])
+    return float(adjusted_rand_score(groups, found))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.outside_worlds", description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="directory for the worlds, the model and the fits")
@@ -320,6 +338,7 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="an EMConfig field, passed to fit-rewards as --field value (repeatable)")
+    p.add_argument("--oracles-only", action="store_true", help="the worlds and their oracles, no fits")
     args = p.parse_args(argv)
 
     from benchmarks import env
@@ -340,9 +359,12 @@ def main(argv=None) -> int:
         with open(os.path.join(world_dir, "prefs.jsonl"), "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
         json.dump(truth, open(os.path.join(world_dir, "truth.json"), "w"))
-        meta["fits"] = {s: fit(world_dir, model_dir, meta["K"], int(s), extra) for s in args.seeds.split(",")}
+        meta["oracle_fitted"] = fitted_oracle_ari(rows, truth, worlds.WORLDS[i])
+        meta["fits"] = {} if args.oracles_only else {s: fit(world_dir, model_dir, meta["K"], int(s), extra)
+                                                     for s in args.seeds.split(",")}
         results.append(meta)
         print(f"w{i} K={meta['K']} {':'.join(map(str, meta['sizes']))} oracle {meta['oracle_ari']:.2f} "
+              f"fitted oracle {meta['oracle_fitted']:.2f} "
               + " ".join(f"s{s} {r['ari']:.2f} ({r['seconds']:.0f} s)" for s, r in meta["fits"].items())
               + f"  {meta['description']}", flush=True)
         json.dump({"command": "python -m benchmarks.outside_worlds " + " ".join(argv or sys.argv[1:]),

@@ -15,7 +15,8 @@ from flax import nnx
 from conftest import fit_zoo
 from maxmin_jax.data.zoo import zoo
 from maxmin_jax.errors import ConfigError, DataError, NumericalFault
-from maxmin_jax.rewards import EMConfig, RewardModel, clustering_metrics, fit_rewards, fit_single_reward
+from maxmin_jax.rewards import (EMConfig, RewardModel, clustering_metrics, fit_rewards, fit_single_reward,
+                                fitted_oracle_ari, fitted_oracle_assignments)
 from maxmin_jax.rewards import em_rounds
 from maxmin_jax.rewards.diagnostics import fit_warnings
 
@@ -64,6 +65,31 @@ def test_defaults_recover_the_groups_where_the_oracle_can(zoo_worlds, zoo_reward
     # The reward-model rounds never end below where the token-feature start put the users.
     init = clustering_metrics(np.array(result.diagnostics["init"]["assignments"]), batch.groups)["ari"]
     assert ari >= init - 1e-9
+
+
+def test_the_fitted_oracle_misses_only_near_ties_on_lexical_0(zoo_worlds):
+    """The bar above asks of lexical #0 more than its rows settle for a fitted model: heads on the true rewards
+    themselves (one column per group, so each group's labelling model is a head), fitted on the true groups and
+    scoring each user without them, miss a near-tie user there (ARI 0.8978 < 0.9), and only near-ties; on the
+    other test worlds they recover every user (docs/em.md, "Three oracles")."""
+    for index in ACHIEVABLE:
+        world, rows, batch, oracle = zoo_worlds[index]
+        users = {u: i for i, u in enumerate(batch.user_ids)}
+        prompts = [r.prompt for r in rows]
+        log_odds = (world.true_rewards(prompts, [r.chosen for r in rows])
+                    - world.true_rewards(prompts, [r.rejected for r in rows])) / world.bt_temperature
+        truth = np.array([list(world.group_names).index(g) for g in batch.groups])
+        found = fitted_oracle_assignments(log_odds, np.array([users[r.user_id] for r in rows]), truth,
+                                          flip_rate=world.flip_rate)
+        ari = clustering_metrics(found, batch.groups)["ari"]
+        assert fitted_oracle_ari(world, rows) == pytest.approx(ari)
+        if index != 0:
+            assert ari == 1.0, (index, ari)
+            continue
+        wrong, near_ties = _misassigned_and_near_ties(world, rows, batch, found)
+        assert ari < 0.9 and wrong and wrong <= near_ties, (ari, wrong, near_ties)
+    with pytest.raises(ValueError, match=r"log_odds must be \[N, G\] for the 3 pairs, got shape \(2, 2\)"):
+        fitted_oracle_assignments(np.zeros((2, 2)), np.arange(3), np.array([0, 1, 1]))
 
 
 # Bad inputs -----------------------------------------------------------------------------------------------------
