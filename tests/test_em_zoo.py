@@ -44,7 +44,8 @@ def _misassigned_and_near_ties(world, rows, batch, assignments) -> tuple[set[int
 # the summary says it passed).
 KNOWN_MISSES = {(0, 1): pytest.mark.xfail(strict=False, raises=AssertionError, reason=(
     "lexical #0, seed 1: the fit misses user 25, whom the true rewards place by 4.9 nats; started from the true "
-    "partition, the start's mixture on the chosen features ends at the partition found (ARI 0.83)"))}
+    "partition, the start's mixture on the chosen features ends at the partition found (ARI 0.83; the fitted "
+    "oracle 0.8978)"))}
 ACHIEVABLE = [i for i, w in enumerate(zoo("test")) if w.oracle_ari() >= 0.95]
 
 
@@ -53,7 +54,8 @@ ACHIEVABLE = [i for i, w in enumerate(zoo("test")) if w.oracle_ari() >= 0.95]
 def test_defaults_recover_the_groups_where_the_oracle_can(zoo_worlds, zoo_reward_config, index, seed):
     """ARI >= 0.9 on every test world whose oracle reaches 0.95, or else every user missed is a near-tie for the
     true rewards themselves: on lexical #0 four of 32 users are preferred in their own group by 0.3 to 1.9 nats,
-    and a fit learned from 16 pairs per user may miss some of them and no other (docs/em.md)."""
+    and a fit learned from 16 pairs per user may miss some of them and no other; heads on the true rewards fitted
+    on the true groups miss one there too (the next test; docs/em.md)."""
     world, rows, batch, oracle = zoo_worlds[index]
     result = fit_zoo(batch, zoo_reward_config, EMConfig(num_groups=world.num_groups, seed=seed, progress=False))
     ari = clustering_metrics(result.assignments, batch.groups)["ari"]
