@@ -13,6 +13,7 @@ import pytest
 from flax import nnx
 
 from conftest import fit_zoo
+from maxmin_jax.data.world import true_reward_gaps
 from maxmin_jax.data.zoo import zoo
 from maxmin_jax.errors import ConfigError, DataError, NumericalFault
 from maxmin_jax.rewards import (EMConfig, RewardModel, clustering_metrics, fit_rewards, fit_single_reward,
@@ -28,8 +29,7 @@ def _misassigned_and_near_ties(world, rows, batch, assignments) -> tuple[set[int
     than NEAR_TIE nats of log-likelihood over the next group)."""
     names = list(world.group_names)
     truth = np.array([names.index(g) for g in batch.groups])
-    diff = (world.true_rewards([r.prompt for r in rows], [r.chosen for r in rows])
-            - world.true_rewards([r.prompt for r in rows], [r.rejected for r in rows])) / world.bt_temperature
+    diff = true_reward_gaps(world, rows) / world.bt_temperature
     L = np.zeros((batch.num_users, len(names)))
     np.add.at(L, batch.user_index, -np.logaddexp(0.0, -diff))
     own = L[np.arange(len(truth)), truth]
@@ -77,9 +77,7 @@ def test_the_fitted_oracle_misses_only_near_ties_on_lexical_0(zoo_worlds):
     for index in ACHIEVABLE:
         world, rows, batch, oracle = zoo_worlds[index]
         users = {u: i for i, u in enumerate(batch.user_ids)}
-        prompts = [r.prompt for r in rows]
-        log_odds = (world.true_rewards(prompts, [r.chosen for r in rows])
-                    - world.true_rewards(prompts, [r.rejected for r in rows])) / world.bt_temperature
+        log_odds = true_reward_gaps(world, rows) / world.bt_temperature
         truth = np.array([list(world.group_names).index(g) for g in batch.groups])
         found = fitted_oracle_assignments(log_odds, np.array([users[r.user_id] for r in rows]), truth,
                                           flip_rate=world.flip_rate)

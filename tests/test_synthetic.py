@@ -125,7 +125,7 @@ def test_planted_world_sizes_and_distinguishable_groups():
 
 # The world protocol and the EM zoo ----------------------------------------------------------------------------------
 from maxmin_jax.data import world as world_module  # noqa: E402
-from maxmin_jax.data.world import PreferenceWorld, SyntheticWorld, load_world  # noqa: E402
+from maxmin_jax.data.world import PreferenceWorld, SyntheticWorld, load_world, true_reward_gaps  # noqa: E402
 from maxmin_jax.data.zoo import FAMILIES, ZooWorld, features, sample_world, sunsea_world, zoo, zoo_world  # noqa: E402
 
 
@@ -221,9 +221,7 @@ def test_oracle_and_labelling_model():
     users, ll = flipped.label_log_likelihoods(rows)
     assert ll.shape == (20, 2) and len(users) == 20
     # A flip rate of 0.3 on near-deterministic labels: about 30% of the pairs disagree with the user's reward.
-    prompts = [r.prompt for r in rows]
-    gap = flipped.true_rewards(prompts, [r.chosen for r in rows]) - flipped.true_rewards(prompts,
-                                                                                         [r.rejected for r in rows])
+    gap = true_reward_gaps(flipped, rows)
     g = np.array([flipped.group_names.index(r.group) for r in rows])
     disagree = np.mean(gap[np.arange(len(rows)), g] < 0)
     assert 0.2 < disagree < 0.4

@@ -171,10 +171,7 @@ class SyntheticWorld:
     def label_log_likelihoods(self, rows: Sequence[PreferenceRow]) -> tuple[list[str], np.ndarray]:
         """(user ids in first-seen order, [U, G] log-likelihood of each user's labels under each group's true
         reward and the labelling model)."""
-        prompts = [r.prompt for r in rows]
-        gap = self.true_rewards(prompts, [r.chosen for r in rows]) - self.true_rewards(prompts,
-                                                                                        [r.rejected for r in rows])
-        ll = np.log(np.clip(self.choice_probability(gap), 1e-12, 1.0))  # [N, G]
+        ll = np.log(np.clip(self.choice_probability(true_reward_gaps(self, rows)), 1e-12, 1.0))  # [N, G]
         users = list(dict.fromkeys(r.user_id for r in rows))
         index = {u: i for i, u in enumerate(users)}
         out = np.zeros((len(users), self.num_groups))
@@ -241,9 +238,17 @@ def load_world(factory: str, **kwargs) -> PreferenceWorld:
     return world
 
 
+def true_reward_gaps(world: PreferenceWorld, rows: Sequence[PreferenceRow]) -> np.ndarray:
+    """[N, G]: each row's true reward of the chosen response minus the rejected one's, under each group's reward."""
+    prompts = [r.prompt for r in rows]
+    return world.true_rewards(prompts, [r.chosen for r in rows]) - world.true_rewards(prompts,
+                                                                                      [r.rejected for r in rows])
+
+
 def expected_gap_scale(rewards_a: np.ndarray, rewards_b: np.ndarray) -> np.ndarray:
     """[G] median |r_g(a) - r_g(b)| over pairs (at least 1e-6): the unit a world's temperature is measured in."""
     return np.maximum(np.median(np.abs(rewards_a - rewards_b), axis=0), 1e-6)
 
 
-__all__ = ["PreferenceWorld", "RngLike", "SyntheticWorld", "expected_gap_scale", "load_world", "scale_sizes"]
+__all__ = ["PreferenceWorld", "RngLike", "SyntheticWorld", "expected_gap_scale", "load_world", "scale_sizes",
+           "true_reward_gaps"]

@@ -16,22 +16,21 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from maxmin_jax.data.world import true_reward_gaps
 from maxmin_jax.rewards.linear_mixture import fit_linear_mixture
 
 NEWTON_STEPS = 8  # per M-step: a logistic regression on G columns converges in fewer from zero heads
 
 
 def fitted_oracle_assignments(log_odds: np.ndarray, user_index: np.ndarray, groups: np.ndarray, *,
-                              flip_rate: float | None = None, group_sizes: bool = False, l2: float = 1.0
-                              ) -> np.ndarray:
+                              flip_rate: float | None = None, l2: float = 1.0) -> np.ndarray:
     """Each user's group [U] under heads on the true log-odds, fitted on the true partition without the user.
 
     `log_odds` [N, G]: each pair's true log-odds of its label under each group (reward gap of chosen over rejected
     divided by the labelling temperature; a head of weight 1 on its own group's column is that group's labelling
     model); `user_index` [N]: each pair's user; `groups` [U]: each user's true group. `flip_rate`: the rate of
     labels flipped at random, the world's where known (the labelling model is then the heads' exactly), learned
-    when None. `l2`: the heads' penalty, the token-feature start's default. `group_sizes`: each group also weighted
-    by its share of the other users, as the mixture weighs its groups."""
+    when None. `l2`: the heads' penalty, the token-feature start's default."""
     log_odds, user_index, groups = np.asarray(log_odds, np.float32), np.asarray(user_index), np.asarray(groups)
     if log_odds.ndim != 2 or len(log_odds) != len(user_index):
         raise ValueError(f"fitted_oracle_assignments: log_odds must be [N, G] for the {len(user_index)} pairs, "
@@ -45,29 +44,22 @@ def fitted_oracle_assignments(log_odds: np.ndarray, user_index: np.ndarray, grou
     # Two rounds at the true partition: the first M-step, then one more and its leave-one-user-out E-step
     fit = fit_linear_mixture(log_odds, user_index, truth[None], num_users=num_users, l2=l2, soft_iters=0,
                              hard_iters=0, newton_steps=NEWTON_STEPS, flip_rate=flip_rate)
-    scores = np.asarray(fit.loo[0], np.float64)
-    if group_sizes:
-        others = (truth.sum(axis=0) - truth) / max(num_users - 1, 1)
-        scores = scores + np.log(np.maximum(others, 1e-12))
-    return np.argmax(scores, axis=1)
+    return np.argmax(fit.loo[0], axis=1)
 
 
-def fitted_oracle_ari(world, rows: Sequence | None = None, *, group_sizes: bool = False) -> float:
+def fitted_oracle_ari(world, rows: Sequence | None = None) -> float:
     """Adjusted Rand index of `fitted_oracle_assignments` for a world's rows (default: its default rows), the
     users in first-seen order; the log-odds from the world's true rewards and its `bt_temperature` (1 where it has
     none or it is 0: deterministic labels, whose scale the heads learn), its `flip_rate` where it has one."""
     from sklearn.metrics import adjusted_rand_score
 
     rows = world.preference_rows() if rows is None else rows
-    prompts = [r.prompt for r in rows]
-    gaps = world.true_rewards(prompts, [r.chosen for r in rows]) - world.true_rewards(prompts,
-                                                                                       [r.rejected for r in rows])
-    log_odds = gaps / (getattr(world, "bt_temperature", 0.0) or 1.0)
+    log_odds = true_reward_gaps(world, rows) / (getattr(world, "bt_temperature", 0.0) or 1.0)
     users = {u: i for i, u in enumerate(dict.fromkeys(r.user_id for r in rows))}
     group_of = {r.user_id: list(world.group_names).index(r.group) for r in rows}
     truth = np.array([group_of[u] for u in users])
     found = fitted_oracle_assignments(log_odds, np.array([users[r.user_id] for r in rows]), truth,
-                                      flip_rate=getattr(world, "flip_rate", None), group_sizes=group_sizes)
+                                      flip_rate=getattr(world, "flip_rate", None))
     return float(adjusted_rand_score(truth, found))
 
 
